@@ -1,0 +1,1 @@
+//! Benchmarks for keyed-pool live in `benches/benches/`.

@@ -1,0 +1,1 @@
+//! Deterministic simulation scenarios for keyed-pool (see sim/README.md).

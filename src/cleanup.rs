@@ -1,0 +1,158 @@
+//! The background cleanup task and the pool's orderly ends: [`ConnectionPool::shutdown`] (stop the
+//! cleanup tasks and wait for them) and [`ConnectionPool::close`] (refuse new work, stop the tasks,
+//! close every connection). I17.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ConnectionPool;
+use crate::connector::Connector;
+use crate::metrics::EvictionReason;
+
+/// Stop signal and bookkeeping of the cleanup tasks. Each task is started in the current
+/// *generation*; [`ConnectionPool::shutdown`] moves to the next one, which stops every task of the
+/// earlier ones, and waits until none of them runs.
+pub(crate) struct CleanupControl {
+    generation: watch::Sender<u64>,
+    /// Generations of the tasks still running (few: usually one).
+    running: Arc<watch::Sender<Vec<u64>>>,
+}
+
+impl CleanupControl {
+    pub(crate) fn new() -> Self {
+        Self {
+            generation: watch::Sender::new(0),
+            running: Arc::new(watch::Sender::new(Vec::new())),
+        }
+    }
+}
+
+/// Takes a task off the running list however it ends: finished, stopped, aborted or dropped with
+/// its runtime.
+struct RunningGuard {
+    running: Arc<watch::Sender<Vec<u64>>>,
+    generation: u64,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let generation = self.generation;
+        self.running.send_modify(|gens| {
+            if let Some(i) = gens.iter().position(|&g| g == generation) {
+                gens.swap_remove(i);
+            }
+        });
+    }
+}
+
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: Connector<C>,
+{
+    /// Starts a task that runs [`evict_idle`](Self::evict_idle) and
+    /// [`evict_unhealthy`](Self::evict_unhealthy) every `interval` (so an idle connection is gone
+    /// by `max_idle + interval`, I6). An interval under 1 ms is raised to 1 ms.
+    ///
+    /// The task holds only a weak reference: it ends when the last handle of the pool is dropped,
+    /// or on [`shutdown`](Self::shutdown) / [`close`](Self::close), which wait for it (I17).
+    /// Aborting the returned handle stops it too. Must be called inside a runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(10));
+    /// pool.insert("a:1".into(), 1);
+    /// let task = pool.start_cleanup_task(Duration::from_secs(1));
+    /// tokio::time::sleep(Duration::from_secs(12)).await;
+    /// assert!(pool.is_empty(), "evicted as idle by the cleanup task");
+    /// drop(pool);
+    /// task.await.unwrap(); // ends once the pool is gone
+    /// # }
+    /// ```
+    pub fn start_cleanup_task(&self, interval: Duration) -> JoinHandle<()> {
+        let interval = if interval < Duration::from_millis(1) {
+            tracing::warn!(?interval, "cleanup interval below 1 ms; using 1 ms");
+            Duration::from_millis(1)
+        } else {
+            interval
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let control = &self.inner.cleanup;
+        let mut stop = control.generation.subscribe();
+        let generation = *stop.borrow_and_update();
+        control.running.send_modify(|gens| gens.push(generation));
+        let guard = RunningGuard {
+            running: Arc::clone(&control.running),
+            generation,
+        };
+        let closed = self.is_closed();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if closed {
+                return;
+            }
+            tracing::debug!(?interval, "cleanup task started");
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    // A new generation, or the pool dropped (the sender goes with it): stop.
+                    _ = stop.wait_for(|g| *g != generation) => break,
+                }
+                let Some(inner) = weak.upgrade() else { break };
+                let pool = ConnectionPool { inner };
+                if pool.is_closed() {
+                    break;
+                }
+                let idle = pool.evict_idle().await;
+                let unhealthy = pool.evict_unhealthy().await;
+                if idle + unhealthy > 0 {
+                    tracing::debug!(idle, unhealthy, "cleanup sweep");
+                }
+            }
+            tracing::debug!("cleanup task stopped");
+        })
+    }
+
+    /// Stops every cleanup task started so far and waits until they have ended. Connections stay
+    /// pooled; a new cleanup task may be started afterwards.
+    ///
+    /// Cancel safety: the tasks are told to stop at the first poll; dropping the future only stops
+    /// the waiting.
+    pub async fn shutdown(&self) {
+        let control = &self.inner.cleanup;
+        let mut ended = 0;
+        control.generation.send_modify(|g| {
+            ended = *g;
+            *g += 1;
+        });
+        let mut running = control.running.subscribe();
+        // The sender lives in `self`, so this cannot fail; either way nothing is left to wait for.
+        let _ = running
+            .wait_for(|gens| gens.iter().all(|&g| g > ended))
+            .await;
+    }
+
+    /// Closes the pool: refuses new work ([`PoolError::Closed`](crate::PoolError::Closed)), stops
+    /// and awaits the cleanup tasks, and closes every connection through the connector (I17). A
+    /// connect in flight closes its connection when it completes. Idempotent.
+    pub async fn close(&self) {
+        // SeqCst pairs with the connect task's re-check after it pools a connection.
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.shutdown().await;
+        self.clear_with(EvictionReason::Manual);
+        self.inner.backoff.clear();
+        tracing::debug!("pool closed");
+    }
+
+    pub(crate) fn clear_with(&self, reason: EvictionReason) {
+        for (addr, id) in self.snapshot_ids() {
+            self.remove_if(&addr, id, reason, |_| true);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+use std::time::Duration;
+
+use crate::ConfigError;
+use crate::core::{BackoffPolicy, HealthPolicy};
+
+/// What the pool does when a new connection needs a slot and every slot is taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse: `insert` returns `false`, `get_or_connect` returns
+    /// [`PoolError::AtCapacity`](crate::PoolError::AtCapacity). The default: it never closes a
+    /// connection somebody else may be about to use.
+    #[default]
+    Reject,
+    /// Evict the least-recently-used *idle-capable* connection of another address (one with no call
+    /// in flight) to make room; reject only if there is none. Suits clients that talk to more
+    /// brokers than they keep connections for.
+    EvictLeastRecentlyUsed,
+}
+
+/// Everything the pool can be configured with. Build one with
+/// [`ConnectionPool::builder`](crate::ConnectionPool::builder); every field has a documented default.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PoolConfig {
+    /// Cap on live connections plus connects in flight; `0` = unlimited. Default: unlimited.
+    pub max_connections: usize,
+    /// A connection unused for longer than this, with no call in flight, is evicted by the next idle
+    /// sweep. `None` disables idle eviction. Default: 5 minutes.
+    pub max_idle: Option<Duration>,
+    /// When a connection counts as unhealthy.
+    pub health: HealthPolicy,
+    /// How long an address backs off after a failed connect or an unhealthy eviction.
+    pub backoff: BackoffPolicy,
+    /// Bound on every connect. Default: 3 s (RocketMQ's client default).
+    pub connect_timeout: Duration,
+    /// What to do when every slot is taken. Default: [`WhenFull::Reject`].
+    pub when_full: WhenFull,
+    /// Shards of the address map; a power of two >= 2. Fixed rather than derived from the CPU count
+    /// so that a simulation seed replays the same on any machine. Default: 32.
+    pub shard_amount: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            max_idle: Some(Duration::from_secs(300)),
+            health: HealthPolicy::default(),
+            backoff: BackoffPolicy::default(),
+            connect_timeout: Duration::from_secs(3),
+            when_full: WhenFull::Reject,
+            shard_amount: 32,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks every field; the first problem found is returned.
+    ///
+    /// ```
+    /// use keyed_pool::{ConfigError, PoolConfig};
+    /// let mut config = PoolConfig::default();
+    /// assert_eq!(config.validate(), Ok(()));
+    /// config.health.failure_ratio = 1.5;
+    /// assert_eq!(config.validate(), Err(ConfigError::FailureRatioOutOfRange { ratio: 1.5 }));
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.health.validate()?;
+        self.backoff.validate()?;
+        if self.connect_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::ConnectTimeoutTooShort {
+                timeout: self.connect_timeout,
+            });
+        }
+        if self.shard_amount < 2 || !self.shard_amount.is_power_of_two() {
+            return Err(ConfigError::BadShardAmount {
+                shards: self.shard_amount,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! [`ConnectionPool::get_or_connect`]: one connect in flight per address with a shared result (I4),
+//! a capacity slot reserved before connecting (I3), a bounded wait (I16) and backoff from failing
+//! addresses (I12).
+//!
+//! The connect runs in a task of its own, not in the caller's future: a caller dropped at any await
+//! point leaves nothing behind (no slot, no dangling flight), and the connect it started still
+//! completes for the callers that remain (or pools the connection for the next one).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cheetah_string::CheetahString;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::connection::PooledConnection;
+use crate::connector::Connector;
+use crate::error::{Cause, PoolError};
+use crate::metrics::{EvictionReason, PoolCounters};
+use crate::{ConnectionPool, WhenFull};
+
+/// The backoff state of one address (I12).
+#[derive(Debug)]
+pub(crate) struct AddrBackoff {
+    /// Consecutive failures (failed connects and unhealthy evictions) since the last success.
+    pub(crate) failures: u32,
+    /// No connect before this instant.
+    pub(crate) until: Instant,
+    pub(crate) cause: Cause,
+}
+
+type FlightResult<C> = Option<Result<PooledConnection<C>, PoolError>>;
+
+/// A connect in flight for one address; its result is published once on the watch channel.
+pub(crate) struct Flight<C> {
+    id: u64,
+    rx: watch::Receiver<FlightResult<C>>,
+}
+
+/// The cause recorded when a connect task ended without publishing a result (its runtime shut
+/// down under it).
+#[derive(Debug, thiserror::Error)]
+#[error("the connect task ended without a result")]
+struct ConnectAbandoned;
+
+enum Joined<C> {
+    Ready(PooledConnection<C>),
+    Wait(watch::Receiver<FlightResult<C>>),
+}
+
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: Connector<C>,
+{
+    /// A healthy pooled connection for `addr`, connecting through the connector if there is none.
+    ///
+    /// - Concurrent callers for one address share a single connect and its result, error included
+    ///   (I4).
+    /// - A capacity slot is reserved before connecting and returned if the connect fails (I3).
+    /// - Waiting is bounded by the connect timeout (I16).
+    /// - After a failed connect or an unhealthy eviction the address backs off (I12): until the
+    ///   delay has passed, callers get [`PoolError::Backoff`] at once, with the last cause.
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidAddress`] (no connect attempted), [`PoolError::Backoff`],
+    /// [`PoolError::AtCapacity`], [`PoolError::Connect`], [`PoolError::ConnectTimeout`],
+    /// [`PoolError::Closed`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe. Dropping the future at any await point leaks no slot and leaves no flight
+    /// behind: the connect runs in its own task, which pools its connection or returns its slot.
+    pub async fn get_or_connect(
+        &self,
+        addr: &CheetahString,
+    ) -> Result<PooledConnection<C>, PoolError> {
+        if self.is_closed() {
+            return Err(PoolError::Closed);
+        }
+        if let Err(reason) = self.inner.connector.validate(addr) {
+            return Err(PoolError::InvalidAddress {
+                addr: addr.clone(),
+                reason,
+            });
+        }
+        if let Some(conn) = self.get(addr) {
+            return Ok(conn);
+        }
+        match self.join_or_start(addr)? {
+            Joined::Ready(conn) => Ok(conn),
+            Joined::Wait(rx) => self.wait_flight(addr, rx).await,
+        }
+    }
+
+    fn backoff_error(&self, addr: &CheetahString, now: Instant) -> Option<PoolError> {
+        let backoff = self.inner.backoff.get(addr)?;
+        (backoff.until > now).then(|| PoolError::Backoff {
+            addr: addr.clone(),
+            retry_after: backoff.until - now,
+            failures: backoff.failures,
+            cause: Arc::clone(&backoff.cause),
+        })
+    }
+
+    /// Joins the flight of `addr`, or reserves a slot and starts one. Never awaits.
+    fn join_or_start(&self, addr: &CheetahString) -> Result<Joined<C>, PoolError> {
+        if let Some(flight) = self.inner.flights.get(addr) {
+            PoolCounters::bump(&self.inner.counters.connects_shared);
+            return Ok(Joined::Wait(flight.rx.clone()));
+        }
+        if let Some(err) = self.backoff_error(addr, Instant::now()) {
+            PoolCounters::bump(&self.inner.counters.backoff_rejections);
+            return Err(err);
+        }
+        if !self.reserve_slot(addr) {
+            return Err(self.at_capacity());
+        }
+        match self.inner.flights.entry(addr.clone()) {
+            Entry::Occupied(flight) => {
+                self.inner.ledger.release();
+                PoolCounters::bump(&self.inner.counters.connects_shared);
+                Ok(Joined::Wait(flight.get().rx.clone()))
+            }
+            Entry::Vacant(vacant) => {
+                // A flight may have finished between our `get` and here: use what it pooled.
+                if let Some(conn) = self.get(addr) {
+                    self.inner.ledger.release();
+                    return Ok(Joined::Ready(conn));
+                }
+                let (tx, rx) = watch::channel(None);
+                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                vacant.insert(Flight { id, rx: rx.clone() });
+                self.inner.reserved.fetch_add(1, Ordering::Relaxed);
+                PoolCounters::bump(&self.inner.counters.connects_attempted);
+                tokio::spawn(self.clone().run_connect(addr.clone(), id, tx));
+                Ok(Joined::Wait(rx))
+            }
+        }
+    }
+
+    /// Takes a slot for a new connection, making room by LRU eviction if the policy allows (I3).
+    fn reserve_slot(&self, addr: &CheetahString) -> bool {
+        self.inner.ledger.try_acquire()
+            || (self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed
+                && self.evict_lru_except(addr)
+                && self.inner.ledger.try_acquire())
+    }
+
+    async fn wait_flight(
+        &self,
+        addr: &CheetahString,
+        mut rx: watch::Receiver<FlightResult<C>>,
+    ) -> Result<PooledConnection<C>, PoolError> {
+        let timeout = self.inner.config.connect_timeout;
+        match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(result)) => match &*result {
+                Some(result) => result.clone(),
+                None => Err(self.abandoned(addr)),
+            },
+            Ok(Err(_closed)) => Err(self.abandoned(addr)),
+            Err(_elapsed) => Err(PoolError::ConnectTimeout {
+                addr: addr.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    fn abandoned(&self, addr: &CheetahString) -> PoolError {
+        PoolError::Connect {
+            addr: addr.clone(),
+            cause: Arc::new(ConnectAbandoned),
+        }
+    }
+
+    /// The connect task: owns the reserved slot until the connection is pooled or the slot is given
+    /// back, publishes the result, then retires the flight.
+    async fn run_connect(
+        self,
+        addr: CheetahString,
+        flight: u64,
+        tx: watch::Sender<FlightResult<C>>,
+    ) {
+        let timeout = self.inner.config.connect_timeout;
+        tracing::debug!(addr = %addr, "connecting");
+        let outcome = tokio::time::timeout(timeout, self.inner.connector.connect(&addr)).await;
+        self.inner.reserved.fetch_sub(1, Ordering::Relaxed);
+        let counters = &self.inner.counters;
+        let result = match outcome {
+            Ok(Ok(conn)) => self.adopt(addr.clone(), conn),
+            Ok(Err(err)) => {
+                PoolCounters::bump(&counters.connects_failed);
+                self.inner.ledger.release();
+                let cause: Cause = Arc::new(err);
+                tracing::warn!(addr = %addr, error = %cause, "connect failed");
+                self.record_backoff(&addr, Arc::clone(&cause));
+                Err(PoolError::Connect {
+                    addr: addr.clone(),
+                    cause,
+                })
+            }
+            Err(_elapsed) => {
+                PoolCounters::bump(&counters.connects_timed_out);
+                self.inner.ledger.release();
+                let err = PoolError::ConnectTimeout {
+                    addr: addr.clone(),
+                    timeout,
+                };
+                tracing::warn!(addr = %addr, ?timeout, "connect timed out");
+                self.record_backoff(&addr, Arc::new(err.clone()));
+                Err(err)
+            }
+        };
+        tx.send_replace(Some(result));
+        self.inner.flights.remove_if(&addr, |_, f| f.id == flight);
+    }
+
+    /// Pools a freshly connected `conn` in the slot its connect reserved.
+    fn adopt(&self, addr: CheetahString, conn: C) -> Result<PooledConnection<C>, PoolError> {
+        if self.is_closed() {
+            self.inner.connector.close(&conn);
+            self.inner.ledger.release();
+            return Err(PoolError::Closed);
+        }
+        let pooled = self.new_connection(addr, conn);
+        // Cannot fail: the slot is held.
+        self.place(pooled.clone(), true)?;
+        PoolCounters::bump(&self.inner.counters.connects_succeeded);
+        self.inner.backoff.remove(pooled.addr());
+        // `close` may have swept the map just before we pooled: then remove our own connection.
+        if self.inner.closed.load(Ordering::SeqCst) {
+            self.remove_if(pooled.addr(), pooled.id(), EvictionReason::Manual, |_| true);
+            return Err(PoolError::Closed);
+        }
+        tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connected");
+        Ok(pooled)
+    }
+
+    /// Counts one more failure of `addr` and schedules its next permitted connect (I12).
+    pub(crate) fn record_backoff(&self, addr: &CheetahString, cause: Cause) {
+        let now = Instant::now();
+        let policy = self.inner.config.backoff;
+        let unit = self.inner.jitter_unit();
+        let mut state = self
+            .inner
+            .backoff
+            .entry(addr.clone())
+            .or_insert_with(|| AddrBackoff {
+                failures: 0,
+                until: now,
+                cause: Arc::clone(&cause),
+            });
+        state.failures = state.failures.saturating_add(1);
+        let delay = policy.delay(state.failures, unit);
+        // A delay beyond the clock's range (only with an absurd cap) backs off for a year instead.
+        state.until = now
+            .checked_add(delay)
+            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(now);
+        state.cause = cause;
+        tracing::debug!(addr = %addr, failures = state.failures, ?delay, "backing off");
+    }
+
+    /// When `addr` may be connected again, if it is backing off now.
+    pub fn backoff_until(&self, addr: &CheetahString) -> Option<Instant> {
+        let until = self.inner.backoff.get(addr)?.until;
+        (until > Instant::now()).then_some(until)
+    }
+
+    /// Consecutive failures of `addr` counted by its backoff (0 once a connect succeeds).
+    pub fn backoff_failures(&self, addr: &CheetahString) -> u32 {
+        self.inner.backoff.get(addr).map_or(0, |b| b.failures)
+    }
+
+    /// Checks `conn` actively with the connector's [`probe`](Connector::probe), bounded by the
+    /// connect timeout, and records the outcome as a call on it.
+    ///
+    /// # Errors
+    /// [`PoolError::Connect`] with the probe's error, or [`PoolError::ConnectTimeout`].
+    pub async fn probe(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
+        let timeout = self.inner.config.connect_timeout;
+        let call = conn.begin();
+        match tokio::time::timeout(timeout, self.inner.connector.probe(conn.client())).await {
+            Ok(Ok(())) => {
+                call.success();
+                Ok(())
+            }
+            Ok(Err(err)) => {
+                call.failure();
+                Err(PoolError::Connect {
+                    addr: conn.addr().clone(),
+                    cause: Arc::new(err),
+                })
+            }
+            Err(_) => {
+                call.failure();
+                Err(PoolError::ConnectTimeout {
+                    addr: conn.addr().clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+use std::time::Duration;
+
+use crate::ConfigError;
+
+/// The reconnect schedule of an address (I12): after the `k`-th consecutive failure (a failed
+/// connect or an unhealthy eviction) no new connect is made before
+/// `min(base · 2^(k−1), max) · (1 + jitter)`, with the jitter drawn uniformly from `±jitter`.
+///
+/// Defaults follow gRPC's connection backoff: 1 s base, 120 s cap, ±20 % jitter. The jitter spreads
+/// the reconnects of many clients after a broker restart so they do not arrive as one storm.
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::core::BackoffPolicy;
+/// let policy = BackoffPolicy::default();
+/// // `unit` is the jitter draw in [0, 1]; 0.5 means no jitter.
+/// assert_eq!(policy.delay(1, 0.5), Duration::from_secs(1));
+/// assert_eq!(policy.delay(3, 0.5), Duration::from_secs(4));
+/// assert_eq!(policy.delay(100, 0.5), Duration::from_secs(120));
+/// assert_eq!(policy.delay(u32::MAX, 1.0), Duration::from_secs(144));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackoffPolicy {
+    /// Delay after the first failure. Must be at least 1 ms.
+    pub base: Duration,
+    /// Cap of the delay before jitter. Must be `>= base`.
+    pub max: Duration,
+    /// Relative jitter in `[0, 1)`: `0.2` means ±20 %.
+    pub jitter: f64,
+}
+
+/// The shortest delay the schedule ever returns: a zero delay would turn backoff into a busy loop,
+/// and madsim's timers have a 1 ms resolution.
+pub(crate) const MIN_DELAY: Duration = Duration::from_millis(1);
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(120),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// Checks the policy; see [`ConfigError`] for what is refused.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.base < MIN_DELAY {
+            return Err(ConfigError::BackoffBaseTooSmall { base: self.base });
+        }
+        if self.max < self.base {
+            return Err(ConfigError::BackoffMaxBelowBase {
+                base: self.base,
+                max: self.max,
+            });
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(ConfigError::JitterOutOfRange {
+                jitter: self.jitter,
+            });
+        }
+        Ok(())
+    }
+
+    /// The delay after the `k`-th consecutive failure (`k = 0` is treated as 1), with the jitter draw
+    /// `unit ∈ [0, 1]` mapped to a factor `1 + jitter · (2·unit − 1)`; out-of-range or NaN draws are
+    /// clamped. Total for every `k` and every policy: never panics or overflows (it saturates), never
+    /// returns less than 1 ms, and for a fixed `unit` never shrinks as `k` grows.
+    pub fn delay(&self, k: u32, unit: f64) -> Duration {
+        let exponent = k.saturating_sub(1).min(64);
+        let base_ns = self.base.as_nanos();
+        let max_ns = self.max.as_nanos().max(base_ns);
+        // base_ns < 2^96 (Duration's range) so shifting by at most 64 can overflow u128 only for
+        // absurd bases; checked_shl + leading_zeros keep it exact or capped.
+        let grown = if base_ns != 0 && base_ns.leading_zeros() <= exponent {
+            max_ns
+        } else {
+            (base_ns << exponent).min(max_ns)
+        };
+        let unit = if unit.is_nan() {
+            0.5
+        } else {
+            unit.clamp(0.0, 1.0)
+        };
+        let jitter = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 0.999_999)
+        } else {
+            0.0
+        };
+        let factor = 1.0 + jitter * (2.0 * unit - 1.0);
+        let ns = (grown as f64 * factor).min(u64::MAX as f64);
+        Duration::from_nanos(ns as u64).max(MIN_DELAY)
+    }
+}

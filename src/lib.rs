@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod cleanup;
+mod config;
+mod connect;
+mod connection;
+mod connector;
+pub mod core;
+mod error;
+mod metrics;
+mod pool;
+mod sweep;
+pub mod tcp;
+
+pub use cheetah_string::CheetahString;
+pub use config::{PoolConfig, WhenFull};
+pub use connection::{CallGuard, ConnId, PooledConnection};
+pub use connector::{Connector, NoConnector, NoConnectorError};
+pub use error::{Cause, ConfigError, PoolError};
+pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
+pub use pool::{ConnectionPool, PoolBuilder};
+
+/// Proof, in CI, that the madsim build really is one: `.ci/run` requires this test to have passed.
+#[cfg(all(test, madsim))]
+mod madsim_guard {
+    #[test]
+    fn built_with_cfg_madsim() {
+        assert!(cfg!(madsim));
+    }
+}

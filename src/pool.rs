@@ -1,0 +1,542 @@
+//! [`ConnectionPool`]: the concurrent map and its operations. Every removal is conditional on the
+//! connection's id and re-checks its predicate under the map's shard lock; no map guard is ever held
+//! across an `.await`.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cheetah_string::CheetahString;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::time::Instant;
+
+use crate::cleanup::CleanupControl;
+use crate::config::{PoolConfig, WhenFull};
+use crate::connect::{AddrBackoff, Flight};
+use crate::connection::{ConnId, PooledConnection};
+use crate::connector::{Connector, NoConnector};
+use crate::core::CapacityLedger;
+use crate::error::{ConfigError, PoolError};
+use crate::metrics::{
+    ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
+};
+
+/// An async connection pool keyed by server address.
+///
+/// It keeps at most one live connection per address (a shared, multiplexed handle), caps the number
+/// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
+/// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I17).
+///
+/// `C` is the connection type; `K` the [`Connector`] that creates and checks connections
+/// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+///
+/// let pool: ConnectionPool<String> = ConnectionPool::new(2, Duration::from_secs(60));
+/// let addr = "127.0.0.1:10911".into();
+/// assert!(pool.insert(addr, "client for broker-a".to_string()));
+/// let conn = pool.get(&"127.0.0.1:10911".into()).expect("just inserted");
+/// assert_eq!(conn.client(), "client for broker-a");
+/// assert_eq!(pool.stats().total, 1);
+/// # }
+/// ```
+pub struct ConnectionPool<C, K = NoConnector>
+where
+    K: Connector<C>,
+{
+    pub(crate) inner: Arc<Inner<C, K>>,
+}
+
+impl<C, K: Connector<C>> Clone for ConnectionPool<C, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C, K: Connector<C>> std::fmt::Debug for ConnectionPool<C, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPool")
+            .field("connections", &self.inner.map.len())
+            .field("used_slots", &self.inner.ledger.used())
+            .field("max_connections", &self.inner.ledger.max())
+            .field("closed", &self.inner.closed.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner<C, K: Connector<C>> {
+    pub(crate) map: DashMap<CheetahString, PooledConnection<C>>,
+    pub(crate) ledger: CapacityLedger,
+    pub(crate) config: PoolConfig,
+    pub(crate) connector: K,
+    pub(crate) counters: PoolCounters,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) closed: AtomicBool,
+    pub(crate) backoff: DashMap<CheetahString, AddrBackoff>,
+    pub(crate) flights: DashMap<CheetahString, Flight<C>>,
+    pub(crate) cleanup: CleanupControl,
+    /// Slots held by connects in flight (informational; the ledger is authoritative).
+    pub(crate) reserved: AtomicU64,
+    jitter_seed: RandomState,
+    jitter_draws: AtomicU64,
+}
+
+impl<C, K: Connector<C>> Inner<C, K> {
+    /// A uniform draw in `[0, 1]` for backoff jitter. `RandomState` is seeded by madsim inside a
+    /// simulation, so a seed replays the same jitter.
+    pub(crate) fn jitter_unit(&self) -> f64 {
+        let n = self.jitter_draws.fetch_add(1, Ordering::Relaxed);
+        (self.jitter_seed.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Closes a connection the pool let go of, and says so.
+    pub(crate) fn retire(&self, conn: &PooledConnection<C>, reason: EvictionReason) {
+        self.counters.evicted(reason);
+        tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
+        self.connector.close(conn.client());
+    }
+}
+
+impl<C, K: Connector<C>> Drop for Inner<C, K> {
+    fn drop(&mut self) {
+        // I17: the last handle is gone, so whatever the pool held is closed. The cleanup task sees
+        // its stop channel close with this struct and ends.
+        for entry in self.map.iter() {
+            self.connector.close(entry.value().client());
+        }
+    }
+}
+
+impl<C: Send + Sync + 'static> ConnectionPool<C, NoConnector> {
+    /// A pool of at most `max_connections` connections (`0` = unlimited) that evicts connections
+    /// unused for longer than `max_idle` (`Duration::ZERO` disables idle eviction), with every other
+    /// setting at its default (see [`PoolConfig`]). The signature of the original pool.
+    pub fn new(max_connections: usize, max_idle: Duration) -> Self {
+        let config = PoolConfig {
+            max_connections,
+            max_idle: (!max_idle.is_zero()).then_some(max_idle),
+            ..PoolConfig::default()
+        };
+        Self::from_parts(config, NoConnector)
+    }
+}
+
+impl ConnectionPool<(), NoConnector> {
+    /// A builder for every setting, starting from the defaults of [`PoolConfig`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder()
+    ///     .max_connections(64)
+    ///     .max_idle(Duration::from_secs(30))
+    ///     .build::<String>()
+    ///     .unwrap();
+    /// assert_eq!(pool.config().max_connections, 64);
+    ///
+    /// let bad = ConnectionPool::builder().failure_ratio(0.0).build::<String>();
+    /// assert!(matches!(bad, Err(ConfigError::FailureRatioOutOfRange { .. })));
+    /// ```
+    pub fn builder() -> PoolBuilder<NoConnector> {
+        PoolBuilder {
+            config: PoolConfig::default(),
+            connector: NoConnector,
+        }
+    }
+}
+
+/// Builds a [`ConnectionPool`]; [`build`](Self::build) validates the whole configuration.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PoolBuilder<K> {
+    config: PoolConfig,
+    connector: K,
+}
+
+impl<K> PoolBuilder<K> {
+    /// Uses `connector` to create, check and close connections.
+    pub fn connector<K2>(self, connector: K2) -> PoolBuilder<K2> {
+        PoolBuilder {
+            config: self.config,
+            connector,
+        }
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: PoolConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`PoolConfig::max_connections`].
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.config.max_connections = max;
+        self
+    }
+
+    /// See [`PoolConfig::max_idle`]; `Duration::ZERO` disables idle eviction.
+    pub fn max_idle(mut self, max_idle: Duration) -> Self {
+        self.config.max_idle = (!max_idle.is_zero()).then_some(max_idle);
+        self
+    }
+
+    /// See [`HealthPolicy::consecutive_failures`](crate::core::HealthPolicy::consecutive_failures).
+    pub fn consecutive_failures(mut self, n: u32) -> Self {
+        self.config.health.consecutive_failures = n;
+        self
+    }
+
+    /// See [`HealthPolicy::failure_ratio`](crate::core::HealthPolicy::failure_ratio).
+    pub fn failure_ratio(mut self, ratio: f64) -> Self {
+        self.config.health.failure_ratio = ratio;
+        self
+    }
+
+    /// See [`HealthPolicy::window`](crate::core::HealthPolicy::window).
+    pub fn health_window(mut self, window: Duration) -> Self {
+        self.config.health.window = window;
+        self
+    }
+
+    /// See [`HealthPolicy::min_requests`](crate::core::HealthPolicy::min_requests).
+    pub fn min_requests(mut self, n: u32) -> Self {
+        self.config.health.min_requests = n;
+        self
+    }
+
+    /// See [`BackoffPolicy`](crate::core::BackoffPolicy).
+    pub fn backoff(mut self, base: Duration, max: Duration, jitter: f64) -> Self {
+        self.config.backoff = crate::core::BackoffPolicy { base, max, jitter };
+        self
+    }
+
+    /// See [`PoolConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// See [`PoolConfig::when_full`].
+    pub fn when_full(mut self, policy: WhenFull) -> Self {
+        self.config.when_full = policy;
+        self
+    }
+
+    /// See [`PoolConfig::shard_amount`].
+    pub fn shard_amount(mut self, shards: usize) -> Self {
+        self.config.shard_amount = shards;
+        self
+    }
+
+    /// Validates the configuration and builds the pool.
+    ///
+    /// # Errors
+    /// The first problem [`PoolConfig::validate`] finds.
+    pub fn build<C>(self) -> Result<ConnectionPool<C, K>, ConfigError>
+    where
+        C: Send + Sync + 'static,
+        K: Connector<C>,
+    {
+        self.config.validate()?;
+        Ok(ConnectionPool::from_parts(self.config, self.connector))
+    }
+}
+
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: Connector<C>,
+{
+    fn from_parts(config: PoolConfig, connector: K) -> Self {
+        let shards = config.shard_amount;
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
+                ledger: CapacityLedger::new(config.max_connections),
+                connector,
+                counters: PoolCounters::default(),
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                backoff: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
+                flights: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
+                cleanup: CleanupControl::new(),
+                reserved: AtomicU64::new(0),
+                jitter_seed: RandomState::new(),
+                jitter_draws: AtomicU64::new(0),
+                config,
+            }),
+        }
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// The connector.
+    pub fn connector(&self) -> &K {
+        &self.inner.connector
+    }
+
+    /// `true` once [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
+        let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let metrics = ConnectionMetrics::new(Instant::now(), self.inner.config.health);
+        PooledConnection::new(id, addr, conn, metrics)
+    }
+
+    /// Whether `conn` may be handed out (I8, I9); a transport found closed is marked so.
+    pub(crate) fn usable(&self, conn: &PooledConnection<C>) -> bool {
+        if !conn.is_healthy() {
+            return false;
+        }
+        if !self.inner.connector.is_open(conn.client()) {
+            conn.mark_closed();
+            return false;
+        }
+        true
+    }
+
+    /// The healthy connection pooled for `addr`, if any. Moves its idle clock (I5). Never returns a
+    /// connection judged unhealthy or whose transport is known closed (I8, I9). Lock-free for
+    /// readers of different shards; never waits.
+    pub fn get(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+        let entry = self.inner.map.get(addr)?;
+        let conn = entry.value();
+        if !self.usable(conn) {
+            return None;
+        }
+        // Touched under the shard's read lock, so a sweep (which re-checks under the write lock)
+        // sees this use or runs entirely before it (I7).
+        conn.metrics().touch(Instant::now());
+        Some(conn.clone())
+    }
+
+    /// Pools `conn` for `addr`. Returns `false` if the pool is full (and its [`WhenFull`] policy
+    /// found no room) or closed. Replacing the connection of an address already present never fails
+    /// for capacity and never changes the count (I2); the replaced connection is closed.
+    pub fn insert(&self, addr: CheetahString, conn: C) -> bool {
+        self.try_insert(addr, conn).is_ok()
+    }
+
+    /// Like [`insert`](Self::insert), but returns the new pooled connection, or why it was refused.
+    ///
+    /// # Errors
+    /// [`PoolError::AtCapacity`] when full, [`PoolError::Closed`] after [`close`](Self::close).
+    pub fn try_insert(
+        &self,
+        addr: CheetahString,
+        conn: C,
+    ) -> Result<PooledConnection<C>, PoolError> {
+        if self.is_closed() {
+            return Err(PoolError::Closed);
+        }
+        let pooled = self.new_connection(addr, conn);
+        let mut made_room = false;
+        loop {
+            match self.place(pooled.clone(), false) {
+                Ok(()) => return Ok(pooled),
+                Err(PoolError::AtCapacity { .. })
+                    if !made_room
+                        && self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed =>
+                {
+                    made_room = true;
+                    if !self.evict_lru_except(pooled.addr()) {
+                        return Err(self.at_capacity());
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    pub(crate) fn at_capacity(&self) -> PoolError {
+        PoolCounters::bump(&self.inner.counters.rejected_capacity);
+        PoolError::AtCapacity {
+            max: self.inner.ledger.max(),
+        }
+    }
+
+    /// Puts `pooled` in the map. `slot_held`: the caller already holds a capacity slot for it (a
+    /// connect's reservation); otherwise one is taken for a new address. On error the caller's slot,
+    /// if any, is still the caller's.
+    pub(crate) fn place(
+        &self,
+        pooled: PooledConnection<C>,
+        slot_held: bool,
+    ) -> Result<(), PoolError> {
+        let replaced = match self.inner.map.entry(pooled.addr().clone()) {
+            Entry::Occupied(mut occupied) => {
+                // I2: the address keeps its slot; a held reservation is returned below.
+                Some(occupied.insert(pooled.clone()))
+            }
+            Entry::Vacant(vacant) => {
+                if !slot_held && !self.inner.ledger.try_acquire() {
+                    return Err(PoolError::AtCapacity {
+                        max: self.inner.ledger.max(),
+                    });
+                }
+                vacant.insert(pooled.clone());
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            if slot_held {
+                self.inner.ledger.release();
+            }
+            self.inner.retire(&old, EvictionReason::Replaced);
+        }
+        tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connection pooled");
+        Ok(())
+    }
+
+    /// Removes whatever connection is pooled for `addr` and hands it back, unclosed: the caller now
+    /// owns it. (Use [`remove_connection`](Self::remove_connection) to remove one specific
+    /// connection.)
+    pub fn remove(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+        let (_, conn) = self.inner.map.remove(addr)?;
+        self.inner.ledger.release();
+        self.inner.counters.evicted(EvictionReason::Manual);
+        tracing::debug!(addr = %addr, conn = %conn.id(), reason = "manual", "connection removed");
+        Some(conn)
+    }
+
+    /// Removes `conn` if, and only if, it is still the connection pooled for its address (I14), and
+    /// closes it. Returns whether it was removed.
+    pub fn remove_connection(&self, conn: &PooledConnection<C>) -> bool {
+        self.remove_if(conn.addr(), conn.id(), EvictionReason::Manual, |_| true)
+    }
+
+    /// The conditional removal every eviction goes through: under the shard's write lock, removes
+    /// `(addr, id)` only if it is still that connection and `still` holds for it (I7, I14).
+    pub(crate) fn remove_if(
+        &self,
+        addr: &CheetahString,
+        id: ConnId,
+        reason: EvictionReason,
+        still: impl FnOnce(&PooledConnection<C>) -> bool,
+    ) -> bool {
+        let Some((_, conn)) = self
+            .inner
+            .map
+            .remove_if(addr, |_, conn| conn.id() == id && still(conn))
+        else {
+            return false;
+        };
+        self.inner.ledger.release();
+        self.inner.retire(&conn, reason);
+        true
+    }
+
+    /// Removes and closes every connection.
+    pub fn clear(&self) {
+        self.clear_with(EvictionReason::Manual);
+    }
+
+    /// `(addr, id)` of every live connection, sorted, so that what follows from it does not depend
+    /// on the map's iteration order (a simulation seed must replay exactly).
+    pub(crate) fn snapshot_ids(&self) -> Vec<(CheetahString, ConnId)> {
+        let mut ids: Vec<_> = self
+            .inner
+            .map
+            .iter()
+            .map(|e| (e.key().clone(), e.value().id()))
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The metrics of the connection pooled for `addr` (whatever its health).
+    pub fn get_metrics(&self, addr: &CheetahString) -> Option<Arc<ConnectionMetrics>> {
+        self.inner
+            .map
+            .get(addr)
+            .map(|e| Arc::clone(e.value().metrics()))
+    }
+
+    /// The connection pooled for `addr` whatever its health, without moving its idle clock.
+    pub fn peek(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+        self.inner.map.get(addr).map(|e| e.value().clone())
+    }
+
+    /// Records a successful call of `latency` against the connection pooled for `addr` now (the
+    /// original's interface; prefer [`PooledConnection::begin`], which cannot hit a successor).
+    pub fn record_success(&self, addr: &CheetahString, latency: Duration) {
+        if let Some(entry) = self.inner.map.get(addr) {
+            entry.value().record_success(latency);
+        }
+    }
+
+    /// Records a failed call against the connection pooled for `addr` now. See
+    /// [`record_success`](Self::record_success).
+    pub fn record_error(&self, addr: &CheetahString) {
+        if let Some(entry) = self.inner.map.get(addr) {
+            entry.value().record_error();
+        }
+    }
+
+    /// Live connections.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// `true` when no connection is pooled.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// Slots in use: live connections plus connects in flight (I3: never above the cap).
+    pub fn used_slots(&self) -> usize {
+        self.inner.ledger.used()
+    }
+
+    /// A snapshot of the pool.
+    pub fn stats(&self) -> PoolStats {
+        let now = Instant::now();
+        let max_idle = self.inner.config.max_idle;
+        let mut stats = PoolStats {
+            max_connections: self.inner.ledger.max(),
+            reserved: self.inner.reserved.load(Ordering::Relaxed) as usize,
+            ..PoolStats::default()
+        };
+        for entry in self.inner.map.iter() {
+            let m = entry.value().metrics();
+            stats.total += 1;
+            stats.healthy += usize::from(m.is_healthy());
+            stats.idle += usize::from(m.is_idle_at(now, max_idle));
+            stats.in_flight += m.in_flight();
+            stats.total_requests += m.request_count();
+            stats.total_errors += m.total_errors();
+        }
+        let c = &self.inner.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        stats.evictions = EvictionStats {
+            idle: load(&c.evicted_idle),
+            unhealthy: load(&c.evicted_unhealthy),
+            closed: load(&c.evicted_closed),
+            replaced: load(&c.evicted_replaced),
+            manual: load(&c.evicted_manual),
+        };
+        stats.rejected_capacity = load(&c.rejected_capacity);
+        stats.connects = ConnectStats {
+            attempted: load(&c.connects_attempted),
+            succeeded: load(&c.connects_succeeded),
+            failed: load(&c.connects_failed),
+            timed_out: load(&c.connects_timed_out),
+            shared: load(&c.connects_shared),
+            backoff_rejections: load(&c.backoff_rejections),
+        };
+        stats
+    }
+}
