@@ -356,6 +356,7 @@ where
                         return Err(self.at_capacity());
                     }
                 }
+                Err(PoolError::AtCapacity { .. }) => return Err(self.at_capacity()),
                 Err(err) => return Err(err),
             }
         }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
-use crate::ConnectionPool;
 use crate::connection::ConnId;
 use crate::connector::Connector;
 use crate::core::UnhealthyReason;
 use crate::metrics::EvictionReason;
+use crate::{ConnectionPool, PooledConnection};
 
 impl<C, K> ConnectionPool<C, K>
 where
@@ -28,11 +28,17 @@ where
     ///
     /// Cancel safety: each eviction is atomic; dropping the future part-way leaves the rest pooled.
     pub async fn evict_idle(&self) -> usize {
-        let Some(max_idle) = self.inner.config.max_idle else {
-            return 0;
-        };
         let now = Instant::now();
-        let mut candidates: Vec<(CheetahString, ConnId)> = self
+        let candidates = self.idle_candidates(now);
+        self.evict_idle_candidates(now, candidates)
+    }
+
+    /// The look phase of an idle sweep: `(addr, id)` of the connections idle at `now`, sorted.
+    pub(crate) fn idle_candidates(&self, now: Instant) -> Vec<(CheetahString, ConnId)> {
+        let Some(max_idle) = self.inner.config.max_idle else {
+            return Vec::new();
+        };
+        let mut candidates: Vec<_> = self
             .inner
             .map
             .iter()
@@ -41,10 +47,21 @@ where
             .collect();
         candidates.sort_unstable();
         candidates
+    }
+
+    /// The remove phase: each candidate goes only if it is still the same connection and, claimed
+    /// against calls starting, still idle at `now` (I5, I7).
+    pub(crate) fn evict_idle_candidates(
+        &self,
+        now: Instant,
+        candidates: Vec<(CheetahString, ConnId)>,
+    ) -> usize {
+        let max_idle = self.inner.config.max_idle;
+        candidates
             .into_iter()
             .filter(|(addr, id)| {
                 self.remove_if(addr, *id, EvictionReason::Idle, |conn| {
-                    conn.metrics().try_retire_idle(now, Some(max_idle))
+                    conn.metrics().try_retire_idle(now, max_idle)
                 })
             })
             .count()
@@ -57,7 +74,13 @@ where
     /// Returns how many it evicted.
     pub async fn evict_unhealthy(&self) -> usize {
         let now = Instant::now();
-        let mut candidates: Vec<(CheetahString, ConnId)> = self
+        let candidates = self.unhealthy_candidates();
+        self.evict_unhealthy_candidates(now, candidates)
+    }
+
+    /// The look phase of a health sweep: `(addr, id)` of the connections not fit for use, sorted.
+    pub(crate) fn unhealthy_candidates(&self) -> Vec<(CheetahString, ConnId)> {
+        let mut candidates: Vec<_> = self
             .inner
             .map
             .iter()
@@ -65,17 +88,23 @@ where
             .map(|e| (e.key().clone(), e.value().id()))
             .collect();
         candidates.sort_unstable();
+        candidates
+    }
+
+    /// The remove phase: each candidate goes only if it is still the same connection and still
+    /// unfit, re-checked under the shard's write lock (I7, I14).
+    pub(crate) fn evict_unhealthy_candidates(
+        &self,
+        now: Instant,
+        candidates: Vec<(CheetahString, ConnId)>,
+    ) -> usize {
         let mut evicted = 0;
         for (addr, id) in candidates {
             let mut why = None;
-            let reason_of = |conn: &crate::PooledConnection<C>| {
-                conn.metrics().unusable_reason(now).or_else(|| {
-                    (!self.inner.connector.is_open(conn.client()))
-                        .then_some(UnhealthyReason::Closed)
-                })
-            };
             let removed = self.inner.map.remove_if(&addr, |_, conn| {
-                why = (conn.id() == id).then(|| reason_of(conn)).flatten();
+                if conn.id() == id {
+                    why = self.unusable_reason(conn, now);
+                }
                 why.is_some()
             });
             let (Some((_, conn)), Some(why)) = (removed, why) else {
@@ -92,6 +121,12 @@ where
             }
         }
         evicted
+    }
+
+    fn unusable_reason(&self, conn: &PooledConnection<C>, now: Instant) -> Option<UnhealthyReason> {
+        conn.metrics().unusable_reason(now).or_else(|| {
+            (!self.inner.connector.is_open(conn.client())).then_some(UnhealthyReason::Closed)
+        })
     }
 
     /// Makes room for a connection to `except` by evicting the least-recently-used connection of
@@ -116,5 +151,80 @@ where
                 conn.metrics().try_retire_unused()
             })
         })
+    }
+}
+
+/// I7 at the seam: a sweep's look phase, then the world changes, then its removal phase.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use crate::ConnectionPool;
+
+    const MAX_IDLE: Duration = Duration::from_secs(10);
+
+    fn addr(i: u8) -> cheetah_string::CheetahString {
+        format!("10.0.0.{i}:1").into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn i7_idle_sweep_never_removes_what_was_used_or_replaced_after_it_looked() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        for i in 0..3 {
+            pool.insert(addr(i), u32::from(i));
+        }
+        tokio::time::sleep(MAX_IDLE + Duration::from_millis(1)).await;
+        let now = Instant::now();
+        let looked = pool.idle_candidates(now);
+        assert_eq!(looked.len(), 3, "all three are idle when the sweep looks");
+        // After the look: addr(0) is used, addr(1) is replaced, addr(2) is left alone.
+        pool.get(&addr(0)).unwrap();
+        pool.insert(addr(1), 100);
+        let removed = pool.evict_idle_candidates(now, looked);
+        assert_eq!(
+            removed, 1,
+            "I7 violated: the sweep removed a connection used or replaced after it looked"
+        );
+        assert!(
+            pool.peek(&addr(0)).is_some(),
+            "I7 violated: used after the look, yet evicted"
+        );
+        assert_eq!(
+            pool.peek(&addr(1)).map(|c| *c.client()),
+            Some(100),
+            "I7/I14 violated: the replacement was evicted"
+        );
+        assert!(pool.peek(&addr(2)).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn i7_idle_sweep_never_removes_a_connection_whose_call_began_after_it_looked() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        pool.insert(addr(0), 0);
+        let held = pool.peek(&addr(0)).unwrap();
+        tokio::time::sleep(MAX_IDLE * 2).await;
+        let now = Instant::now();
+        let looked = pool.idle_candidates(now);
+        let call = held.begin();
+        assert_eq!(pool.evict_idle_candidates(now, looked), 0, "I5/I7 violated");
+        call.success();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn i7_health_sweep_never_removes_a_replacement() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        pool.insert(addr(0), 0);
+        pool.insert(addr(1), 1);
+        pool.peek(&addr(0)).unwrap().mark_closed();
+        pool.peek(&addr(1)).unwrap().mark_closed();
+        let looked = pool.unhealthy_candidates();
+        assert_eq!(looked.len(), 2);
+        pool.insert(addr(0), 100);
+        let removed = pool.evict_unhealthy_candidates(Instant::now(), looked);
+        assert_eq!(removed, 1, "I7 violated: a healthy replacement was removed");
+        assert_eq!(pool.peek(&addr(0)).map(|c| *c.client()), Some(100));
+        assert!(pool.peek(&addr(1)).is_none());
     }
 }

@@ -1,0 +1,141 @@
+//! Idle eviction: I5 (in flight or recently used: never idle), I6 (idle: gone by the next sweep).
+//! I7 is tested at the seam between a sweep's look and its removal, in `src/sweep.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MS, SEC, addr, advance};
+use keyed_pool::ConnectionPool;
+
+const MAX_IDLE: Duration = Duration::from_secs(10);
+
+fn pool() -> ConnectionPool<u32> {
+    ConnectionPool::new(0, MAX_IDLE)
+}
+
+#[tokio::test(start_paused = true)]
+async fn i5_connection_with_call_in_flight_is_never_evicted_as_idle() {
+    let pool = pool();
+    pool.insert(addr(0), 0);
+    let conn = pool.get(&addr(0)).unwrap();
+    let call = conn.begin();
+    advance(10 * MAX_IDLE).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: evicted with a call in flight"
+    );
+    assert!(pool.peek(&addr(0)).is_some());
+    call.success();
+    // Finishing the call is a use: still not idle for another MAX_IDLE.
+    advance(MAX_IDLE).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: evicted within max_idle of a call"
+    );
+    advance(MS).await;
+    assert_eq!(pool.evict_idle().await, 1, "I6: idle past max_idle must go");
+    assert_eq!(pool.stats().evictions.idle, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn i5_cancelled_call_also_protects_while_in_flight() {
+    let pool = pool();
+    pool.insert(addr(0), 0);
+    let call = pool.get(&addr(0)).unwrap().begin();
+    advance(2 * MAX_IDLE).await;
+    assert_eq!(pool.evict_idle().await, 0, "I5 violated");
+    drop(call); // cancelled: no outcome, but the clock moved and the call is no longer in flight
+    let m = pool.get_metrics(&addr(0)).unwrap();
+    assert_eq!(
+        (m.in_flight(), m.cancelled_count(), m.request_count()),
+        (0, 1, 0)
+    );
+    advance(MAX_IDLE + MS).await;
+    assert_eq!(pool.evict_idle().await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn i5_get_moves_the_idle_clock() {
+    let pool = pool();
+    pool.insert(addr(0), 0);
+    advance(MAX_IDLE - MS).await;
+    pool.get(&addr(0)).unwrap();
+    advance(MAX_IDLE).await;
+    // Exactly max_idle since the get: still fresh (idle means *longer than* max_idle).
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: evicted at exactly max_idle after get"
+    );
+    advance(MS).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        1,
+        "I6 violated: idle 1 ms past max_idle survived"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn i5_recorded_results_move_the_idle_clock() {
+    let pool = pool();
+    pool.insert(addr(0), 0);
+    pool.insert(addr(1), 1);
+    advance(MAX_IDLE).await;
+    pool.record_success(&addr(0), 2 * MS);
+    pool.record_error(&addr(1));
+    advance(MS).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: recorded results did not count as use"
+    );
+    advance(MAX_IDLE).await;
+    assert_eq!(pool.evict_idle().await, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn i5_peek_does_not_move_the_idle_clock() {
+    let pool = pool();
+    pool.insert(addr(0), 0);
+    advance(MAX_IDLE).await;
+    pool.peek(&addr(0)).unwrap();
+    pool.get_metrics(&addr(0)).unwrap();
+    advance(MS).await;
+    assert_eq!(pool.evict_idle().await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn i6_idle_connection_gone_by_max_idle_plus_interval() {
+    let pool = pool();
+    let interval = 2 * SEC;
+    pool.insert(addr(0), 0);
+    pool.insert(addr(1), 1);
+    let _task = pool.start_cleanup_task(interval);
+    // Keep addr(1) busy the whole time.
+    let call = pool.get(&addr(1)).unwrap().begin();
+    advance(MAX_IDLE).await;
+    assert!(pool.peek(&addr(0)).is_some(), "evicted before max_idle");
+    advance(interval + MS).await;
+    assert!(
+        pool.peek(&addr(0)).is_none(),
+        "I6 violated: idle past max_idle + interval"
+    );
+    assert!(
+        pool.peek(&addr(1)).is_some(),
+        "I5 violated by the cleanup task"
+    );
+    drop(call);
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_max_idle_disables_idle_eviction() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+    pool.insert(addr(0), 0);
+    advance(Duration::from_secs(24 * 3600)).await;
+    assert_eq!(pool.evict_idle().await, 0);
+    assert_eq!(pool.config().max_idle, None);
+}
