@@ -88,6 +88,11 @@ where
         if let Some(conn) = self.get(addr) {
             return Ok(conn);
         }
+        // An unfit connection still pooled is evicted now rather than by the next sweep, so an
+        // unhealthy one starts its address's backoff before we would dial again (I12).
+        if let Some(stale) = self.peek(addr) {
+            self.evict_unhealthy_candidates(Instant::now(), vec![(addr.clone(), stale.id())]);
+        }
         match self.join_or_start(addr)? {
             Joined::Ready(conn) => Ok(conn),
             Joined::Wait(rx) => self.wait_flight(addr, rx).await,
