@@ -36,8 +36,16 @@ type FlightResult<C> = Option<Result<PooledConnection<C>, PoolError>>;
 /// A connect in flight for one address; its result is published once on the watch channel.
 pub(crate) struct Flight<C> {
     id: u64,
+    /// When the connect gives up; every waiter's wait is bounded by it (I16).
+    deadline: Instant,
     rx: watch::Receiver<FlightResult<C>>,
 }
+
+/// How long a waiter waits past its flight's deadline for the flight's own verdict. The connect
+/// task times out *at* the deadline and publishes at once, so waiters normally return with it, after
+/// the slot is back (I3); the grace only bounds the wait if the task were starved. It covers timer
+/// rounding (tokio's timers have millisecond resolution).
+const WAIT_GRACE: Duration = Duration::from_millis(5);
 
 /// The cause recorded when a connect task ended without publishing a result (its runtime shut
 /// down under it).
@@ -47,7 +55,7 @@ struct ConnectAbandoned;
 
 enum Joined<C> {
     Ready(PooledConnection<C>),
-    Wait(watch::Receiver<FlightResult<C>>),
+    Wait(Instant, watch::Receiver<FlightResult<C>>),
 }
 
 impl<C, K> ConnectionPool<C, K>
@@ -95,7 +103,7 @@ where
         }
         match self.join_or_start(addr)? {
             Joined::Ready(conn) => Ok(conn),
-            Joined::Wait(rx) => self.wait_flight(addr, rx).await,
+            Joined::Wait(deadline, rx) => self.wait_flight(addr, deadline, rx).await,
         }
     }
 
@@ -113,7 +121,7 @@ where
     fn join_or_start(&self, addr: &CheetahString) -> Result<Joined<C>, PoolError> {
         if let Some(flight) = self.inner.flights.get(addr) {
             PoolCounters::bump(&self.inner.counters.connects_shared);
-            return Ok(Joined::Wait(flight.rx.clone()));
+            return Ok(Joined::Wait(flight.deadline, flight.rx.clone()));
         }
         if let Some(err) = self.backoff_error(addr, Instant::now()) {
             PoolCounters::bump(&self.inner.counters.backoff_rejections);
@@ -126,7 +134,8 @@ where
             Entry::Occupied(flight) => {
                 self.inner.ledger.release();
                 PoolCounters::bump(&self.inner.counters.connects_shared);
-                Ok(Joined::Wait(flight.get().rx.clone()))
+                let flight = flight.get();
+                Ok(Joined::Wait(flight.deadline, flight.rx.clone()))
             }
             Entry::Vacant(vacant) => {
                 // A flight may have finished between our `get` and here: use what it pooled.
@@ -136,11 +145,16 @@ where
                 }
                 let (tx, rx) = watch::channel(None);
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                vacant.insert(Flight { id, rx: rx.clone() });
+                let deadline = Instant::now() + self.inner.config.connect_timeout;
+                vacant.insert(Flight {
+                    id,
+                    deadline,
+                    rx: rx.clone(),
+                });
                 self.inner.reserved.fetch_add(1, Ordering::Relaxed);
                 PoolCounters::bump(&self.inner.counters.connects_attempted);
-                tokio::spawn(self.clone().run_connect(addr.clone(), id, tx));
-                Ok(Joined::Wait(rx))
+                tokio::spawn(self.clone().run_connect(addr.clone(), id, deadline, tx));
+                Ok(Joined::Wait(deadline, rx))
             }
         }
     }
@@ -156,10 +170,12 @@ where
     async fn wait_flight(
         &self,
         addr: &CheetahString,
+        deadline: Instant,
         mut rx: watch::Receiver<FlightResult<C>>,
     ) -> Result<PooledConnection<C>, PoolError> {
         let timeout = self.inner.config.connect_timeout;
-        match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+        let wait = deadline.saturating_duration_since(Instant::now()) + WAIT_GRACE;
+        match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
             Ok(Ok(result)) => match &*result {
                 Some(result) => result.clone(),
                 None => Err(self.abandoned(addr)),
@@ -185,11 +201,13 @@ where
         self,
         addr: CheetahString,
         flight: u64,
+        deadline: Instant,
         tx: watch::Sender<FlightResult<C>>,
     ) {
         let timeout = self.inner.config.connect_timeout;
         tracing::debug!(addr = %addr, "connecting");
-        let outcome = tokio::time::timeout(timeout, self.inner.connector.connect(&addr)).await;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let outcome = tokio::time::timeout(remaining, self.inner.connector.connect(&addr)).await;
         self.inner.reserved.fetch_sub(1, Ordering::Relaxed);
         let counters = &self.inner.counters;
         let result = match outcome {

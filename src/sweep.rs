@@ -199,6 +199,34 @@ mod tests {
         assert!(pool.peek(&addr(2)).is_none());
     }
 
+    /// The exact edge, with explicit instants: at `last_used + max_idle` a connection is still
+    /// fresh (I5); one microsecond later it is idle and the sweep takes it (I6).
+    #[tokio::test(start_paused = true)]
+    async fn i5_i6_idle_edge_is_exactly_max_idle() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        pool.insert(addr(0), 0);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let last_used = pool.get(&addr(0)).unwrap().metrics().last_used();
+        let edge = last_used + MAX_IDLE;
+        assert!(
+            pool.idle_candidates(edge).is_empty(),
+            "I5 violated at exactly max_idle"
+        );
+        let after = edge + Duration::from_micros(1);
+        let looked = pool.idle_candidates(after);
+        assert_eq!(
+            looked.len(),
+            1,
+            "I6 violated: idle 1 µs past max_idle not seen"
+        );
+        assert_eq!(
+            pool.evict_idle_candidates(edge, looked.clone()),
+            0,
+            "I5: re-check at the edge"
+        );
+        assert_eq!(pool.evict_idle_candidates(after, looked), 1, "I6 violated");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn i7_idle_sweep_never_removes_a_connection_whose_call_began_after_it_looked() {
         let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{MS, SEC, addr, advance};
 use keyed_pool::{ConnectionPool, PoolError, WhenFull};
 
@@ -156,6 +154,8 @@ async fn i1_cap_holds_at_every_instant_under_concurrent_inserts() {
 #[cfg(not(madsim))]
 #[test]
 fn i1_cap_holds_under_os_threads() {
+    use std::time::Duration;
+
     const MAX: usize = 5;
     let pool: ConnectionPool<u64> = ConnectionPool::builder()
         .max_connections(MAX)

@@ -93,3 +93,114 @@ impl BackoffPolicy {
         Duration::from_nanos(ns as u64).max(MIN_DELAY)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies() -> Vec<BackoffPolicy> {
+        let d = Duration::from_millis;
+        vec![
+            BackoffPolicy::default(),
+            BackoffPolicy {
+                base: d(1),
+                max: d(1),
+                jitter: 0.0,
+            },
+            BackoffPolicy {
+                base: d(1),
+                max: Duration::MAX,
+                jitter: 0.999,
+            },
+            BackoffPolicy {
+                base: Duration::MAX,
+                max: Duration::MAX,
+                jitter: 0.5,
+            },
+            BackoffPolicy {
+                base: d(250),
+                max: Duration::from_secs(3600),
+                jitter: 0.2,
+            },
+        ]
+    }
+
+    fn ks() -> impl Iterator<Item = u32> {
+        (0..=300).chain(u32::MAX - 300..=u32::MAX)
+    }
+
+    #[test]
+    fn i12_delay_is_total_nonzero_and_never_shrinks_for_every_k() {
+        for policy in policies() {
+            for unit in [0.0, 0.25, 0.5, 0.75, 1.0, -3.0, 7.0, f64::NAN] {
+                let mut previous = Duration::ZERO;
+                for k in ks() {
+                    let delay = policy.delay(k, unit);
+                    assert!(
+                        delay >= MIN_DELAY,
+                        "I12 violated: zero delay at k={k} {policy:?}"
+                    );
+                    assert!(
+                        delay >= previous,
+                        "I12 violated: delay shrank at k={k} ({previous:?} -> {delay:?}) {policy:?}"
+                    );
+                    previous = delay;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i12_delay_follows_the_formula_within_the_jitter_band() {
+        let policy = BackoffPolicy::default();
+        for k in 1..=20u32 {
+            let nominal = policy.base.as_secs_f64() * 2f64.powi(k as i32 - 1);
+            let capped = nominal.min(policy.max.as_secs_f64());
+            for unit in [0.0, 0.5, 1.0] {
+                let got = policy.delay(k, unit).as_secs_f64();
+                let want = capped * (1.0 + policy.jitter * (2.0 * unit - 1.0));
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "k={k} unit={unit}: {got} != {want}"
+                );
+            }
+        }
+        assert_eq!(
+            policy.delay(0, 0.5),
+            policy.delay(1, 0.5),
+            "k = 0 is treated as 1"
+        );
+    }
+
+    #[test]
+    fn validation_refuses_nonsense() {
+        let d = Duration::from_millis;
+        let bad = [
+            BackoffPolicy {
+                base: Duration::ZERO,
+                ..Default::default()
+            },
+            BackoffPolicy {
+                base: d(10),
+                max: d(5),
+                jitter: 0.1,
+            },
+            BackoffPolicy {
+                jitter: 1.0,
+                ..Default::default()
+            },
+            BackoffPolicy {
+                jitter: -0.1,
+                ..Default::default()
+            },
+            BackoffPolicy {
+                jitter: f64::NAN,
+                ..Default::default()
+            },
+        ];
+        for policy in bad {
+            assert!(policy.validate().is_err(), "{policy:?} must be refused");
+        }
+        assert!(BackoffPolicy::default().validate().is_ok());
+    }
+}
