@@ -1,1 +1,183 @@
-//! Benchmarks for keyed-pool live in `benches/benches/`.
+//! Shared helpers of the keyed-pool benchmarks in `benches/benches/` (figures in `BENCHMARKS.md`).
+//!
+//! Every figure is reported next to a baseline measured in the same process, because the machine is
+//! shared and absolute times drift; ratios drift much less.
+
+use std::path::PathBuf;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use cheetah_string::CheetahString;
+
+/// `n` distinct broker-like addresses (`10.a.b.c:10911`), short enough to be stored inline by
+/// `CheetahString` (as real `ip:port` addresses are).
+pub fn addrs(n: usize) -> Vec<CheetahString> {
+    (0..n)
+        .map(|i| {
+            let i = u32::try_from(i).expect("fewer than 2^24 addresses");
+            let [_, a, b, c] = i.to_be_bytes();
+            CheetahString::from(format!("10.{a}.{b}.{c}:10911"))
+        })
+        .collect()
+}
+
+/// Walks `0..n` in a scattered order (a stride coprime with `n`), so consecutive lookups do not hit
+/// neighbouring keys, and without a division per step (the floor would pay for it too).
+#[derive(Clone, Copy, Debug)]
+pub struct Scatter {
+    n: usize,
+    stride: usize,
+    at: usize,
+}
+
+impl Scatter {
+    /// Starts the walk of thread `thread` of `threads` at its own offset.
+    pub fn new(n: usize, thread: usize, threads: usize) -> Self {
+        assert!(n > 0);
+        let stride = (1..=n)
+            .map(|k| (7919 * k) % n)
+            .find(|&s| gcd(s, n) == 1)
+            .unwrap_or(0);
+        Self {
+            n,
+            stride,
+            at: thread * n / threads.max(1),
+        }
+    }
+
+    /// The next index.
+    #[inline]
+    pub fn next_index(&mut self) -> usize {
+        let at = self.at;
+        self.at += self.stride;
+        if self.at >= self.n {
+            self.at -= self.n;
+        }
+        at
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Runs `work(thread, iters)` on `threads` OS threads released together by a barrier, and returns
+/// the mean over threads of the time each took: the time per `iters` operations of one thread while
+/// `threads` threads run the same loop. Thread start-up is outside the timed region.
+pub fn run_threads<F>(threads: usize, iters: u64, work: F) -> Duration
+where
+    F: Fn(usize, u64) + Sync,
+{
+    run_threads_with(threads, iters, |_| (), |(), t, iters| work(t, iters))
+}
+
+/// [`run_threads`] with a per-thread `setup` run before the barrier, outside the timed region.
+pub fn run_threads_with<S, F, W>(threads: usize, iters: u64, setup: F, work: W) -> Duration
+where
+    F: Fn(usize) -> S + Sync,
+    W: Fn(&mut S, usize, u64) + Sync,
+{
+    let barrier = Barrier::new(threads);
+    let total: Duration = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, setup, work) = (&barrier, &setup, &work);
+                s.spawn(move || {
+                    let mut state = setup(t);
+                    barrier.wait();
+                    let start = Instant::now();
+                    work(&mut state, t, iters);
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .sum()
+    });
+    total / u32::try_from(threads).expect("a few threads")
+}
+
+/// Latency percentiles of a set of samples in nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: usize,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Sorts `samples` and reads the percentiles off them.
+    pub fn of(samples: &mut [u64]) -> Self {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Self {
+            count: samples.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: *samples.last().expect("not empty"),
+        }
+    }
+}
+
+/// Median of a few repeated measurements.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    assert!(!xs.is_empty());
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Where criterion writes its results, found as criterion finds it (`CRITERION_HOME`, else
+/// `CARGO_TARGET_DIR/criterion`, else the workspace's `target/criterion`).
+pub fn criterion_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return home.into();
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(target).join("criterion");
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/criterion")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scatter_visits_every_index_once_per_round() {
+        for n in [1, 2, 10, 1_000, 100_000] {
+            let mut walk = Scatter::new(n, 1, 4);
+            let mut seen = vec![false; n];
+            for _ in 0..n {
+                let i = walk.next_index();
+                assert!(!seen[i], "index {i} of {n} visited twice");
+                seen[i] = true;
+            }
+        }
+    }
+
+    #[test]
+    fn addresses_are_distinct_and_inline_sized() {
+        let a = addrs(70_000);
+        let set: std::collections::HashSet<_> = a.iter().collect();
+        assert_eq!(set.len(), a.len());
+        assert!(a.iter().all(|s| s.len() <= 23));
+    }
+
+    #[test]
+    fn percentiles_read_the_sorted_samples() {
+        let mut xs: Vec<u64> = (1..=1000).rev().collect();
+        let p = Percentiles::of(&mut xs);
+        assert_eq!((p.p50, p.p99, p.max), (501, 990, 1000));
+    }
+}

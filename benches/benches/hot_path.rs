@@ -1,0 +1,284 @@
+//! The hot path, side by side with its floor and with single-target pools, in one process.
+//!
+//! - `get_hit/{floor,pool}/a{addrs}_t{threads}`: a hit on a warm pool against a raw
+//!   `DashMap<CheetahString, Arc<_>>` lookup + clone (same shard count, same hasher).
+//! - `call/pool/a{addrs}_t{threads}`: `get` + `begin()` + `success()`, against the bare `get` above.
+//! - `one_target/{keyed_pool_call,deadpool,bb8}/t{threads}`: one address; our shared handle against
+//!   the exclusive checkout + return of deadpool (unmanaged) and bb8.
+//!
+//! Multi-threaded figures are the time per operation of one thread while all threads run the same
+//! loop (see `run_threads`). At the end the ratios are printed from criterion's estimates.
+//!
+//! Run: `cargo bench -p keyed-pool-benches --bench hot_path -- --warm-up-time 1 --measurement-time 3`
+
+use std::collections::BTreeMap;
+use std::hash::RandomState;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cheetah_string::CheetahString;
+use criterion::{BenchmarkId, Criterion};
+use dashmap::DashMap;
+use keyed_pool::ConnectionPool;
+use keyed_pool_benches::{Scatter, addrs, criterion_dir, run_threads, run_threads_with};
+
+const ADDRS: [usize; 3] = [1, 1_000, 100_000];
+const THREADS: [usize; 3] = [1, 2, 4];
+/// The pool's default shard amount; the floor map gets the same.
+const SHARDS: usize = 32;
+
+fn warm_pool(keys: &[CheetahString]) -> ConnectionPool<u64> {
+    let pool = ConnectionPool::new(0, Duration::from_secs(3600));
+    for (i, k) in keys.iter().enumerate() {
+        assert!(pool.insert(k.clone(), i as u64));
+    }
+    pool
+}
+
+fn floor_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<u64>> {
+    let map = DashMap::with_hasher_and_shard_amount(RandomState::new(), SHARDS);
+    for (i, k) in keys.iter().enumerate() {
+        map.insert(k.clone(), Arc::new(i as u64));
+    }
+    map
+}
+
+fn get_hit_and_call(c: &mut Criterion) {
+    let mut group = c.benchmark_group("get_hit");
+    let mut call_group_inputs = Vec::new();
+    for n in ADDRS {
+        let keys = addrs(n);
+        let floor = floor_map(&keys);
+        let pool = warm_pool(&keys);
+        for t in THREADS {
+            let id = format!("a{n}_t{t}");
+            group.bench_function(BenchmarkId::new("floor", &id), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            let key = &keys[walk.next_index()];
+                            black_box(floor.get(key).map(|e| Arc::clone(e.value())));
+                        }
+                    })
+                })
+            });
+            group.bench_function(BenchmarkId::new("pool", &id), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            black_box(pool.get(&keys[walk.next_index()]));
+                        }
+                    })
+                })
+            });
+        }
+        if n <= 1_000 {
+            call_group_inputs.push((n, keys, pool));
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("call");
+    for (n, keys, pool) in &call_group_inputs {
+        let n = *n;
+        for t in THREADS {
+            group.bench_function(BenchmarkId::new("pool", format!("a{n}_t{t}")), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            let conn = pool.get(&keys[walk.next_index()]).expect("warm");
+                            let call = conn.begin();
+                            black_box(conn.client());
+                            call.success();
+                        }
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// A bb8 manager whose connections are plain numbers: checkout cost only.
+struct NumberManager;
+
+impl bb8::ManageConnection for NumberManager {
+    type Connection = u64;
+    type Error = std::convert::Infallible;
+
+    async fn connect(&self) -> Result<u64, Self::Error> {
+        Ok(7)
+    }
+
+    async fn is_valid(&self, _conn: &mut u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _conn: &mut u64) -> bool {
+        false
+    }
+}
+
+fn one_target(c: &mut Criterion) {
+    let mut group = c.benchmark_group("one_target");
+    let keys = addrs(1);
+    let pool = warm_pool(&keys);
+    for t in THREADS {
+        let id = format!("t{t}");
+        group.bench_function(BenchmarkId::new("keyed_pool_call", &id), |b| {
+            b.iter_custom(|iters| {
+                run_threads(t, iters, |_, iters| {
+                    for _ in 0..iters {
+                        let conn = pool.get(&keys[0]).expect("warm");
+                        let call = conn.begin();
+                        black_box(conn.client());
+                        call.success();
+                    }
+                })
+            })
+        });
+
+        // deadpool's unmanaged pool with one object per thread: `try_get` never finds it empty.
+        let dead: deadpool::unmanaged::Pool<u64> = deadpool::unmanaged::Pool::new(t);
+        for i in 0..t {
+            dead.try_add(i as u64)
+                .expect("room for one object per thread");
+        }
+        group.bench_function(BenchmarkId::new("deadpool", &id), |b| {
+            b.iter_custom(|iters| {
+                run_threads(t, iters, |_, iters| {
+                    for _ in 0..iters {
+                        let obj = dead.try_get().expect("one object per thread");
+                        black_box(*obj);
+                    }
+                })
+            })
+        });
+
+        // bb8 with one connection per thread, no reaper, no check on checkout (our `get` only
+        // runs the connector's cheap `is_open`, which bb8's `has_broken` matches and still runs).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let bb = rt
+            .block_on(
+                bb8::Pool::builder()
+                    .max_size(u32::try_from(t).expect("small"))
+                    .min_idle(Some(u32::try_from(t).expect("small")))
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .test_on_check_out(false)
+                    .build(NumberManager),
+            )
+            .expect("bb8 pool");
+        group.bench_function(BenchmarkId::new("bb8", &id), |b| {
+            b.iter_custom(|iters| {
+                run_threads_with(
+                    t,
+                    iters,
+                    |_| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_time()
+                            .build()
+                            .expect("runtime")
+                    },
+                    |rt, _, iters| {
+                        rt.block_on(async {
+                            for _ in 0..iters {
+                                let conn = bb.get().await.expect("one connection per thread");
+                                black_box(*conn);
+                            }
+                        });
+                    },
+                )
+            })
+        });
+        drop(bb);
+        drop(rt);
+    }
+    group.finish();
+}
+
+/// Criterion's estimate (slope if fitted, else mean) of one benchmark of this run, in ns.
+fn estimate(group: &str, function: &str, param: &str) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group)
+        .join(function)
+        .join(param)
+        .join("new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pick = |k: &str| json.get(k)?.get("point_estimate")?.as_f64();
+    pick("slope").or_else(|| pick("mean"))
+}
+
+fn print_ratios() {
+    let mut rows: BTreeMap<(usize, usize, usize), String> = BTreeMap::new();
+    println!("\n== ratios (criterion estimates of this run; ns per operation per thread) ==");
+    println!("get hit vs floor (goal <= 1.3x):");
+    for (order, n) in ADDRS.iter().enumerate() {
+        for t in THREADS {
+            let id = format!("a{n}_t{t}");
+            if let (Some(f), Some(p)) = (
+                estimate("get_hit", "floor", &id),
+                estimate("get_hit", "pool", &id),
+            ) {
+                rows.insert(
+                    (0, order, t),
+                    format!(
+                        "  addrs={n:>6} threads={t}: floor {f:7.1} ns  get {p:7.1} ns  ratio {:.2}x",
+                        p / f
+                    ),
+                );
+            }
+        }
+    }
+    println!("{}", rows.values().cloned().collect::<Vec<_>>().join("\n"));
+    println!("full call (get+begin+success) vs bare get (goal <= 2x):");
+    for n in [1, 1_000] {
+        for t in THREADS {
+            let id = format!("a{n}_t{t}");
+            if let (Some(g), Some(c)) = (
+                estimate("get_hit", "pool", &id),
+                estimate("call", "pool", &id),
+            ) {
+                println!(
+                    "  addrs={n:>6} threads={t}: get {g:7.1} ns  call {c:7.1} ns  ratio {:.2}x",
+                    c / g
+                );
+            }
+        }
+    }
+    println!("one target: peers vs our full call (ratio = peer / ours):");
+    for t in THREADS {
+        let id = format!("t{t}");
+        if let Some(ours) = estimate("one_target", "keyed_pool_call", &id) {
+            let peer = |name: &str| {
+                estimate("one_target", name, &id).map_or("-".to_string(), |p| {
+                    format!("{p:7.1} ns ({:.2}x)", p / ours)
+                })
+            };
+            println!(
+                "  threads={t}: keyed-pool call {ours:7.1} ns  deadpool {}  bb8 {}",
+                peer("deadpool"),
+                peer("bb8")
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    get_hit_and_call(&mut c);
+    one_target(&mut c);
+    c.final_summary();
+    print_ratios();
+}

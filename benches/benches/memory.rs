@@ -1,0 +1,103 @@
+//! Memory per pooled connection, counted by a global allocator (`stats_alloc`, so no `unsafe` here):
+//! net heap bytes of a pool holding N connections, per connection, against a raw
+//! `DashMap<CheetahString, Arc<u64>>` (the floor) holding the same keys. Keys are real-sized
+//! `ip:port` strings, stored inline by `CheetahString`; the connection itself is a `u64` handle, so
+//! the figure is the pool's own overhead. Also printed: the size of each part of an entry, and the
+//! growth of the resident set (which includes malloc's per-chunk overhead the counter cannot see).
+//!
+//! Run: `cargo bench -p keyed-pool-benches --bench memory`
+
+use std::alloc::System;
+use std::hash::RandomState;
+use std::mem::size_of;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cheetah_string::CheetahString;
+use dashmap::DashMap;
+use keyed_pool::core::{HealthPolicy, HealthWindow};
+use keyed_pool::{ConnectionMetrics, ConnectionPool, PooledConnection};
+use keyed_pool_benches::addrs;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const SIZES: [usize; 2] = [10_000, 100_000];
+
+/// Resident set size in bytes, from `/proc/self/statm` (0 where unavailable).
+fn rss() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Net heap bytes (allocated minus freed) and RSS growth while `build` runs; what it returns is
+/// kept alive until after the count.
+fn measure<T>(build: impl FnOnce() -> T) -> (i64, i64, T) {
+    let rss_before = rss();
+    let region = Region::new(GLOBAL);
+    let kept = build();
+    let change = region.change();
+    let net = change.bytes_allocated as i64 - change.bytes_deallocated as i64
+        + change.bytes_reallocated as i64;
+    (net, rss() - rss_before, kept)
+}
+
+fn main() {
+    println!("memory per pooled connection (net heap bytes counted by the global allocator)");
+    println!(
+        "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which HealthPolicy {} B, HealthWindow {} B, Instant {} B)",
+        size_of::<CheetahString>(),
+        size_of::<PooledConnection<u64>>(),
+        size_of::<ConnectionMetrics>(),
+        size_of::<HealthPolicy>(),
+        size_of::<HealthWindow>(),
+        size_of::<tokio::time::Instant>(),
+    );
+    // Two allocations per connection: the entry (Arc header 16 + id 8 + addr 24 + metrics Arc 8 +
+    // the connection) and the metrics (Arc header 16 + ConnectionMetrics); plus one map slot (key +
+    // PooledConnection) with its control byte, in a table kept at most 7/8 full.
+    let entry_alloc = 16 + 8 + size_of::<CheetahString>() + 8 + size_of::<u64>();
+    let metrics_alloc = 16 + size_of::<ConnectionMetrics>();
+    let slot = size_of::<CheetahString>() + size_of::<PooledConnection<u64>>() + 1;
+    println!(
+        "  expected per connection: entry {entry_alloc} B + metrics {metrics_alloc} B + map slot {slot} B x table headroom"
+    );
+    for n in SIZES {
+        let keys = addrs(n);
+        let (floor, floor_rss, floor_map) = measure(|| {
+            let map: DashMap<CheetahString, Arc<u64>> =
+                DashMap::with_hasher_and_shard_amount(RandomState::new(), 32);
+            for (i, k) in keys.iter().enumerate() {
+                map.insert(k.clone(), Arc::new(i as u64));
+            }
+            map
+        });
+        drop(floor_map);
+        let (pool_bytes, pool_rss, pool) = measure(|| {
+            let pool: ConnectionPool<u64> = ConnectionPool::new(0, Duration::from_secs(300));
+            for (i, k) in keys.iter().enumerate() {
+                assert!(pool.insert(k.clone(), i as u64));
+            }
+            pool
+        });
+        assert_eq!(pool.len(), n);
+        let per = |b: i64| b as f64 / n as f64;
+        println!(
+            "  {n:>7} connections: pool {:6.1} B/conn (RSS growth {:6.1} B/conn)   floor DashMap<CheetahString, Arc<u64>> {:6.1} B/entry (RSS {:6.1})   ratio {:.2}x   goal < 200 B: {}",
+            per(pool_bytes),
+            per(pool_rss),
+            per(floor),
+            per(floor_rss),
+            pool_bytes as f64 / floor as f64,
+            if per(pool_bytes) < 200.0 {
+                "met"
+            } else {
+                "NOT met"
+            },
+        );
+        drop(pool);
+    }
+}

@@ -1,0 +1,240 @@
+//! Sweeps over 10,000 and 100,000 connections, and what a running sweep does to concurrent readers.
+//!
+//! Part 1, the cost of one sweep (median of a few, ns per connection), against a floor measured in
+//! the same process on a raw `DashMap<CheetahString, Arc<u64>>` of the same size:
+//! - `evict_idle` / `evict_unhealthy` that find nothing (the steady state of the cleanup task),
+//!   against iterating the floor map and collecting its keys;
+//! - `evict_idle` / `evict_unhealthy` that evict everything, against collecting, sorting and
+//!   removing every key of the floor map.
+//!
+//! Part 2, a reader thread doing `get` hits on 100,000 warm connections and timing each one, alone
+//! and while another thread sweeps back to back: p50, p99, p99.9 and max of the `get` latency.
+//!
+//! Run: `cargo bench -p keyed-pool-benches --bench sweeps`
+
+use std::hash::RandomState;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cheetah_string::CheetahString;
+use dashmap::DashMap;
+use keyed_pool::ConnectionPool;
+use keyed_pool_benches::{Percentiles, Scatter, addrs, median};
+
+const SIZES: [usize; 2] = [10_000, 100_000];
+const REPEATS: usize = 5;
+const READ_FOR: Duration = Duration::from_millis(1500);
+const MAX_SAMPLES: usize = 4_000_000;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn pool_with(keys: &[CheetahString], max_idle: Duration) -> ConnectionPool<u64> {
+    let pool = ConnectionPool::new(0, max_idle);
+    for (i, k) in keys.iter().enumerate() {
+        assert!(pool.insert(k.clone(), i as u64));
+    }
+    pool
+}
+
+fn floor_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<u64>> {
+    let map = DashMap::with_hasher_and_shard_amount(RandomState::new(), 32);
+    for (i, k) in keys.iter().enumerate() {
+        map.insert(k.clone(), Arc::new(i as u64));
+    }
+    map
+}
+
+/// Median over `REPEATS` of `run`, in ns per connection; `setup` (untimed) prepares each run.
+fn per_conn<S>(n: usize, mut setup: impl FnMut() -> S, mut run: impl FnMut(S)) -> f64 {
+    median(
+        (0..REPEATS)
+            .map(|_| {
+                let state = setup();
+                let start = Instant::now();
+                run(state);
+                start.elapsed().as_nanos() as f64 / n as f64
+            })
+            .collect(),
+    )
+}
+
+fn sweep_costs(rt: &tokio::runtime::Runtime) {
+    println!("one sweep, median of {REPEATS}, ns per connection (ratio to the floor in brackets)");
+    for n in SIZES {
+        let keys = addrs(n);
+        let floor = floor_map(&keys);
+        let scan_floor = per_conn(
+            n,
+            || (),
+            |()| {
+                let keys: Vec<_> = floor.iter().map(|e| e.key().clone()).collect();
+                black_box(keys);
+            },
+        );
+        let keep = pool_with(&keys, Duration::from_secs(3600));
+        let idle_none = per_conn(n, || (), |()| assert_eq!(rt.block_on(keep.evict_idle()), 0));
+        let unhealthy_none = per_conn(
+            n,
+            || (),
+            |()| assert_eq!(rt.block_on(keep.evict_unhealthy()), 0),
+        );
+        drop(keep);
+        let remove_floor = per_conn(
+            n,
+            || floor_map(&keys),
+            |map| {
+                let mut ks: Vec<_> = map.iter().map(|e| e.key().clone()).collect();
+                ks.sort_unstable();
+                for k in &ks {
+                    black_box(map.remove(k));
+                }
+                assert!(map.is_empty());
+            },
+        );
+        let idle_all = per_conn(
+            n,
+            || {
+                let pool = pool_with(&keys, Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(5));
+                pool
+            },
+            |pool| assert_eq!(rt.block_on(pool.evict_idle()), n),
+        );
+        let unhealthy_all = per_conn(
+            n,
+            || {
+                let pool = pool_with(&keys, Duration::from_secs(3600));
+                for k in &keys {
+                    pool.peek(k).expect("pooled").mark_closed();
+                }
+                pool
+            },
+            |pool| assert_eq!(rt.block_on(pool.evict_unhealthy()), n),
+        );
+        println!("  {n:>7} connections:");
+        println!(
+            "    finds nothing: floor (iterate + collect keys) {scan_floor:6.1}   evict_idle {idle_none:6.1} [{:.2}x]   evict_unhealthy {unhealthy_none:6.1} [{:.2}x]",
+            idle_none / scan_floor,
+            unhealthy_none / scan_floor
+        );
+        println!(
+            "    evicts all:    floor (collect, sort, remove) {remove_floor:6.1}   evict_idle {idle_all:6.1} [{:.2}x]   evict_unhealthy {unhealthy_all:6.1} [{:.2}x]",
+            idle_all / remove_floor,
+            unhealthy_all / remove_floor
+        );
+        println!(
+            "    one sweep of all {n}: evict_idle {:.2} ms (finds nothing) / {:.2} ms (evicts all)",
+            idle_none * n as f64 / 1e6,
+            idle_all * n as f64 / 1e6
+        );
+    }
+}
+
+/// What runs beside the reader.
+#[derive(Clone, Copy, Debug)]
+enum Beside {
+    Nothing,
+    IdleSweepFindsNothing,
+    HealthSweepFindsNothing,
+    /// Inserts 10,000 more connections, marks them closed, and lets `evict_unhealthy` remove them.
+    HealthSweepEvicting,
+    /// The same inserts and removals without a sweep (`remove` one by one): what the writes alone
+    /// cost the reader.
+    WritesWithoutSweep,
+}
+
+fn reader_latency(rt: &tokio::runtime::Runtime) {
+    let n = 100_000;
+    let keys = addrs(n);
+    let doomed: Vec<CheetahString> = addrs(n + 10_000).split_off(n);
+    let pool = pool_with(&keys, Duration::from_secs(3600));
+    println!(
+        "\nget latency on one reader thread over {n} warm connections, {} ms per scenario, while another thread ...",
+        READ_FOR.as_millis()
+    );
+    let mut baseline_p99 = None;
+    for beside in [
+        Beside::Nothing,
+        Beside::IdleSweepFindsNothing,
+        Beside::HealthSweepFindsNothing,
+        Beside::HealthSweepEvicting,
+        Beside::WritesWithoutSweep,
+    ] {
+        let stop = AtomicBool::new(false);
+        let rounds = AtomicU64::new(0);
+        let mut samples = Vec::with_capacity(MAX_SAMPLES);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match beside {
+                        Beside::Nothing => {
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        Beside::IdleSweepFindsNothing => {
+                            assert_eq!(rt.block_on(pool.evict_idle()), 0);
+                        }
+                        Beside::HealthSweepFindsNothing => {
+                            assert_eq!(rt.block_on(pool.evict_unhealthy()), 0);
+                        }
+                        Beside::HealthSweepEvicting => {
+                            for (i, k) in doomed.iter().enumerate() {
+                                let conn = pool.try_insert(k.clone(), i as u64).expect("room");
+                                conn.mark_closed();
+                            }
+                            assert_eq!(rt.block_on(pool.evict_unhealthy()), doomed.len());
+                        }
+                        Beside::WritesWithoutSweep => {
+                            for (i, k) in doomed.iter().enumerate() {
+                                pool.insert(k.clone(), i as u64);
+                            }
+                            for k in &doomed {
+                                pool.remove(k).expect("just inserted");
+                            }
+                        }
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let mut walk = Scatter::new(n, 0, 1);
+            let start = Instant::now();
+            while samples.len() < MAX_SAMPLES && start.elapsed() < READ_FOR {
+                for _ in 0..64 {
+                    let key = &keys[walk.next_index()];
+                    let t0 = Instant::now();
+                    let hit = pool.get(key);
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    assert!(hit.is_some(), "a warm connection went missing");
+                    samples.push(ns);
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let p = Percentiles::of(&mut samples);
+        let base = *baseline_p99.get_or_insert(p.p99);
+        println!(
+            "    {:<26} p50 {:6} ns  p99 {:6} ns [{:.2}x]  p99.9 {:7} ns  max {:9} ns  ({} gets, {} sweeps/rounds beside)",
+            format!("{beside:?}"),
+            p.p50,
+            p.p99,
+            p.p99 as f64 / base as f64,
+            p.p999,
+            p.max,
+            p.count,
+            rounds.load(Ordering::Relaxed)
+        );
+    }
+}
+
+fn main() {
+    let rt = rt();
+    sweep_costs(&rt);
+    reader_latency(&rt);
+}
