@@ -138,10 +138,16 @@ where
                 Ok(Joined::Wait(flight.deadline, flight.rx.clone()))
             }
             Entry::Vacant(vacant) => {
-                // A flight may have finished between our `get` and here: use what it pooled.
+                // A flight may have finished between our first look and here. It pooled its
+                // connection, or recorded its backoff, before it left `flights`: honour either.
                 if let Some(conn) = self.get(addr) {
                     self.inner.ledger.release();
                     return Ok(Joined::Ready(conn));
+                }
+                if let Some(err) = self.backoff_error(addr, Instant::now()) {
+                    self.inner.ledger.release();
+                    PoolCounters::bump(&self.inner.counters.backoff_rejections);
+                    return Err(err);
                 }
                 let (tx, rx) = watch::channel(None);
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,9 @@ use cheetah_string::CheetahString;
 /// - [`probe`](Self::probe) only when asked to check a connection actively;
 /// - [`close`](Self::close) when it evicts a connection or is closed (keep it quick: signal, do not
 ///   wait).
+///
+/// `validate`, `is_open` and `close` may be called while the pool holds a shard lock of its map:
+/// they must not call back into the pool (that could deadlock) and must not block.
 pub trait Connector<C>: Send + Sync + 'static {
     /// The connector's error; shared by every caller that waited on the failed connect.
     type Error: std::error::Error + Send + Sync + 'static;
