@@ -10,6 +10,7 @@ pub mod core;
 mod error;
 mod metrics;
 mod pool;
+pub mod remoting;
 mod sweep;
 pub mod tcp;
 

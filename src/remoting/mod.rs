@@ -1,0 +1,31 @@
+//! A RocketMQ remoting transport for the pool: the frame [`codec`], a multiplexed
+//! [`RemotingClient`], the pool's [`RemotingConnector`], and a small [`server`] for tests and demos.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keyed_pool::remoting::CallError> {
+//! use keyed_pool::ConnectionPool;
+//! use keyed_pool::remoting::{pool_request, RemotingClient, RemotingCommand, RemotingConnector};
+//! use keyed_pool::remoting::codec::code;
+//!
+//! let pool = ConnectionPool::builder()
+//!     .connector(RemotingConnector::default())
+//!     .build::<RemotingClient>()
+//!     .expect("valid config");
+//! let addr = "127.0.0.1:9876".into();
+//! let get = RemotingCommand::request(code::GET_KV_CONFIG)
+//!     .with_field("namespace", "demo")
+//!     .with_field("key", "greeting");
+//! let response = pool_request(&pool, &addr, get).await?;   // connects on first use
+//! println!("{:?}", response.field("value"));
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod codec;
+pub mod connector;
+pub mod server;
+
+pub use client::{ClientConfig, RemotingClient, RemotingError};
+pub use codec::{CodecError, FrameDecoder, RemotingCommand};
+pub use connector::{CallError, RemotingConnector, is_server_failure, pool_request};
+pub use server::{MiniServer, ServerBehaviour, ServerStats};
