@@ -1,0 +1,899 @@
+//! The executor: applies a [`Scenario`] to a real pool and to the [`Model`] side by side, on paused
+//! virtual time, and checks the invariants by number after every op.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use keyed_pool::{
+    CallGuard, CheetahString, ConnectionPool, Connector, PoolError, PooledConnection,
+};
+use tokio::time::Instant;
+
+use crate::model::{ConnectPlan, HealthEviction, InsertPlan, Model, Settings};
+use crate::ops::{ADDRS, ConnectScript, Finish, Op, Scenario, Step, addr};
+
+/// Sequences longer than this are cut (fuzz inputs can be long; the checks are O(n) per op).
+pub const MAX_OPS: usize = 1024;
+
+/// A connection of the scripted connector: a transport flag the test can kill, and a count of the
+/// connector's `close` calls on it.
+#[derive(Debug)]
+pub struct FakeConn {
+    /// Creation order within the run.
+    pub serial: u64,
+    /// What `Connector::is_open` reports.
+    pub transport_open: AtomicBool,
+    /// How many times the pool closed it through the connector.
+    pub closes: AtomicU32,
+}
+
+impl FakeConn {
+    /// A fresh open connection.
+    pub fn new(serial: u64) -> Self {
+        Self {
+            serial,
+            transport_open: AtomicBool::new(true),
+            closes: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The error of a scripted connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptedError {
+    /// Scripted to fail.
+    Refused,
+    /// A connect the script did not expect (the model said none would be made).
+    Unscripted,
+}
+
+impl std::fmt::Display for ScriptedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Refused => "connection refused (scripted)",
+            Self::Unscripted => "unexpected connect (not scripted)",
+        })
+    }
+}
+
+impl std::error::Error for ScriptedError {}
+
+/// A connector whose next connect does what the test scripted, and which counts connects.
+#[derive(Debug)]
+pub struct ScriptedConnector {
+    next: Mutex<Option<ConnectScript>>,
+    connects: AtomicU64,
+    serial: AtomicU64,
+    slow: Duration,
+}
+
+impl ScriptedConnector {
+    /// `slow` is how long a [`ConnectScript::Slow`] connect takes.
+    pub fn new(slow: Duration) -> Self {
+        Self {
+            next: Mutex::new(None),
+            connects: AtomicU64::new(0),
+            serial: AtomicU64::new(1 << 32),
+            slow,
+        }
+    }
+
+    /// What the next connect does.
+    pub fn script(&self, script: Option<ConnectScript>) {
+        *self.next.lock().expect("script lock") = script;
+    }
+
+    /// Connects made so far.
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::SeqCst)
+    }
+}
+
+impl Connector<FakeConn> for ScriptedConnector {
+    type Error = ScriptedError;
+
+    async fn connect(&self, _addr: &CheetahString) -> Result<FakeConn, ScriptedError> {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let script = self.next.lock().expect("script lock").take();
+        let conn = FakeConn::new(self.serial.fetch_add(1, Ordering::Relaxed));
+        match script {
+            Some(ConnectScript::Ok) => Ok(conn),
+            Some(ConnectScript::Slow) => {
+                if !self.slow.is_zero() {
+                    tokio::time::sleep(self.slow).await;
+                }
+                Ok(conn)
+            }
+            Some(ConnectScript::Fail) => Err(ScriptedError::Refused),
+            Some(ConnectScript::Hang) => std::future::pending().await,
+            None => Err(ScriptedError::Unscripted),
+        }
+    }
+
+    fn is_open(&self, conn: &FakeConn) -> bool {
+        conn.transport_open.load(Ordering::SeqCst)
+    }
+
+    fn close(&self, conn: &FakeConn) {
+        conn.closes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The pool type under test.
+pub type Pool = ConnectionPool<FakeConn, ScriptedConnector>;
+
+/// Runs `scenario` (at most [`MAX_OPS`] ops) on a fresh current-thread runtime with paused time.
+///
+/// # Errors
+/// The first invariant violated, as `"I<n> violated: ..."` with the op that broke it.
+pub fn run(scenario: &Scenario) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| format!("cannot build a runtime: {e}"))?;
+    rt.block_on(async {
+        let mut h = Harness::new(Settings::from(scenario.knobs))?;
+        for (n, op) in scenario.ops.iter().take(MAX_OPS).enumerate() {
+            h.apply(*op)
+                .await
+                .and_then(|()| h.check())
+                .map_err(|e| format!("{e}\n  at op #{n}: {op:?}\n  settings: {:?}", h.m.s))?;
+        }
+        h.finish().await
+    })
+}
+
+/// A pool and its model, side by side.
+struct Harness {
+    pool: Pool,
+    m: Model,
+    /// Every connection the run has seen, index = model index.
+    conns: Vec<PooledConnection<FakeConn>>,
+    by_id: HashMap<u64, usize>,
+    /// Calls in flight: guard, connection index, start.
+    calls: Vec<(CallGuard, usize, Duration)>,
+    start: Instant,
+    serial: u64,
+}
+
+fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(msg()) }
+}
+
+impl Harness {
+    fn new(s: Settings) -> Result<Self, String> {
+        let connector = ScriptedConnector::new(s.timeout.saturating_sub(Duration::from_millis(1)));
+        let pool = ConnectionPool::builder()
+            .config(s.pool_config())
+            .connector(connector)
+            .build::<FakeConn>()
+            .map_err(|e| format!("config rejected: {e}"))?;
+        Ok(Self {
+            pool,
+            m: Model::new(s),
+            conns: Vec::new(),
+            by_id: HashMap::new(),
+            calls: Vec::new(),
+            start: Instant::now(),
+            serial: 0,
+        })
+    }
+
+    fn now(&self) -> Duration {
+        Instant::now() - self.start
+    }
+
+    fn since_start(&self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.start)
+    }
+
+    /// A connection the pool just created for `a`: its id must be new (I14 needs unique ids).
+    fn adopt(&mut self, a: u8, conn: PooledConnection<FakeConn>) -> Result<(), String> {
+        let id = conn.id().get();
+        ensure(!self.by_id.contains_key(&id), || {
+            format!("I14 violated: id {id} handed out twice")
+        })?;
+        let i = self.m.add_conn(a, id);
+        self.by_id.insert(id, i);
+        self.conns.push(conn);
+        Ok(())
+    }
+
+    fn idx(&self, conn: &PooledConnection<FakeConn>) -> Option<usize> {
+        self.by_id.get(&conn.id().get()).copied()
+    }
+
+    fn handle(&self, h: u8) -> Option<usize> {
+        (!self.conns.is_empty()).then(|| usize::from(h) % self.conns.len())
+    }
+
+    /// Lets spawned connect tasks finish (they run on this thread); bounded (I16).
+    async fn settle(&self) -> Result<(), String> {
+        for _ in 0..1_000 {
+            if self.pool.stats().reserved == 0 {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
+        Err("I16 violated: a connect is still in flight after its caller returned".into())
+    }
+
+    /// The pool's backoff deadline of `a`, as read now, checked against the model's bounds (I12).
+    fn adopt_backoff(&mut self, a: u8) -> Result<(), String> {
+        let (k, lo, hi) = self.m.backoff_failure(a);
+        let until = self.pool.backoff_until(&addr(a));
+        let now = self.m.now;
+        let Some(until) = until.map(|t| self.since_start(t)) else {
+            return Err(format!(
+                "I12 violated: failure {k} of {} left no backoff",
+                addr(a)
+            ));
+        };
+        let delay = until - now;
+        ensure(lo <= delay && delay <= hi, || {
+            format!("I12 violated: backoff after failure {k} is {delay:?}, not in [{lo:?}, {hi:?}]")
+        })?;
+        self.m.set_backoff_until(a, until);
+        Ok(())
+    }
+
+    async fn apply(&mut self, op: Op) -> Result<(), String> {
+        match op {
+            Op::Insert { addr: a } => {
+                let a = a % ADDRS;
+                self.serial += 1;
+                let before = self.pool.len();
+                let replacing = self.m.live.contains_key(&a);
+                let plan = self.m.insert(a);
+                let got = self.pool.try_insert(addr(a), FakeConn::new(self.serial));
+                match (plan, got) {
+                    (InsertPlan::Placed, Ok(conn)) => {
+                        if replacing {
+                            ensure(self.pool.len() == before, || {
+                                format!(
+                                    "I2 violated: re-insert changed the count {before} -> {}",
+                                    self.pool.len()
+                                )
+                            })?;
+                        }
+                        self.adopt(a, conn)?;
+                    }
+                    (InsertPlan::Closed, Err(PoolError::Closed)) => {}
+                    (InsertPlan::Rejected, Err(PoolError::AtCapacity { max }))
+                        if max == self.m.s.max => {}
+                    (InsertPlan::Placed, Err(e)) if replacing => {
+                        return Err(format!(
+                            "I2 violated: re-inserting a present address failed: {e}"
+                        ));
+                    }
+                    (InsertPlan::Rejected, Ok(_)) => {
+                        return Err(format!(
+                            "I1 violated: insert accepted beyond max_connections = {}",
+                            self.m.s.max
+                        ));
+                    }
+                    (plan, got) => {
+                        return Err(format!("insert: model says {plan:?}, pool gave {got:?}"));
+                    }
+                }
+            }
+            Op::Get { addr: a } => {
+                let a = a % ADDRS;
+                let want = self.m.get(a);
+                let got = self.pool.get(&addr(a));
+                self.compare_get(a, want, got.as_ref())?;
+            }
+            Op::Remove { addr: a } => {
+                let a = a % ADDRS;
+                let want = self.m.remove(a);
+                let got = self.pool.remove(&addr(a));
+                let got_idx = got.as_ref().and_then(|c| self.idx(c));
+                ensure(want == got_idx, || {
+                    format!(
+                        "I14 violated: remove({}) gave {got_idx:?}, model {want:?}",
+                        addr(a)
+                    )
+                })?;
+            }
+            Op::RemoveConnection { handle } => {
+                let Some(i) = self.handle(handle) else {
+                    return Ok(());
+                };
+                let want = self.m.remove_connection(i);
+                let got = self.pool.remove_connection(&self.conns[i]);
+                ensure(want == got, || {
+                    if got {
+                        format!(
+                            "I14 violated: remove_connection(#{}) removed a connection that is no longer pooled",
+                            self.conns[i].id()
+                        )
+                    } else {
+                        format!(
+                            "remove_connection(#{}) refused to remove the pooled connection",
+                            self.conns[i].id()
+                        )
+                    }
+                })?;
+            }
+            Op::Begin { handle } => {
+                let Some(i) = self.handle(handle) else {
+                    return Ok(());
+                };
+                self.m.begin(i);
+                let guard = self.conns[i].begin();
+                self.calls.push((guard, i, self.m.now));
+            }
+            Op::Finish { call, how } => {
+                if self.calls.is_empty() {
+                    return Ok(());
+                }
+                let (guard, i, started) = self.calls.remove(usize::from(call) % self.calls.len());
+                match how {
+                    Finish::Success => {
+                        self.m.success(i, self.m.now - started);
+                        guard.success();
+                    }
+                    Finish::Failure => {
+                        let want = self.m.failure(i);
+                        let got = guard.failure().is_unhealthy();
+                        ensure(want == got, || self.verdict_msg(i, want, got))?;
+                    }
+                    Finish::Cancel => {
+                        self.m.cancel(i);
+                        drop(guard);
+                    }
+                }
+                self.m.end_call(i);
+            }
+            Op::MarkClosed { handle } => {
+                let Some(i) = self.handle(handle) else {
+                    return Ok(());
+                };
+                self.m.conns[i].marked_closed = true;
+                self.conns[i].mark_closed();
+            }
+            Op::DropTransport { handle } => {
+                let Some(i) = self.handle(handle) else {
+                    return Ok(());
+                };
+                self.m.conns[i].transport_dead = true;
+                self.conns[i]
+                    .client()
+                    .transport_open
+                    .store(false, Ordering::SeqCst);
+            }
+            Op::RecordSuccess {
+                addr: a,
+                latency_ms,
+            } => {
+                let a = a % ADDRS;
+                let latency = Duration::from_millis(u64::from(latency_ms));
+                if let Some(&i) = self.m.live.get(&a) {
+                    self.m.success(i, latency);
+                }
+                self.pool.record_success(&addr(a), latency);
+            }
+            Op::RecordError { addr: a } => {
+                let a = a % ADDRS;
+                if let Some(&i) = self.m.live.get(&a) {
+                    self.m.failure(i);
+                }
+                self.pool.record_error(&addr(a));
+            }
+            Op::Advance(step) => {
+                let d = self.step(step);
+                self.m.now += d;
+                tokio::time::advance(d).await;
+            }
+            Op::EvictIdle => {
+                let want = self.m.evict_idle();
+                let got = self.pool.evict_idle().await;
+                for &i in &want {
+                    let c = &self.m.conns[i];
+                    ensure(!self.pooled(i), || {
+                        format!(
+                            "I6 violated: #{} idle for {:?} > max_idle {:?} survived the sweep",
+                            c.id,
+                            self.m.now - c.last_used,
+                            self.m.s.max_idle
+                        )
+                    })?;
+                }
+                self.check_live_kept("evict_idle", |c, now| {
+                    if c.in_flight > 0 {
+                        format!(
+                            "I5 violated: #{} evicted as idle with {} call(s) in flight",
+                            c.id, c.in_flight
+                        )
+                    } else if c.last_used == now {
+                        format!(
+                            "I7 violated: #{} evicted as idle though used at the sweep's instant",
+                            c.id
+                        )
+                    } else {
+                        format!(
+                            "I5 violated: #{} evicted as idle after {:?} unused (max_idle {:?})",
+                            c.id,
+                            now - c.last_used,
+                            c.s_max_idle
+                        )
+                    }
+                })?;
+                ensure(got == want.len(), || {
+                    format!(
+                        "I6 violated: evict_idle reported {got}, model evicted {}",
+                        want.len()
+                    )
+                })?;
+            }
+            Op::EvictUnhealthy => {
+                let want = self.m.evict_unhealthy();
+                let got = self.pool.evict_unhealthy().await;
+                for &(i, why) in &want {
+                    let c = &self.m.conns[i];
+                    ensure(!self.pooled(i), || match why {
+                        HealthEviction::Closed => format!(
+                            "I8 violated: #{} with a closed transport survived evict_unhealthy",
+                            c.id
+                        ),
+                        HealthEviction::Unhealthy => format!(
+                            "I9 violated: unhealthy #{} (run {}, window {:?}) survived evict_unhealthy",
+                            c.id,
+                            c.run,
+                            c.window_counts(&self.m.s, self.m.now)
+                        ),
+                    })?;
+                }
+                self.check_live_kept("evict_unhealthy", |c, _| {
+                    format!("I9 violated: healthy #{} evicted by evict_unhealthy", c.id)
+                })?;
+                ensure(got == want.len(), || {
+                    format!(
+                        "I9 violated: evict_unhealthy reported {got}, model evicted {}",
+                        want.len()
+                    )
+                })?;
+                for &(i, why) in &want {
+                    if why == HealthEviction::Unhealthy {
+                        self.adopt_backoff(self.m.conns[i].addr)?;
+                    }
+                }
+            }
+            Op::GetOrConnect { addr: a, script } => {
+                let a = a % ADDRS;
+                let plan = self.m.get_or_connect(a, script);
+                self.pool.connector().script(Some(script));
+                let got = self.pool.get_or_connect(&addr(a)).await;
+                self.settle().await?;
+                self.pool.connector().script(None);
+                self.compare_connect(a, plan, got)?;
+                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
+                ensure(want == made, || {
+                    format!("I4 violated: {made} connects made, model expects {want}")
+                })?;
+            }
+            Op::Clear => {
+                self.m.clear();
+                self.pool.clear();
+            }
+            Op::Close => {
+                self.m.close();
+                let task = self.pool.start_cleanup_task(Duration::from_secs(1));
+                self.pool.close().await;
+                for _ in 0..100 {
+                    if task.is_finished() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                ensure(task.is_finished(), || {
+                    "I17 violated: the cleanup task still runs after close()".into()
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&self, step: Step) -> Duration {
+        let s = &self.m.s;
+        match step {
+            Step::Millis(ms) => Duration::from_millis(u64::from(ms)),
+            Step::MaxIdle(edge) => s.max_idle.map_or(Duration::ZERO, |d| edge.apply(d)),
+            Step::ConnectTimeout => s.timeout,
+            Step::WindowBucket => s.window / 8,
+            Step::Backoff { addr: a, edge } => match self.m.backoff.get(&(a % ADDRS)) {
+                Some(b) if b.until > self.m.now => edge.apply(b.until - self.m.now),
+                _ => Duration::ZERO,
+            },
+        }
+    }
+
+    /// Whether connection `i` is the one the pool holds for its address.
+    fn pooled(&self, i: usize) -> bool {
+        self.pool
+            .peek(&addr(self.m.conns[i].addr))
+            .is_some_and(|c| c.id().get() == self.m.conns[i].id)
+    }
+
+    /// After a sweep: every connection the model keeps is still pooled; else `why` says which
+    /// invariant the sweep broke.
+    fn check_live_kept(
+        &self,
+        _sweep: &str,
+        why: impl Fn(&Kept, Duration) -> String,
+    ) -> Result<(), String> {
+        for &i in self.m.live.values() {
+            if !self.pooled(i) {
+                let c = &self.m.conns[i];
+                return Err(why(
+                    &Kept {
+                        id: c.id,
+                        in_flight: c.in_flight,
+                        last_used: c.last_used,
+                        s_max_idle: self.m.s.max_idle,
+                    },
+                    self.m.now,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn verdict_msg(&self, i: usize, want: bool, got: bool) -> String {
+        let c = &self.m.conns[i];
+        let window = c.window_counts(&self.m.s, self.m.now);
+        let total = window.0 + window.1;
+        if got && !want && total < u64::from(self.m.s.min_requests) {
+            format!(
+                "I11 violated: #{} judged unhealthy with {total} call(s) in the window, below the minimum volume {} (run {})",
+                c.id, self.m.s.min_requests, c.run
+            )
+        } else {
+            format!(
+                "I9 violated: #{} verdict unhealthy={got}, model {want} (run {}, window {window:?}, settings {:?})",
+                c.id, c.run, self.m.s
+            )
+        }
+    }
+
+    fn compare_get(
+        &self,
+        a: u8,
+        want: Option<usize>,
+        got: Option<&PooledConnection<FakeConn>>,
+    ) -> Result<(), String> {
+        let got_idx = got.and_then(|c| self.idx(c));
+        if want == got_idx && got.is_some() == got_idx.is_some() {
+            return Ok(());
+        }
+        let Some(conn) = got else {
+            return Err(format!(
+                "get({}) gave nothing; model: the usable #{}",
+                addr(a),
+                self.m.conns[want.unwrap_or_default()].id
+            ));
+        };
+        let Some(i) = got_idx else {
+            return Err(format!("get gave #{} the run never saw", conn.id()));
+        };
+        let c = &self.m.conns[i];
+        Err(if c.marked_closed || c.transport_dead {
+            format!(
+                "I8 violated: get({}) returned #{} whose transport is known closed",
+                addr(a),
+                c.id
+            )
+        } else if c.unhealthy {
+            format!("I9 violated: get({}) returned unhealthy #{}", addr(a), c.id)
+        } else {
+            format!("get({}) returned #{}; model {want:?}", addr(a), c.id)
+        })
+    }
+
+    fn compare_connect(
+        &mut self,
+        a: u8,
+        plan: ConnectPlan,
+        got: Result<PooledConnection<FakeConn>, PoolError>,
+    ) -> Result<(), String> {
+        let s = self.m.s;
+        match (plan, got) {
+            (ConnectPlan::Closed, Err(PoolError::Closed)) => Ok(()),
+            (ConnectPlan::Existing(i), Ok(conn)) if self.idx(&conn) == Some(i) => Ok(()),
+            (ConnectPlan::Existing(i), Ok(conn)) => {
+                let c = self.idx(&conn).map(|j| &self.m.conns[j]);
+                if c.is_some_and(|c| c.marked_closed || c.transport_dead) {
+                    Err(format!(
+                        "I8 violated: get_or_connect returned #{} whose transport is closed",
+                        conn.id()
+                    ))
+                } else if c.is_some_and(|c| c.unhealthy) {
+                    Err(format!(
+                        "I9 violated: get_or_connect returned unhealthy #{}",
+                        conn.id()
+                    ))
+                } else {
+                    Err(format!(
+                        "get_or_connect gave #{}, model #{}",
+                        conn.id(),
+                        self.m.conns[i].id
+                    ))
+                }
+            }
+            (
+                ConnectPlan::Backoff {
+                    retry_after,
+                    failures,
+                },
+                Err(PoolError::Backoff {
+                    retry_after: r,
+                    failures: f,
+                    ..
+                }),
+            ) => ensure(r == retry_after && f == failures, || {
+                format!(
+                    "I12 violated: backoff says retry in {r:?} after {f} failure(s); model {retry_after:?} after {failures}"
+                )
+            }),
+            (
+                ConnectPlan::FreshBackoff { failures, lo, hi },
+                Err(PoolError::Backoff {
+                    retry_after: r,
+                    failures: f,
+                    ..
+                }),
+            ) => {
+                ensure(lo <= r && r <= hi && f == failures, || {
+                    format!(
+                        "I12 violated: evicting an unhealthy connection backed off {r:?} after {f} failure(s); model [{lo:?}, {hi:?}] after {failures}"
+                    )
+                })?;
+                self.m.set_backoff_until(a, self.m.now + r);
+                Ok(())
+            }
+            (ConnectPlan::AtCapacity, Err(PoolError::AtCapacity { max })) if max == s.max => Ok(()),
+            (ConnectPlan::Connected, Ok(conn)) => {
+                ensure(self.idx(&conn).is_none(), || {
+                    format!(
+                        "get_or_connect returned the old #{} instead of a new connection",
+                        conn.id()
+                    )
+                })?;
+                self.adopt(a, conn)
+            }
+            (ConnectPlan::Failed, Err(PoolError::Connect { .. })) => self.adopt_backoff(a),
+            (ConnectPlan::TimedOut, Err(PoolError::ConnectTimeout { timeout, .. }))
+                if timeout == s.timeout =>
+            {
+                self.adopt_backoff(a)
+            }
+            (ConnectPlan::Backoff { .. } | ConnectPlan::FreshBackoff { .. }, got) => Err(format!(
+                "I12 violated: get_or_connect during backoff gave {got:?}"
+            )),
+            (plan, Err(e @ PoolError::Backoff { .. })) => Err(format!(
+                "I12 violated: get_or_connect refused by backoff ({e}); model {plan:?}"
+            )),
+            (ConnectPlan::AtCapacity, Ok(_)) => Err(format!(
+                "I1/I3 violated: get_or_connect connected beyond max_connections = {}",
+                s.max
+            )),
+            (plan, got) => Err(format!("get_or_connect: model {plan:?}, pool {got:?}")),
+        }
+    }
+
+    /// The invariants that hold after every op.
+    fn check(&self) -> Result<(), String> {
+        let m = &self.m;
+        let s = &m.s;
+        let now = self.now();
+        ensure(now == m.now, || {
+            format!(
+                "I16 violated: the clock is at {now:?}, the model at {:?} (a wait overran its deadline)",
+                m.now
+            )
+        })?;
+        let (len, used) = (self.pool.len(), self.pool.used_slots());
+        if s.max > 0 {
+            ensure(len <= s.max && used <= s.max, || {
+                format!("I1 violated: {len} live, {used} slots used, max {}", s.max)
+            })?;
+        }
+        ensure(len == m.live.len(), || {
+            format!(
+                "I1/I2 violated: {len} live connections, model {}",
+                m.live.len()
+            )
+        })?;
+        let stats = self.pool.stats();
+        ensure(used == len && stats.reserved == 0, || {
+            format!(
+                "I3 violated: {used} slots used ({} reserved) for {len} live connections and no connect in flight",
+                stats.reserved
+            )
+        })?;
+        for a in 0..ADDRS {
+            let got = self.pool.peek(&addr(a)).map(|c| c.id().get());
+            let want = m.live.get(&a).map(|&i| m.conns[i].id);
+            ensure(got == want, || {
+                format!("I14 violated: {} holds {got:?}, model {want:?}", addr(a))
+            })?;
+            let b = m.backoff.get(&a);
+            let failures = self.pool.backoff_failures(&addr(a));
+            ensure(failures == b.map_or(0, |b| b.failures), || {
+                format!(
+                    "I12 violated: {} counts {failures} failure(s), model {b:?}",
+                    addr(a)
+                )
+            })?;
+            let until = self
+                .pool
+                .backoff_until(&addr(a))
+                .map(|t| self.since_start(t));
+            let want_until = b.filter(|b| b.until > m.now).map(|b| b.until);
+            ensure(until == want_until, || {
+                format!(
+                    "I12 violated: {} backs off until {until:?}, model {want_until:?}",
+                    addr(a)
+                )
+            })?;
+        }
+        for (i, conn) in self.conns.iter().enumerate() {
+            let c = &m.conns[i];
+            let mx = conn.metrics();
+            let live = m.live.get(&c.addr) == Some(&i);
+            let whose = if live { "live" } else { "removed/replaced" };
+            let counts = (
+                mx.success_count(),
+                mx.total_errors(),
+                mx.cancelled_count(),
+                mx.in_flight(),
+            );
+            let want = (c.successes, c.errors, c.cancelled, c.in_flight);
+            ensure(counts == want, || {
+                format!(
+                    "I13 violated: {whose} #{} has (ok, err, cancelled, in flight) = {counts:?}, model {want:?}",
+                    c.id
+                )
+            })?;
+            ensure(
+                mx.max_latency() == Duration::from_micros(c.max_latency_us),
+                || {
+                    format!(
+                        "I13 violated: #{} max latency {:?}, model {} us",
+                        c.id,
+                        mx.max_latency(),
+                        c.max_latency_us
+                    )
+                },
+            )?;
+            ensure(mx.consecutive_errors() == c.run, || {
+                format!(
+                    "I10 violated: #{} counts {} consecutive failures, trailing run is {}",
+                    c.id,
+                    mx.consecutive_errors(),
+                    c.run
+                )
+            })?;
+            let healthy = conn.is_healthy();
+            ensure(healthy == c.healthy(), || {
+                self.verdict_msg(i, !c.healthy(), !healthy)
+            })?;
+            let last_used = self.since_start(mx.last_used());
+            ensure(last_used == c.last_used, || {
+                format!(
+                    "I5 violated: #{} last used at {last_used:?}, model {:?} (the idle clock is wrong)",
+                    c.id, c.last_used
+                )
+            })?;
+            let closes = conn.client().closes.load(Ordering::SeqCst);
+            ensure(closes == u32::from(c.closed_by_pool), || {
+                format!(
+                    "I9/I17 violated: {whose} #{} closed {closes} time(s) by the pool, model {}",
+                    c.id,
+                    u32::from(c.closed_by_pool)
+                )
+            })?;
+        }
+        let live = || m.live.values().map(|&i| &m.conns[i]);
+        let idle = live().filter(|c| c.idle(s, m.now)).count();
+        let healthy = live().filter(|c| c.healthy()).count();
+        let in_flight: u64 = live().map(|c| c.in_flight).sum();
+        ensure(
+            (stats.total, stats.idle, stats.healthy, stats.in_flight)
+                == (len, idle, healthy, in_flight),
+            || {
+                format!(
+                    "stats (total, idle, healthy, in flight) = {:?}, model {:?}",
+                    (stats.total, stats.idle, stats.healthy, stats.in_flight),
+                    (len, idle, healthy, in_flight)
+                )
+            },
+        )?;
+        let c = &m.counters;
+        let e = &stats.evictions;
+        let got = [
+            e.idle,
+            e.unhealthy,
+            e.closed,
+            e.replaced,
+            e.manual,
+            stats.rejected_capacity,
+        ];
+        let want = [
+            c.idle,
+            c.unhealthy,
+            c.closed,
+            c.replaced,
+            c.manual,
+            c.rejected,
+        ];
+        ensure(got == want, || {
+            format!(
+                "stats: evictions (idle, unhealthy, closed, replaced, manual, rejected) = {got:?}, model {want:?}"
+            )
+        })?;
+        let k = &stats.connects;
+        let got = [
+            k.attempted,
+            k.succeeded,
+            k.failed,
+            k.timed_out,
+            k.shared,
+            k.backoff_rejections,
+        ];
+        let want = [
+            c.attempted,
+            c.succeeded,
+            c.failed,
+            c.timed_out,
+            0,
+            c.backoff_rejections,
+        ];
+        ensure(got == want, || {
+            format!(
+                "stats: connects (attempted, ok, failed, timed out, shared, backoff) = {got:?}, model {want:?}"
+            )
+        })?;
+        Ok(())
+    }
+
+    /// End of the run: dropping the last handle of the pool ends its cleanup task and closes every
+    /// connection it held (I17).
+    async fn finish(mut self) -> Result<(), String> {
+        self.settle().await?;
+        self.calls.clear();
+        let task = self.pool.start_cleanup_task(Duration::from_secs(1));
+        let held: Vec<usize> = self.m.live.values().copied().collect();
+        drop(self.pool);
+        for _ in 0..100 {
+            if task.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        ensure(task.is_finished(), || {
+            "I17 violated: the cleanup task outlived the pool".into()
+        })?;
+        for i in held {
+            let closes = self.conns[i].client().closes.load(Ordering::SeqCst);
+            ensure(closes == 1, || {
+                format!(
+                    "I17 violated: dropping the pool closed #{} {closes} time(s)",
+                    self.conns[i].id()
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// What a sweep check reports about a connection it should have kept.
+struct Kept {
+    id: u64,
+    in_flight: u64,
+    last_used: Duration,
+    s_max_idle: Option<Duration>,
+}

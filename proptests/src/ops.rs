@@ -1,0 +1,303 @@
+//! The inputs shared by both tiers: a [`Scenario`] is a pool configuration ([`Knobs`]) and a
+//! sequence of [`Op`]s. Every type derives [`arbitrary::Arbitrary`] (cargo-fuzz decodes its bytes
+//! with it) and has a proptest strategy here (proptest shrinks failures to minimal sequences).
+//!
+//! Every op is valid in every state: handles and calls are chosen by index modulo what exists, and
+//! an op with nothing to act on does nothing. So any byte string is a scenario, and shrinking can
+//! drop any op.
+
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use keyed_pool::CheetahString;
+use proptest::prelude::*;
+
+/// Addresses the ops choose from: few, so that ops collide on them.
+pub const ADDRS: u8 = 6;
+
+/// The address with index `i` (taken modulo [`ADDRS`]). String order equals index order, so the
+/// pool's sorted sweeps and the model agree on the order of addresses.
+pub fn addr(i: u8) -> CheetahString {
+    format!("10.0.0.{}:7000", i % ADDRS).into()
+}
+
+/// Which side of an edge an [`Step`] lands on: 1 ms before, exactly at, or 1 ms after.
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edge {
+    /// 1 ms before the edge.
+    Before,
+    /// Exactly at the edge.
+    At,
+    /// 1 ms after the edge.
+    After,
+}
+
+impl Edge {
+    /// `edge` moved to this side, never below zero.
+    pub fn apply(self, edge: Duration) -> Duration {
+        const MS: Duration = Duration::from_millis(1);
+        match self {
+            Edge::Before => edge.saturating_sub(MS),
+            Edge::At => edge,
+            Edge::After => edge + MS,
+        }
+    }
+}
+
+/// How far virtual time moves in one [`Op::Advance`].
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// That many milliseconds.
+    Millis(u16),
+    /// `max_idle` (about the edge), or nothing when idle eviction is off.
+    MaxIdle(Edge),
+    /// One connect timeout.
+    ConnectTimeout,
+    /// One bucket of the health window (`window / 8`).
+    WindowBucket,
+    /// To the end of the backoff of an address (about the edge); nothing if it is not backing off.
+    Backoff {
+        /// Address index.
+        addr: u8,
+        /// Which side of the deadline.
+        edge: Edge,
+    },
+}
+
+/// How a call begun with [`Op::Begin`] ends.
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// `CallGuard::success`.
+    Success,
+    /// `CallGuard::failure`.
+    Failure,
+    /// The guard is dropped unfinished.
+    Cancel,
+}
+
+/// What the scripted connector does with the connect of one [`Op::GetOrConnect`].
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectScript {
+    /// Connects at once.
+    Ok,
+    /// Fails at once.
+    Fail,
+    /// Never finishes: the connect timeout ends it.
+    Hang,
+    /// Connects 1 ms before the connect timeout.
+    Slow,
+}
+
+/// One operation on the pool. Handles index every connection the run has seen (inserted or
+/// connected), calls index the calls in flight; both modulo their count.
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `try_insert(addr, new connection)`.
+    Insert {
+        /// Address index.
+        addr: u8,
+    },
+    /// `get(addr)`.
+    Get {
+        /// Address index.
+        addr: u8,
+    },
+    /// `remove(addr)`.
+    Remove {
+        /// Address index.
+        addr: u8,
+    },
+    /// `remove_connection(handle)`: possibly a stale one (I14).
+    RemoveConnection {
+        /// Handle index.
+        handle: u8,
+    },
+    /// `handle.begin()`: a call in flight, kept until an [`Op::Finish`].
+    Begin {
+        /// Handle index.
+        handle: u8,
+    },
+    /// Ends a call in flight.
+    Finish {
+        /// Call index.
+        call: u8,
+        /// How.
+        how: Finish,
+    },
+    /// `handle.mark_closed()`.
+    MarkClosed {
+        /// Handle index.
+        handle: u8,
+    },
+    /// The transport of a connection dies: the connector's `is_open` turns false (I8).
+    DropTransport {
+        /// Handle index.
+        handle: u8,
+    },
+    /// `record_success(addr, latency)`: the original's address-keyed interface.
+    RecordSuccess {
+        /// Address index.
+        addr: u8,
+        /// Latency in milliseconds.
+        latency_ms: u8,
+    },
+    /// `record_error(addr)`.
+    RecordError {
+        /// Address index.
+        addr: u8,
+    },
+    /// `tokio::time::advance`.
+    Advance(Step),
+    /// `evict_idle().await`.
+    EvictIdle,
+    /// `evict_unhealthy().await`.
+    EvictUnhealthy,
+    /// `get_or_connect(addr).await`, with the connect (if one is made) scripted.
+    GetOrConnect {
+        /// Address index.
+        addr: u8,
+        /// What the connector does.
+        script: ConnectScript,
+    },
+    /// `clear()`.
+    Clear,
+    /// `close().await`, with a cleanup task running (I17).
+    Close,
+}
+
+/// The pool's configuration as small choices, each an index into a list of values that matter
+/// (the first is the default-like one, where shrinking goes). See [`Settings`](crate::Settings).
+#[derive(Arbitrary, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Knobs {
+    /// `max_connections`: 0 (unlimited) to 4.
+    pub max: u8,
+    /// `max_idle`: 1 s, 50 ms, 60 s, off.
+    pub idle: u8,
+    /// Consecutive-failure threshold: 5, 1, 2, 3, off.
+    pub threshold: u8,
+    /// Failure ratio: 0.5, 0.25, 1.0.
+    pub ratio: u8,
+    /// Minimum request volume: 20, 1, 3.
+    pub min_requests: u8,
+    /// Health window: 10 s, 80 ms, 1 ms.
+    pub window: u8,
+    /// `WhenFull::EvictLeastRecentlyUsed` instead of `Reject`.
+    pub lru: bool,
+    /// Backoff jitter: 0, 0.2.
+    pub jitter: u8,
+    /// Backoff base: 1 s, 1 ms, 100 ms.
+    pub base: u8,
+    /// Backoff cap as a multiple of the base: 120, 1, 4.
+    pub cap: u8,
+    /// Connect timeout: 3 s, 1 ms, 50 ms.
+    pub timeout: u8,
+}
+
+/// A whole input: the configuration, then the ops. The ops come last so that
+/// `arbitrary_take_rest` gives them every remaining byte.
+#[derive(Arbitrary, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scenario {
+    /// The configuration.
+    pub knobs: Knobs,
+    /// The operations, in order.
+    pub ops: Vec<Op>,
+}
+
+/// Strategy for [`Knobs`]: every choice of every field.
+pub fn knobs() -> impl Strategy<Value = Knobs> {
+    (
+        (0u8..5, 0u8..4, 0u8..5, 0u8..3, 0u8..3, 0u8..3),
+        (any::<bool>(), 0u8..2, 0u8..3, 0u8..3, 0u8..3),
+    )
+        .prop_map(
+            |(
+                (max, idle, threshold, ratio, min_requests, window),
+                (lru, jitter, base, cap, timeout),
+            )| Knobs {
+                max,
+                idle,
+                threshold,
+                ratio,
+                min_requests,
+                window,
+                lru,
+                jitter,
+                base,
+                cap,
+                timeout,
+            },
+        )
+}
+
+fn edge() -> impl Strategy<Value = Edge> {
+    prop_oneof![Just(Edge::At), Just(Edge::Before), Just(Edge::After)]
+}
+
+/// Strategy for [`Step`]: mostly short steps, and steps onto the edges that matter.
+pub fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u16..2_000).prop_map(Step::Millis),
+        1 => (0u16..=u16::MAX).prop_map(Step::Millis),
+        3 => edge().prop_map(Step::MaxIdle),
+        1 => Just(Step::ConnectTimeout),
+        2 => Just(Step::WindowBucket),
+        2 => (0..ADDRS, edge()).prop_map(|(addr, edge)| Step::Backoff { addr, edge }),
+    ]
+}
+
+fn finish() -> impl Strategy<Value = Finish> {
+    prop_oneof![
+        Just(Finish::Success),
+        Just(Finish::Failure),
+        Just(Finish::Cancel)
+    ]
+}
+
+fn script() -> impl Strategy<Value = ConnectScript> {
+    prop_oneof![
+        3 => Just(ConnectScript::Ok),
+        2 => Just(ConnectScript::Fail),
+        1 => Just(ConnectScript::Hang),
+        1 => Just(ConnectScript::Slow),
+    ]
+}
+
+/// Strategy for one [`Op`], weighted towards the ops that build up state. Alternatives listed
+/// first are where shrinking goes.
+pub fn op() -> impl Strategy<Value = Op> {
+    let a = || 0..ADDRS;
+    let h = any::<u8>;
+    prop_oneof![
+        5 => a().prop_map(|addr| Op::Insert { addr }),
+        4 => a().prop_map(|addr| Op::Get { addr }),
+        5 => step().prop_map(Op::Advance),
+        3 => Just(Op::EvictIdle),
+        3 => Just(Op::EvictUnhealthy),
+        4 => (h(), finish()).prop_map(|(call, how)| Op::Finish { call, how }),
+        4 => h().prop_map(|handle| Op::Begin { handle }),
+        4 => (a(), script()).prop_map(|(addr, script)| Op::GetOrConnect { addr, script }),
+        3 => a().prop_map(|addr| Op::RecordError { addr }),
+        1 => (a(), any::<u8>()).prop_map(|(addr, latency_ms)| Op::RecordSuccess { addr, latency_ms }),
+        1 => a().prop_map(|addr| Op::Remove { addr }),
+        1 => h().prop_map(|handle| Op::RemoveConnection { handle }),
+        1 => h().prop_map(|handle| Op::MarkClosed { handle }),
+        1 => h().prop_map(|handle| Op::DropTransport { handle }),
+        1 => Just(Op::Clear),
+    ]
+}
+
+/// Strategy for a [`Scenario`] of up to `max_ops` ops. `close` is appended at the end of some
+/// sequences rather than drawn in the middle, where it would make the rest of a sequence moot.
+pub fn scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
+    (
+        knobs(),
+        proptest::collection::vec(op(), 0..=max_ops),
+        proptest::bool::weighted(0.2),
+    )
+        .prop_map(|(knobs, mut ops, close)| {
+            if close {
+                ops.push(Op::Close);
+            }
+            Scenario { knobs, ops }
+        })
+}
