@@ -2,6 +2,9 @@
 //!
 //! - `get_hit/{floor,pool}/a{addrs}_t{threads}`: a hit on a warm pool against a raw
 //!   `DashMap<CheetahString, Arc<_>>` lookup + clone (same shard count, same hasher).
+//! - `get_hit/peek/...`: `peek` (no health check, no idle-clock touch), to split `get`'s cost;
+//!   `get_hit/sketch/...`: the entry layout proposed in BENCHMARKS.md, to measure what it buys.
+//! - `clock/tokio_instant_now`: one read of the runtime's clock.
 //! - `call/pool/a{addrs}_t{threads}`: `get` + `begin()` + `success()`, against the bare `get` above.
 //! - `one_target/{keyed_pool_call,deadpool,bb8}/t{threads}`: one address; our shared handle against
 //!   the exclusive checkout + return of deadpool (unmanaged) and bb8.
@@ -15,6 +18,7 @@ use std::collections::BTreeMap;
 use std::hash::RandomState;
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -44,6 +48,51 @@ fn floor_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<u64>> {
     map
 }
 
+/// A sketch of the entry layout proposed in BENCHMARKS.md, to measure what it would buy: the
+/// health flags, a "used since the last sweep" bit and the metrics live in the same allocation as
+/// the reference count (one cache line for `get`), and `get` reads no clock and writes nothing
+/// when the bit is already set. The padding stands for the rest of the metrics, so the entry is
+/// as large as today's entry and metrics together; `repr(C)` keeps the hot fields first, in the
+/// reference count's cache line.
+#[repr(C)]
+struct SketchEntry {
+    flags: AtomicU8,
+    used: AtomicBool,
+    conn: u64,
+    _rest_of_metrics: [AtomicU64; 24],
+}
+
+fn sketch_get(
+    map: &DashMap<CheetahString, Arc<SketchEntry>>,
+    key: &CheetahString,
+) -> Option<Arc<SketchEntry>> {
+    let entry = map.get(key)?;
+    let e = entry.value();
+    if e.flags.load(Ordering::Acquire) != 0 {
+        return None;
+    }
+    if !e.used.load(Ordering::Relaxed) {
+        e.used.store(true, Ordering::Relaxed);
+    }
+    Some(Arc::clone(e))
+}
+
+fn sketch_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<SketchEntry>> {
+    let map = DashMap::with_hasher_and_shard_amount(RandomState::new(), SHARDS);
+    for (i, k) in keys.iter().enumerate() {
+        map.insert(
+            k.clone(),
+            Arc::new(SketchEntry {
+                flags: AtomicU8::new(0),
+                used: AtomicBool::new(false),
+                conn: i as u64,
+                _rest_of_metrics: Default::default(),
+            }),
+        );
+    }
+    map
+}
+
 fn get_hit_and_call(c: &mut Criterion) {
     let mut group = c.benchmark_group("get_hit");
     let mut call_group_inputs = Vec::new();
@@ -51,6 +100,7 @@ fn get_hit_and_call(c: &mut Criterion) {
         let keys = addrs(n);
         let floor = floor_map(&keys);
         let pool = warm_pool(&keys);
+        let sketch = sketch_map(&keys);
         for t in THREADS {
             let id = format!("a{n}_t{t}");
             group.bench_function(BenchmarkId::new("floor", &id), |b| {
@@ -74,6 +124,29 @@ fn get_hit_and_call(c: &mut Criterion) {
                     })
                 })
             });
+            group.bench_function(BenchmarkId::new("sketch", &id), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            let hit = sketch_get(&sketch, &keys[walk.next_index()]);
+                            black_box(hit.map(|e| e.conn));
+                        }
+                    })
+                })
+            });
+            // `peek` is `get` without the health check and the idle-clock touch: the difference
+            // between the two is what those cost.
+            group.bench_function(BenchmarkId::new("peek", &id), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            black_box(pool.peek(&keys[walk.next_index()]));
+                        }
+                    })
+                })
+            });
         }
         if n <= 1_000 {
             call_group_inputs.push((n, keys, pool));
@@ -81,6 +154,8 @@ fn get_hit_and_call(c: &mut Criterion) {
     }
     group.finish();
 
+    // The runtime's clock, read once per `get` (and twice more per call).
+    group_clock(c);
     let mut group = c.benchmark_group("call");
     for (n, keys, pool) in &call_group_inputs {
         let n = *n;
@@ -100,6 +175,12 @@ fn get_hit_and_call(c: &mut Criterion) {
             });
         }
     }
+    group.finish();
+}
+
+fn group_clock(c: &mut Criterion) {
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
     group.finish();
 }
 
@@ -228,17 +309,26 @@ fn print_ratios() {
                 estimate("get_hit", "floor", &id),
                 estimate("get_hit", "pool", &id),
             ) {
+                let vs_floor = |name: &str| {
+                    estimate("get_hit", name, &id)
+                        .map_or("-".to_string(), |k| format!("{k:6.1} ns ({:.2}x)", k / f))
+                };
                 rows.insert(
                     (0, order, t),
                     format!(
-                        "  addrs={n:>6} threads={t}: floor {f:7.1} ns  get {p:7.1} ns  ratio {:.2}x",
-                        p / f
+                        "  addrs={n:>6} threads={t}: floor {f:6.1} ns  get {p:6.1} ns  ratio {:.2}x   (peek {}, sketch {})",
+                        p / f,
+                        vs_floor("peek"),
+                        vs_floor("sketch")
                     ),
                 );
             }
         }
     }
     println!("{}", rows.values().cloned().collect::<Vec<_>>().join("\n"));
+    if let Some(clock) = estimate("clock", "tokio_instant_now", "") {
+        println!("  (one read of the runtime clock: {clock:.1} ns)");
+    }
     println!("full call (get+begin+success) vs bare get (goal <= 2x):");
     for n in [1, 1_000] {
         for t in THREADS {
