@@ -634,3 +634,31 @@ async fn wait_until(done: impl Fn() -> bool) {
     }
     assert!(done(), "condition not reached within 1 s");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_response_is_dropped_not_given_to_another_request() {
+    let server = MiniServer::start("127.0.0.1:0").await.unwrap();
+    let client =
+        RemotingClient::connect(&server.addr().to_string(), config(Duration::from_secs(1)))
+            .await
+            .unwrap();
+    client.request(kv_put("k", "v")).await.unwrap();
+    server.set_delay(Duration::from_secs(3));
+    let err = client.request(kv_get("k")).await.unwrap_err();
+    assert!(matches!(err, RemotingError::Timeout { .. }), "{err}");
+    // The late answer arrives while the next request waits; the next request gets its own.
+    server.set_delay(Duration::from_secs(4));
+    let started = Instant::now();
+    let own = client
+        .request_timeout(kv_get("absent"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        own.code,
+        code::QUERY_NOT_FOUND,
+        "not the late answer to the first get"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    assert_eq!(server.stats().responses, 3);
+    assert!(client.is_open());
+}

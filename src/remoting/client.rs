@@ -28,7 +28,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Largest frame accepted from the peer or sent to it. Default: [`DEFAULT_MAX_FRAME`].
     pub max_frame: usize,
-    /// Frames queued for the writer before senders wait. Default: 1024.
+    /// Frames queued for the writer before senders wait (at least 1). Default: 1024.
     pub send_queue: usize,
     /// Request code sent by [`RemotingClient::probe`]. Default:
     /// [`GET_NAMESRV_CONFIG`](code::GET_NAMESRV_CONFIG), which a name server answers cheaply.
@@ -58,6 +58,13 @@ impl ClientConfig {
     #[must_use]
     pub fn max_frame(mut self, max: usize) -> Self {
         self.max_frame = max;
+        self
+    }
+
+    /// Sets [`send_queue`](Self::send_queue).
+    #[must_use]
+    pub fn send_queue(mut self, frames: usize) -> Self {
+        self.send_queue = frames;
         self
     }
 
