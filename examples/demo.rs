@@ -392,6 +392,10 @@ fn print_table(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniSe
         "keyed-pool demo  t={t:5.1}s  max_idle={:?}  request timeout={REQUEST_TIMEOUT:?}\n",
         pool.config().max_idle.unwrap_or_default()
     ));
+    out.push_str(
+        "CONN = pooled connection id, INFL = calls in flight, EVICT = evictions so far \
+         (idle/unhealthy/closed), BACKOFF = time until the next connect may be tried\n",
+    );
     out.push_str(&format!(
         "{:<8} {:<16} {:<12} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>13} {:>8}\n",
         "ROLE",
