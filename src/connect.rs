@@ -151,7 +151,11 @@ where
                 }
                 let (tx, rx) = watch::channel(None);
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                let deadline = Instant::now() + self.inner.config.connect_timeout;
+                // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
+                let now = Instant::now();
+                let deadline = now
+                    .checked_add(self.inner.config.connect_timeout)
+                    .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
                 vacant.insert(Flight {
                     id,
                     deadline,
