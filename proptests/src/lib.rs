@@ -18,3 +18,4 @@ pub use model::{Model, Settings};
 pub use ops::{ConnectScript, Edge, Finish, Knobs, Op, Scenario, Step, addr};
 pub mod addr_check;
 pub mod config_check;
+pub mod frames_check;

@@ -7,7 +7,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use crate::ops::Scenario;
 
 /// The names of the fuzz targets, as directories of `fuzz/corpus/`.
-pub const TARGETS: &[&str] = &["ops", "config", "addresses"];
+pub const TARGETS: &[&str] = &["ops", "config", "addresses", "frames"];
 
 /// Runs the fuzz target `name` on `data`.
 ///
@@ -18,6 +18,7 @@ pub fn by_name(name: &str, data: &[u8]) {
         "ops" => ops(data),
         "config" => config(data),
         "addresses" => addresses(data),
+        "frames" => frames(data),
         _ => panic!("no fuzz target named {name:?}"),
     }
 }
@@ -36,8 +37,7 @@ pub fn ops(data: &[u8]) {
     }
 }
 
-/// `config`: arbitrary configuration values (see [`crate::targets::config`] docs in the fuzz
-/// README): validation must return a typed error exactly when a rule is broken, never panic, and a
+/// `config`: arbitrary configuration values (see [`crate::config_check`]): validation must return a typed error exactly when a rule is broken, never panic, and a
 /// pool built from a valid config must survive a short workout.
 pub fn config(data: &[u8]) {
     let Ok(input) = crate::config_check::RawConfig::arbitrary_take_rest(Unstructured::new(data))
@@ -51,4 +51,10 @@ pub fn config(data: &[u8]) {
 /// spec, and `get_or_connect` refuses a malformed one with `InvalidAddress` without connecting.
 pub fn addresses(data: &[u8]) {
     crate::addr_check::check(&String::from_utf8_lossy(data));
+}
+
+/// `frames`: arbitrary bytes from the network into the remoting codec's `FrameDecoder` (raw bytes,
+/// no decoding of the input).
+pub fn frames(data: &[u8]) {
+    crate::frames_check::check(data);
 }

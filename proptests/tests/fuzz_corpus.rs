@@ -1,0 +1,88 @@
+//! Replays every committed fuzz input on stable, inside `cargo test`: the seed corpora
+//! (`fuzz/corpus/<target>/`) and the crashes fuzzing once found (`fuzz/regressions/<target>/`).
+//! Each input goes through `keyed_pool_proptests::targets`, the very function the fuzz target calls
+//! on the same raw bytes, so a crash found once stays a regression test.
+
+use std::path::{Path, PathBuf};
+
+use keyed_pool_proptests::targets::{self, TARGETS};
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.expect("readable corpus entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+fn replay(target: &str, files: &[PathBuf]) {
+    for file in files {
+        let data = std::fs::read(file).expect("readable corpus file");
+        let outcome = std::panic::catch_unwind(|| targets::by_name(target, &data));
+        assert!(
+            outcome.is_ok(),
+            "fuzz input {} of target {target} fails; reproduce with `cargo +nightly fuzz run {target} {}`",
+            file.display(),
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn every_target_has_a_seed_corpus_and_it_passes() {
+    for &target in TARGETS {
+        let dir = fuzz_dir().join("corpus").join(target);
+        let files = inputs(&dir);
+        assert!(
+            !files.is_empty(),
+            "no seed corpus for fuzz target {target} in {}",
+            dir.display()
+        );
+        replay(target, &files);
+    }
+}
+
+#[test]
+fn crashes_found_by_fuzzing_stay_fixed() {
+    let root = fuzz_dir().join("regressions");
+    for &target in TARGETS {
+        replay(target, &inputs(&root.join(target)));
+    }
+    for entry in std::fs::read_dir(&root).into_iter().flatten() {
+        let name = entry.expect("readable entry").file_name();
+        let name = name.to_string_lossy();
+        assert!(
+            TARGETS.contains(&name.as_ref()),
+            "fuzz/regressions/{name} names no fuzz target"
+        );
+    }
+}
+
+/// The seeds are what libFuzzer kept: each must still decode into something (a corpus of inputs
+/// that no longer parse would silently test nothing).
+#[test]
+fn ops_seeds_still_decode_to_scenarios() {
+    use arbitrary::{Arbitrary, Unstructured};
+    let files = inputs(&fuzz_dir().join("corpus").join("ops"));
+    let decoded = files
+        .iter()
+        .filter(|f| {
+            let data = std::fs::read(f).expect("readable");
+            keyed_pool_proptests::Scenario::arbitrary_take_rest(Unstructured::new(&data))
+                .is_ok_and(|s| !s.ops.is_empty())
+        })
+        .count();
+    assert!(
+        decoded * 2 >= files.len(),
+        "only {decoded} of {} ops seeds decode to a non-empty scenario",
+        files.len()
+    );
+}
