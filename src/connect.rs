@@ -206,7 +206,7 @@ where
     }
 
     /// The connect task: owns the reserved slot until the connection is pooled or the slot is given
-    /// back, publishes the result, then retires the flight.
+    /// back, retires the flight, then publishes the result.
     async fn run_connect(
         self,
         addr: CheetahString,
@@ -245,8 +245,11 @@ where
                 Err(err)
             }
         };
-        tx.send_replace(Some(result));
+        // Retire the flight before publishing: a waiter woken by the result that calls again at
+        // once must start afresh (and meet the backoff just recorded), not join this finished
+        // flight and receive its stale result. Waiters already hold their receivers.
         self.inner.flights.remove_if(&addr, |_, f| f.id == flight);
+        tx.send_replace(Some(result));
     }
 
     /// Pools a freshly connected `conn` in the slot its connect reserved.

@@ -426,3 +426,37 @@ async fn a_healthy_pooled_connection_is_returned_without_connecting() {
     assert_eq!(conn.client().serial, 42);
     assert_eq!(script.connects(), 0);
 }
+
+/// A caller woken by a failed flight's result that calls again at once meets the backoff the
+/// flight recorded; it never joins the finished flight and gets its stale error (I12).
+#[cfg(not(madsim))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i12_a_caller_retrying_right_after_a_failure_meets_the_backoff_not_a_stale_flight() {
+    for round in 0..200 {
+        let script = Script::always(Outcome::Fail(Duration::ZERO));
+        let pool = pool_with(&script, 0);
+        let waiters = storm(&pool, 4, round % 8);
+        for w in waiters {
+            // A waiter that started after the flight ended meets the backoff instead: both fine.
+            let first = w.await.unwrap();
+            assert!(
+                matches!(
+                    first,
+                    Err(PoolError::Connect { .. } | PoolError::Backoff { .. })
+                ),
+                "{first:?}"
+            );
+            match pool.get_or_connect(&addr(round % 8)).await {
+                Err(PoolError::Backoff { .. }) => {}
+                other => {
+                    panic!("round {round}: expected Backoff right after the failure, got {other:?}")
+                }
+            }
+        }
+        assert_eq!(
+            script.connects(),
+            1,
+            "I12 violated: dialled again inside the backoff"
+        );
+    }
+}
