@@ -432,7 +432,7 @@ async fn a_healthy_pooled_connection_is_returned_without_connecting() {
 #[cfg(not(madsim))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn i12_a_caller_retrying_right_after_a_failure_meets_the_backoff_not_a_stale_flight() {
-    for round in 0..200 {
+    for round in 0..1000 {
         let script = Script::always(Outcome::Fail(Duration::ZERO));
         let pool = pool_with(&script, 0);
         let waiters = storm(&pool, 4, round % 8);
