@@ -1,0 +1,814 @@
+//! The scenarios. Each builds a world from its seed, drives traffic and faults, checks the
+//! invariants after every step (and a monitor checks them every few ms), and ends with the liveness
+//! phase (I15, I16) and a quiescence check (pool = connector = broker counts).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keyed_pool::core::BackoffPolicy;
+use keyed_pool::{PoolError, WhenFull};
+use tokio::time::{Instant, sleep};
+
+use crate::client::CallError;
+use crate::record::{Recorder, Violation};
+use crate::trace;
+use crate::world::{Ctx, Pool, Setup, chance, draw, ms};
+
+/// What one seed of one scenario produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The first violation, if any.
+    pub violation: Option<Violation>,
+    /// Virtual time the run covered.
+    pub virtual_time: Duration,
+    /// Hash and length of the event trace (the determinism check compares them).
+    pub trace: (u64, u64),
+    /// The configuration drawn from the seed (printed for the swarm and on failure).
+    pub info: String,
+}
+
+/// A boxed scenario run.
+pub type Run = Pin<Box<dyn Future<Output = Outcome>>>;
+
+/// A scenario: a name, what it does, and its entry point (a plain `fn`, as madsim's determinism
+/// check wants).
+pub struct Scenario {
+    /// Name on the command line.
+    pub name: &'static str,
+    /// One line on what it exercises.
+    pub about: &'static str,
+    /// Runs one seed (inside a madsim runtime).
+    pub run: fn() -> Run,
+}
+
+/// Every scenario, in the order the runner runs them.
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "restart-in-flight",
+        about: "brokers killed/restarted while calls are in flight",
+        run: || Box::pin(restart_in_flight()),
+    },
+    Scenario {
+        name: "partition-heal",
+        about: "a broker cut off both ways, then healed; packet loss",
+        run: || Box::pin(partition_heal()),
+    },
+    Scenario {
+        name: "one-way-partition",
+        about: "requests or responses dropped on one link, then healed",
+        run: || Box::pin(one_way_partition()),
+    },
+    Scenario {
+        name: "slow-broker",
+        about: "a broker slower than the call timeout and than max_idle (I5, I9, I12)",
+        run: || Box::pin(slow_broker()),
+    },
+    Scenario {
+        name: "flapping-broker",
+        about: "kill/restart at random intervals, plus pause/resume",
+        run: || Box::pin(flapping_broker()),
+    },
+    Scenario {
+        name: "connect-storm",
+        about: "many workers reconnect at once after a mass eviction (I1, I4)",
+        run: || Box::pin(connect_storm()),
+    },
+    Scenario {
+        name: "idle-edge",
+        about: "idle eviction exactly at max_idle and max_idle + 1 ms, with calls across the edge (I5, I6)",
+        run: || Box::pin(idle_edge()),
+    },
+    Scenario {
+        name: "capacity",
+        about: "many more brokers than slots, LRU eviction, faults (I1, I3)",
+        run: || Box::pin(capacity()),
+    },
+    Scenario {
+        name: "cleanup-race",
+        about: "cleanup every 1 ms racing get/insert/remove (I2, I7, I14)",
+        run: || Box::pin(cleanup_race()),
+    },
+    Scenario {
+        name: "close-mid-traffic",
+        about: "close() while calls and connects are in flight (I17)",
+        run: || Box::pin(close_mid_traffic()),
+    },
+    Scenario {
+        name: "drop-mid-traffic",
+        about: "the last pool handle dropped mid-traffic (I17)",
+        run: || Box::pin(drop_mid_traffic()),
+    },
+    Scenario {
+        name: "dead-broker",
+        about: "a broker that never comes back: connects bounded by backoff (I12)",
+        run: || Box::pin(dead_broker()),
+    },
+    Scenario {
+        name: "swarm",
+        about: "configuration and fault mix drawn from the seed (VOPR-style)",
+        run: || Box::pin(swarm()),
+    },
+];
+
+/// The `&'static str` of an invariant name read back from a child process.
+pub fn static_inv(name: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9", "I10", "I11", "I12", "I13", "I14",
+        "I15", "I16", "I17", "ACC", "SIM",
+    ];
+    NAMES.iter().find(|n| **n == name).copied().unwrap_or("SIM")
+}
+
+/// Runs `body` on the client node of a world built from `setup`, and collects the outcome.
+async fn world<F, Fut>(setup: Setup, info: String, body: F) -> Outcome
+where
+    F: FnOnce(Arc<Ctx>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let rec = Arc::new(Recorder::new());
+    let started = Instant::now();
+    trace!(rec, "setup {info}");
+    let (ctx, client) = Ctx::build(setup, Arc::clone(&rec));
+    let task = client.spawn(async move {
+        ctx.brokers_ready().await;
+        body(ctx).await;
+    });
+    if let Err(err) = task.await {
+        rec.fail("SIM", format!("the scenario task failed: {err}"));
+    }
+    Outcome {
+        violation: rec.first(),
+        virtual_time: started.elapsed(),
+        trace: rec.trace(),
+        info,
+    }
+}
+
+/// Traffic plan of the standard shape.
+struct Traffic {
+    workers: usize,
+    length: Duration,
+    work: std::ops::Range<u64>,
+    think: std::ops::Range<u64>,
+}
+
+/// The standard shape: cleanup task, monitor, workers on every broker, the fault `director`
+/// (which runs until the traffic ends), then liveness and quiescence.
+async fn standard<D, DFut>(ctx: Arc<Ctx>, traffic: Traffic, director: D)
+where
+    D: FnOnce(Arc<Ctx>, Pool, Instant) -> DFut,
+    DFut: Future<Output = ()>,
+{
+    let pool = ctx.pool();
+    let cleanup = ctx.start_cleanup(&pool);
+    let monitor = ctx.monitor(&pool, ms(5));
+    let until = Instant::now() + traffic.length;
+    let targets: Vec<usize> = (0..ctx.brokers.len()).collect();
+    let think_max = traffic.think.end;
+    let workers = ctx.workers(
+        &pool,
+        traffic.workers,
+        &targets,
+        until,
+        traffic.work,
+        traffic.think,
+    );
+    director(Arc::clone(&ctx), pool.clone(), until).await;
+    let left = until.saturating_duration_since(Instant::now());
+    let bound =
+        left + ctx.setup.config.connect_timeout + ctx.setup.call_timeout + ms(think_max + 10);
+    ctx.join("worker", workers, bound).await;
+    ctx.step(&pool, format_args!("traffic over"));
+    ctx.liveness(&pool, &targets).await;
+    ctx.quiesce(&pool, cleanup).await;
+    let _ = monitor.await;
+}
+
+fn pick(ctx: &Ctx) -> usize {
+    draw(0..ctx.brokers.len() as u64) as usize
+}
+
+async fn restart_in_flight() -> Outcome {
+    let mut setup = Setup::new(3);
+    setup.call_timeout = ms(500);
+    world(setup, String::new(), |ctx| async move {
+        let traffic = Traffic {
+            workers: 6,
+            length: ms(4000),
+            work: 20..200,
+            think: 1..20,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(100..600))).await;
+                let b = pick(&ctx);
+                if chance(0.5) {
+                    ctx.restart(b);
+                } else {
+                    ctx.kill(b);
+                    ctx.step(&pool, format_args!("killed b{b}"));
+                    sleep(ms(draw(1..300))).await;
+                    ctx.restart(b);
+                }
+                ctx.step(&pool, format_args!("restarted b{b}"));
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn partition_heal() -> Outcome {
+    world(Setup::new(3), String::new(), |ctx| async move {
+        let traffic = Traffic {
+            workers: 6,
+            length: ms(6000),
+            work: 0..30,
+            think: 1..20,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(100..500))).await;
+                if chance(0.3) {
+                    ctx.net(draw(0..30) as f64 / 100.0, ms(1)..ms(draw(2..40)));
+                }
+                let b = pick(&ctx);
+                ctx.clog(b);
+                ctx.step(&pool, format_args!("clogged b{b}"));
+                sleep(ms(draw(100..3000))).await;
+                ctx.unclog(b);
+                ctx.step(&pool, format_args!("healed b{b}"));
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn one_way_partition() -> Outcome {
+    world(Setup::new(3), String::new(), |ctx| async move {
+        let traffic = Traffic {
+            workers: 6,
+            length: ms(6000),
+            work: 0..30,
+            think: 1..20,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(100..500))).await;
+                let b = pick(&ctx);
+                let to_broker = chance(0.5);
+                ctx.clog_one_way(b, to_broker);
+                ctx.step(&pool, format_args!("one-way clog b{b} {to_broker}"));
+                sleep(ms(draw(100..3000))).await;
+                ctx.faults_off().await;
+                ctx.step(&pool, format_args!("healed b{b}"));
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn slow_broker() -> Outcome {
+    let mut setup = Setup::new(3);
+    let max_idle = ms(draw(100..400));
+    setup.config.max_idle = Some(max_idle);
+    setup.cleanup = Some(ms(draw(5..50)));
+    setup.call_timeout = ms(1000);
+    let info = format!("max_idle={max_idle:?} cleanup={:?}", setup.cleanup);
+    world(setup, info, move |ctx| async move {
+        // Calls that work longer than max_idle: never evicted as idle meanwhile (I5).
+        let work_max = 2 * u64::try_from(max_idle.as_millis()).unwrap_or(1000);
+        let traffic = Traffic {
+            workers: 6,
+            length: ms(6000),
+            work: 0..work_max,
+            think: 1..50,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                let b = pick(&ctx);
+                ctx.slow(b, ms(draw(100..1500)));
+                if chance(0.3) {
+                    ctx.errors(b, draw(100..900) as u32);
+                }
+                ctx.step(&pool, format_args!("slowed b{b}"));
+                sleep(ms(draw(300..2000))).await;
+                ctx.slow(b, Duration::ZERO);
+                ctx.errors(b, 0);
+                ctx.step(&pool, format_args!("b{b} fast again"));
+                sleep(ms(draw(10..500))).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn flapping_broker() -> Outcome {
+    world(Setup::new(3), String::new(), |ctx| async move {
+        let traffic = Traffic {
+            workers: 6,
+            length: ms(6000),
+            work: 0..50,
+            think: 1..20,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                let b = pick(&ctx);
+                if chance(0.25) {
+                    ctx.pause(b);
+                    ctx.step(&pool, format_args!("paused b{b}"));
+                    sleep(ms(draw(1..800))).await;
+                    ctx.resume(b);
+                    ctx.step(&pool, format_args!("resumed b{b}"));
+                } else {
+                    ctx.kill(b);
+                    ctx.step(&pool, format_args!("killed b{b}"));
+                    sleep(ms(draw(1..500))).await;
+                    ctx.restart(b);
+                    ctx.step(&pool, format_args!("restarted b{b}"));
+                }
+                sleep(ms(draw(1..500))).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn connect_storm() -> Outcome {
+    let mut setup = Setup::new(6);
+    setup.config.max_connections = draw(0..2) as usize * 6; // unlimited or exactly enough
+    let info = format!("max_connections={}", setup.config.max_connections);
+    world(setup, info, |ctx| async move {
+        let traffic = Traffic {
+            workers: 30,
+            length: ms(3000),
+            work: 0..20,
+            think: 1..5,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(200..800))).await;
+                if chance(0.5) {
+                    ctx.reg.manual.store(true, Ordering::SeqCst);
+                    pool.clear();
+                    ctx.reg.manual.store(false, Ordering::SeqCst);
+                    ctx.step(&pool, format_args!("mass eviction (clear)"));
+                } else {
+                    for b in 0..ctx.brokers.len() {
+                        ctx.restart(b);
+                    }
+                    ctx.step(&pool, format_args!("all brokers restarted"));
+                }
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+/// No traffic generator: exact instants. madsim wakes a timer 50 ns after its deadline, so a use
+/// made right after waking at `d0` and a sweep made right after waking at `d0 + max_idle + δ` are
+/// exactly `max_idle + δ` apart. With δ ∈ {−1 ms, 0, +1 ms}: a connection used exactly `max_idle`
+/// ago is still fresh (I5), one used `max_idle + 1 ms` ago goes (I6); a call in flight across the
+/// edge keeps it (I5); the end of a call and a `get` move the clock.
+async fn idle_edge() -> Outcome {
+    let mut setup = Setup::new(2);
+    let max_idle = ms(draw(2..3000));
+    setup.config.max_idle = Some(max_idle);
+    setup.cleanup = None;
+    setup.call_timeout = max_idle * 3 + ms(100);
+    let info = format!("max_idle={max_idle:?}");
+    world(setup, info, move |ctx| async move {
+        let pool = ctx.pool();
+        let addr = ctx.brokers[0].addr.clone();
+        for round in 0..6 {
+            if ctx.get_or_connect(&pool, &addr).await.is_err() {
+                ctx.rec.fail("SIM", "no connection without faults");
+                return;
+            }
+            let d0 = Instant::now() + ms(draw(1..20));
+            tokio::time::sleep_until(d0).await;
+            let Some(conn) = pool.get(&addr) else {
+                ctx.rec.fail("I6", "a connection used within max_idle is gone");
+                return;
+            };
+            conn.client().touch();
+            let used_at = Instant::now();
+            let across = round % 2 == 1;
+            let call = across.then(|| {
+                conn.client().call_started();
+                conn.begin()
+            });
+            let offset = draw(0..3);
+            tokio::time::sleep_until(d0 + max_idle + ms(offset) - ms(1)).await;
+            let since = used_at.elapsed();
+            let evicted = pool.evict_idle().await;
+            ctx.step(&pool, format_args!("idle sweep {since:?} after the use"));
+            let should_go = !across && since > max_idle;
+            if should_go != (evicted == 1) {
+                ctx.rec.fail(
+                    if should_go { "I6" } else { "I5" },
+                    format!(
+                        "used at t0, swept at t0+{since:?} (max_idle {max_idle:?}, call in flight: {across}): evicted {evicted}"
+                    ),
+                );
+            }
+            if let Some(call) = call {
+                let d1 = Instant::now() + ms(draw(1..20));
+                tokio::time::sleep_until(d1).await;
+                call.success();
+                conn.client().call_ended();
+                let ended = Instant::now();
+                tokio::time::sleep_until(d1 + max_idle).await;
+                if pool.evict_idle().await != 0 {
+                    ctx.rec.fail("I5", format!("evicted {:?} after its call ended (max_idle {max_idle:?})", ended.elapsed()));
+                }
+                tokio::time::sleep_until(d1 + max_idle + ms(1)).await;
+                if pool.evict_idle().await != 1 {
+                    ctx.rec.fail("I6", format!("not evicted {:?} after its call ended (max_idle {max_idle:?})", ended.elapsed()));
+                }
+            } else if evicted == 0 {
+                // A get moves the clock: fresh for another max_idle.
+                let d1 = Instant::now() + ms(draw(1..20));
+                tokio::time::sleep_until(d1).await;
+                match pool.get(&addr) {
+                    Some(c) => c.client().touch(),
+                    None => ctx.rec.fail("I6", "a fresh connection is gone"),
+                }
+                let got = Instant::now();
+                tokio::time::sleep_until(d1 + max_idle).await;
+                if pool.evict_idle().await != 0 {
+                    ctx.rec.fail("I5", format!("evicted {:?} after a get (max_idle {max_idle:?})", got.elapsed()));
+                }
+                tokio::time::sleep_until(d1 + max_idle + ms(1)).await;
+                if pool.evict_idle().await != 1 {
+                    ctx.rec.fail("I6", format!("not evicted {:?} after a get (max_idle {max_idle:?})", got.elapsed()));
+                }
+            }
+            drop(conn);
+            ctx.step(&pool, format_args!("round {round} done"));
+        }
+        let cleanup = ctx.start_cleanup(&pool);
+        ctx.liveness(&pool, &[0, 1]).await;
+        ctx.quiesce(&pool, cleanup).await;
+    })
+    .await
+}
+
+async fn capacity() -> Outcome {
+    let mut setup = Setup::new(12);
+    setup.config.max_connections = draw(1..5) as usize;
+    setup.config.when_full = WhenFull::EvictLeastRecentlyUsed;
+    let info = format!("max_connections={}", setup.config.max_connections);
+    world(setup, info, |ctx| async move {
+        let traffic = Traffic {
+            workers: 8,
+            length: ms(4000),
+            work: 0..50,
+            think: 1..10,
+        };
+        standard(ctx, traffic, |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(50..400))).await;
+                let b = pick(&ctx);
+                ctx.restart(b);
+                ctx.step(&pool, format_args!("restarted b{b}"));
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+async fn cleanup_race() -> Outcome {
+    let mut setup = Setup::new(3);
+    let max_idle = ms(draw(1..10));
+    setup.config.max_idle = Some(max_idle);
+    setup.cleanup = Some(ms(1));
+    let info = format!("max_idle={max_idle:?}");
+    world(setup, info, |ctx| async move {
+        let pool = ctx.pool();
+        let cleanup = ctx.start_cleanup(&pool);
+        let monitor = ctx.monitor(&pool, ms(1));
+        let until = Instant::now() + ms(2000);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let ctx = Arc::clone(&ctx);
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let b = pick(&ctx);
+                    let addr = ctx.brokers[b].addr.clone();
+                    match draw(0..6) {
+                        0 => {
+                            if let Some(conn) = pool.get(&addr) {
+                                ctx.check_handed_out(&conn);
+                                conn.client().touch();
+                                let _ = ctx.call(&conn, 1, draw(0..5) as u32).await;
+                            }
+                        }
+                        1 | 2 => {
+                            if let Ok(conn) = ctx.get_or_connect(&pool, &addr).await
+                                && let Err(CallError::Broken | CallError::Closed) =
+                                    ctx.call(&conn, 1, draw(0..5) as u32).await
+                            {
+                                ctx.remove_stale(&pool, &conn);
+                            }
+                        }
+                        3 => {
+                            // insert by hand; I2: re-inserting a present address never fails
+                            // for capacity and never changes the count.
+                            if let Ok(conn) = pool.connector().connect_by_hand(addr.as_str()).await
+                            {
+                                let present = pool.peek(&addr).is_some();
+                                let len = pool.len();
+                                ctx.reg.manual.store(true, Ordering::SeqCst);
+                                let ok = pool.insert(addr.clone(), conn);
+                                ctx.reg.manual.store(false, Ordering::SeqCst);
+                                if present && (!ok || pool.len() != len) {
+                                    ctx.rec.fail(
+                                        "I2",
+                                        format!(
+                                            "re-insert of {addr}: ok={ok}, len {len} -> {}",
+                                            pool.len()
+                                        ),
+                                    );
+                                }
+                                ctx.step(&pool, format_args!("inserted {addr}"));
+                            }
+                        }
+                        4 => {
+                            if let Some(conn) = pool.remove(&addr) {
+                                // The caller owns it now; close it as the pool would.
+                                ctx.reg.manual.store(true, Ordering::SeqCst);
+                                keyed_pool::Connector::close(pool.connector(), conn.client());
+                                ctx.reg.manual.store(false, Ordering::SeqCst);
+                                ctx.step(&pool, format_args!("removed {addr}"));
+                            }
+                        }
+                        _ => {
+                            let swept = pool.evict_idle().await + pool.evict_unhealthy().await;
+                            ctx.step(&pool, format_args!("manual sweep {swept}"));
+                        }
+                    }
+                    sleep(ms(draw(0..4).max(1))).await;
+                }
+            }));
+        }
+        ctx.join("racer", tasks, ms(2000 + 1000)).await;
+        ctx.liveness(&pool, &[0, 1, 2]).await;
+        ctx.quiesce(&pool, cleanup).await;
+        let _ = monitor.await;
+    })
+    .await
+}
+
+/// Traffic, then `close()` at a random instant: `close` ends promptly, every worker ends (they
+/// see `Closed`), the cleanup task ends, every connection is closed at the connector and, once the
+/// last handle is gone, at every broker (I17).
+async fn close_mid_traffic() -> Outcome {
+    world(Setup::new(3), String::new(), |ctx| async move {
+        let pool = ctx.pool();
+        let cleanup = ctx.start_cleanup(&pool);
+        let until = Instant::now() + ms(5000);
+        let targets = [0, 1, 2];
+        let workers = ctx.workers(&pool, 8, &targets, until, 0..100, 1..10);
+        sleep(ms(draw(1..2000))).await;
+        if chance(0.5) {
+            ctx.restart(pick(&ctx));
+        }
+        sleep(ms(draw(0..50))).await;
+        ctx.step(&pool, format_args!("closing"));
+        ctx.reg.manual.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        pool.close().await;
+        if started.elapsed() > ms(1) {
+            ctx.rec
+                .fail("I16", format!("close() took {:?}", started.elapsed()));
+        }
+        if !pool.is_empty() || ctx.reg.open() != 0 {
+            ctx.rec.fail(
+                "I17",
+                format!(
+                    "after close(): {} pooled, {} not closed at the connector",
+                    pool.len(),
+                    ctx.reg.open()
+                ),
+            );
+        }
+        match ctx.get_or_connect(&pool, &ctx.brokers[0].addr).await {
+            Err(PoolError::Closed) => {}
+            other => ctx.rec.fail(
+                "I17",
+                format!("get_or_connect after close: {:?}", other.map(|c| c.id())),
+            ),
+        }
+        let bound = ctx.setup.config.connect_timeout + ctx.setup.call_timeout + ms(20);
+        ctx.join("worker", workers, bound).await;
+        if let Some(task) = cleanup
+            && tokio::time::timeout(ms(1), task).await.is_err()
+        {
+            ctx.rec
+                .fail("I17", "the cleanup task still runs after close()");
+        }
+        // Connects in flight at close() finish and close their connection.
+        sleep(ctx.setup.config.connect_timeout + Duration::from_secs(11)).await;
+        ctx.agree(&pool);
+        for b in &ctx.brokers {
+            if b.state.open() != 0 {
+                ctx.rec.fail(
+                    "I17",
+                    format!(
+                        "{} still sees {} open connection(s) after close()",
+                        b.addr,
+                        b.state.open()
+                    ),
+                );
+            }
+        }
+    })
+    .await
+}
+
+/// Traffic, then every task using the pool is cancelled and the last handle dropped: the cleanup
+/// task ends and every connection closes, at the connector and at the brokers (I17).
+async fn drop_mid_traffic() -> Outcome {
+    world(Setup::new(3), String::new(), |ctx| async move {
+        let pool = ctx.pool();
+        let cleanup = ctx.start_cleanup(&pool).expect("setup has a cleanup task");
+        let until = Instant::now() + ms(5000);
+        let workers = ctx.workers(&pool, 8, &[0, 1, 2], until, 0..100, 1..10);
+        sleep(ms(draw(1..2000))).await;
+        ctx.step(&pool, format_args!("dropping"));
+        ctx.reg.manual.store(true, Ordering::SeqCst);
+        for w in &workers {
+            w.abort();
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+        drop(pool);
+        // A connect in flight holds the pool until it ends (at most one connect timeout).
+        let bound = ctx.setup.config.connect_timeout + ms(100);
+        if tokio::time::timeout(bound, cleanup).await.is_err() {
+            ctx.rec.fail(
+                "I17",
+                format!("the cleanup task still runs {bound:?} after the pool was dropped"),
+            );
+        }
+        sleep(Duration::from_secs(11)).await;
+        if ctx.reg.live() != 0 {
+            ctx.rec.fail(
+                "I17",
+                format!(
+                    "{} connection(s) still exist after the pool was dropped",
+                    ctx.reg.live()
+                ),
+            );
+        }
+        for b in &ctx.brokers {
+            if b.state.open() != 0 {
+                ctx.rec.fail(
+                    "I17",
+                    format!(
+                        "{} still sees {} open connection(s) after the pool was dropped",
+                        b.addr,
+                        b.state.open()
+                    ),
+                );
+            }
+        }
+    })
+    .await
+}
+
+/// The most connects a schedule allows in `span` (lower bound of every delay: no jitter up).
+fn max_connects(policy: &BackoffPolicy, span: Duration) -> u64 {
+    let mut t = Duration::ZERO;
+    let mut n = 1; // the first connect needs no wait
+    for k in 1.. {
+        t += policy.delay(k, 0.0);
+        if t > span {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+async fn dead_broker() -> Outcome {
+    let mut setup = Setup::new(2);
+    setup.config.backoff = BackoffPolicy {
+        base: ms(draw(10..200)),
+        max: ms(draw(500..3000)),
+        jitter: draw(0..50) as f64 / 100.0,
+    };
+    let info = format!("backoff={:?}", setup.config.backoff);
+    world(setup, info, |ctx| async move {
+        ctx.kill(0);
+        let started = Instant::now();
+        let dead = ctx.brokers[0].addr.clone();
+        let traffic = Traffic { workers: 4, length: ms(20_000), work: 0..10, think: 1..5 };
+        standard(ctx, traffic, move |ctx, pool, until| async move {
+            sleep_until_or(until).await;
+            let span = started.elapsed();
+            let connects = ctx.reg.connects_to(dead.as_str());
+            let allowed = max_connects(&ctx.setup.config.backoff, span);
+            if connects > allowed {
+                ctx.rec.fail("I12", format!("{connects} connects to a dead broker in {span:?}; the backoff schedule allows {allowed}"));
+            }
+            ctx.step(&pool, format_args!("{connects} connects to the dead broker (allowed {allowed})"));
+        })
+        .await;
+    })
+    .await
+}
+
+async fn sleep_until_or(until: Instant) {
+    tokio::time::sleep_until(until).await;
+}
+
+async fn swarm() -> Outcome {
+    let brokers = draw(1..7) as usize;
+    let mut setup = Setup::new(brokers);
+    let c = &mut setup.config;
+    c.max_connections = if chance(0.5) {
+        0
+    } else {
+        draw(1..brokers as u64 + 3) as usize
+    };
+    c.when_full = if c.max_connections != 0 && (c.max_connections < brokers || chance(0.5)) {
+        WhenFull::EvictLeastRecentlyUsed
+    } else {
+        WhenFull::Reject
+    };
+    c.max_idle = if chance(0.2) {
+        None
+    } else {
+        Some(ms(draw(5..2000)))
+    };
+    c.health.consecutive_failures = draw(0..8) as u32;
+    c.health.failure_ratio = draw(10..101) as f64 / 100.0;
+    c.health.window = ms(draw(10..3000));
+    c.health.min_requests = draw(1..30) as u32;
+    let base = draw(1..300);
+    c.backoff = BackoffPolicy {
+        base: ms(base),
+        max: ms(base + draw(0..3000)),
+        jitter: draw(0..90) as f64 / 100.0,
+    };
+    c.connect_timeout = ms(draw(20..1500));
+    setup.cleanup = if chance(0.1) {
+        None
+    } else {
+        Some(ms(draw(1..500)))
+    };
+    setup.call_timeout = ms(draw(20..1500));
+    let workers = draw(1..16) as usize;
+    let length = ms(draw(1000..8000));
+    let fault_rate = draw(0..100);
+    let info = format!(
+        "brokers={brokers} workers={workers} traffic={length:?} fault_gap<={fault_rate}0ms cleanup={:?} call_timeout={:?} config={:?}",
+        setup.cleanup, setup.call_timeout, setup.config
+    );
+    world(setup, info, move |ctx| async move {
+        let traffic = Traffic {
+            workers,
+            length,
+            work: 0..draw(1..300),
+            think: 1..draw(2..50),
+        };
+        standard(ctx, traffic, move |ctx, pool, until| async move {
+            while Instant::now() < until {
+                sleep(ms(draw(1..fault_rate * 10 + 2))).await;
+                let b = pick(&ctx);
+                match draw(0..10) {
+                    0 => ctx.restart(b),
+                    1 => ctx.kill(b),
+                    2 => ctx.pause(b),
+                    3 => ctx.clog(b),
+                    4 => ctx.clog_one_way(b, chance(0.5)),
+                    5 => ctx.slow(b, ms(draw(0..2000))),
+                    6 => ctx.errors(b, draw(0..1000) as u32),
+                    7 => ctx.net(draw(0..40) as f64 / 100.0, ms(1)..ms(draw(2..100))),
+                    8 => {
+                        ctx.reg.manual.store(true, Ordering::SeqCst);
+                        pool.clear();
+                        ctx.reg.manual.store(false, Ordering::SeqCst);
+                    }
+                    _ => ctx.faults_off().await,
+                }
+                ctx.step(&pool, format_args!("swarm fault"));
+            }
+        })
+        .await;
+    })
+    .await
+}
