@@ -10,8 +10,12 @@
 //! Part 2, a reader thread doing `get` hits on 100,000 warm connections and timing each one, alone
 //! and while another thread sweeps back to back: p50, p99, p99.9 and max of the `get` latency.
 //!
+//! Part 3, the longest wait of another task on the same single-threaded runtime while a sweep of
+//! 100,000 runs (a sweep that never yields holds its worker thread throughout).
+//!
 //! Run: `cargo bench -p keyed-pool-benches --bench sweeps`
 
+use std::future::Future;
 use std::hash::RandomState;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -252,8 +256,58 @@ fn reader_latency(rt: &tokio::runtime::Runtime) {
     }
 }
 
+/// The longest gap between two turns of a task that only yields, on a single-threaded runtime,
+/// while `work` runs in another task of the same runtime (in ms). A sweep that never yields holds
+/// its worker thread for its whole duration: every other task on that worker waits that long.
+fn neighbour_gap_ms<Fut: Future<Output = ()>>(work: Fut) -> f64 {
+    let rt = rt();
+    rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let neighbour = tokio::spawn(async move {
+            let mut last = Instant::now();
+            let mut worst = Duration::ZERO;
+            while !stop2.load(Ordering::Relaxed) {
+                tokio::task::yield_now().await;
+                let now = Instant::now();
+                worst = worst.max(now - last);
+                last = now;
+            }
+            worst
+        });
+        tokio::task::yield_now().await;
+        work.await;
+        tokio::task::yield_now().await;
+        stop.store(true, Ordering::Relaxed);
+        neighbour.await.expect("neighbour").as_secs_f64() * 1e3
+    })
+}
+
+fn async_neighbours() {
+    let n = 100_000;
+    let keys = addrs(n);
+    println!(
+        "\nlongest wait of another task on the same single-threaded runtime while a sweep of {n} runs:"
+    );
+    let base = neighbour_gap_ms(async { tokio::time::sleep(Duration::from_millis(20)).await });
+    let keep = pool_with(&keys, Duration::from_secs(3600));
+    let finds_nothing = neighbour_gap_ms(async {
+        assert_eq!(keep.evict_idle().await, 0);
+    });
+    drop(keep);
+    let doomed = pool_with(&keys, Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(5));
+    let evicts_all = neighbour_gap_ms(async {
+        assert_eq!(doomed.evict_idle().await, n);
+    });
+    println!(
+        "    no sweep (a 20 ms sleep instead) {base:6.2} ms   evict_idle finds nothing {finds_nothing:6.2} ms   evict_idle evicts all {evicts_all:6.2} ms"
+    );
+}
+
 fn main() {
     let rt = rt();
     sweep_costs(&rt);
     reader_latency(&rt);
+    async_neighbours();
 }
