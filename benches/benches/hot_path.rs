@@ -6,6 +6,8 @@
 //!   `get_hit/sketch/...`: the entry layout proposed in BENCHMARKS.md, to measure what it buys.
 //! - `clock/tokio_instant_now`: one read of the runtime's clock.
 //! - `call/pool/a{addrs}_t{threads}`: `get` + `begin()` + `success()`, against the bare `get` above.
+//! - `get_hit/hyper_util/...`: hyper-util's composable keyed pool (`Map` of `Singleton`s, the same
+//!   model as ours: one shared service per key), behind the mutex its `&mut self` API needs.
 //! - `one_target/{keyed_pool_call,deadpool,bb8}/t{threads}`: one address; our shared handle against
 //!   the exclusive checkout + return of deadpool (unmanaged) and bb8.
 //!
@@ -15,17 +17,22 @@
 //! Run: `cargo bench -p keyed-pool-benches --bench hot_path -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::hash::RandomState;
 use std::hint::black_box;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
 use criterion::{BenchmarkId, Criterion};
 use dashmap::DashMap;
+use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::ConnectionPool;
 use keyed_pool_benches::{Scatter, addrs, criterion_dir, median, run_threads, run_threads_with};
+use tower_service::Service;
 
 const ADDRS: [usize; 3] = [1, 1_000, 100_000];
 const THREADS: [usize; 3] = [1, 2, 4];
@@ -93,6 +100,57 @@ fn sketch_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<SketchEntry>
     map
 }
 
+/// Makes the one shared "connection" of an address for hyper-util's `Singleton`: at once.
+#[derive(Clone, Copy)]
+struct MakeConn;
+
+impl Service<CheetahString> for MakeConn {
+    type Response = Arc<u64>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Arc<u64>, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _addr: CheetahString) -> Self::Future {
+        std::future::ready(Ok(Arc::new(7)))
+    }
+}
+
+/// hyper-util's keyed pool as its docs compose it: a `Map` from key to a `Singleton` that hands
+/// out clones of one shared service. `Map::service` takes `&mut self`, so concurrent callers share
+/// it behind a mutex. (Its type cannot be named, hence macros rather than functions.)
+macro_rules! hyper_map {
+    ($keys:expr) => {{
+        let mut map = hyper_util::client::pool::map::Map::builder()
+            .keys(|addr: &CheetahString| addr.clone())
+            .values(|_addr: &CheetahString| Singleton::new(MakeConn))
+            .build();
+        for k in $keys {
+            assert!(hyper_get!(&mut map, k).is_some(), "made at once");
+        }
+        Mutex::new(map)
+    }};
+}
+
+/// A hit: the address's singleton hands out a clone of its one service, without waiting.
+macro_rules! hyper_get {
+    ($map:expr, $addr:expr) => {{
+        let mut cx = Context::from_waker(Waker::noop());
+        let svc = $map.service($addr);
+        if svc.poll_ready(&mut cx).is_pending() {
+            None
+        } else {
+            let mut fut = svc.call($addr.clone());
+            match Pin::new(&mut fut).poll(&mut cx) {
+                Poll::Ready(Ok(shared)) => Some(shared),
+                _ => None,
+            }
+        }
+    }};
+}
+
 fn get_hit_and_call(c: &mut Criterion) {
     let mut group = c.benchmark_group("get_hit");
     let mut call_group_inputs = Vec::new();
@@ -101,8 +159,21 @@ fn get_hit_and_call(c: &mut Criterion) {
         let floor = floor_map(&keys);
         let pool = warm_pool(&keys);
         let sketch = sketch_map(&keys);
+        let hyper = hyper_map!(&keys);
         for t in THREADS {
             let id = format!("a{n}_t{t}");
+            group.bench_function(BenchmarkId::new("hyper_util", &id), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(t, iters, |tid, iters| {
+                        let mut walk = Scatter::new(n, tid, t);
+                        for _ in 0..iters {
+                            let key = &keys[walk.next_index()];
+                            let mut map = hyper.lock().expect("not poisoned");
+                            black_box(hyper_get!(&mut *map, key));
+                        }
+                    })
+                })
+            });
             group.bench_function(BenchmarkId::new("floor", &id), |b| {
                 b.iter_custom(|iters| {
                     run_threads(t, iters, |tid, iters| {
@@ -316,10 +387,11 @@ fn print_ratios() {
                 rows.insert(
                     (0, order, t),
                     format!(
-                        "  addrs={n:>6} threads={t}: floor {f:6.1} ns  get {p:6.1} ns  ratio {:.2}x   (peek {}, sketch {})",
+                        "  addrs={n:>6} threads={t}: floor {f:6.1} ns  get {p:6.1} ns  ratio {:.2}x   (peek {}, sketch {}, hyper-util map+singleton {})",
                         p / f,
                         vs_floor("peek"),
-                        vs_floor("sketch")
+                        vs_floor("sketch"),
+                        vs_floor("hyper_util")
                     ),
                 );
             }
@@ -389,14 +461,25 @@ fn interleaved_ratios() {
     println!(
         "\n== interleaved ratios (median over 15 alternating rounds of ~15 ms each; robust to drifting load) =="
     );
-    println!("get hit / floor (goal <= 1.3x), with peek / floor and sketch / floor:");
+    println!(
+        "get hit / floor (goal <= 1.3x), with peek, the sketch and hyper-util's map + singleton / floor:"
+    );
     let mut call_rows = Vec::new();
     for n in ADDRS {
         let keys = addrs(n);
         let floor = floor_map(&keys);
         let pool = warm_pool(&keys);
         let sketch = sketch_map(&keys);
+        let hyper = hyper_map!(&keys);
         for t in THREADS {
+            let hyper_v = |tid: usize, iters: u64| {
+                let mut walk = Scatter::new(n, tid, t);
+                for _ in 0..iters {
+                    let key = &keys[walk.next_index()];
+                    let mut map = hyper.lock().expect("not poisoned");
+                    black_box(hyper_get!(&mut *map, key));
+                }
+            };
             let floor_v = |tid: usize, iters: u64| {
                 let mut walk = Scatter::new(n, tid, t);
                 for _ in 0..iters {
@@ -431,13 +514,14 @@ fn interleaved_ratios() {
                     call.success();
                 }
             };
-            let r = interleaved(t, &[&floor_v, &get_v, &peek_v, &sketch_v]);
+            let r = interleaved(t, &[&floor_v, &get_v, &peek_v, &sketch_v, &hyper_v]);
             println!(
-                "  addrs={n:>6} threads={t}: get {:.2}x {}  peek {:.2}x  sketch {:.2}x",
+                "  addrs={n:>6} threads={t}: get {:.2}x {}  peek {:.2}x  sketch {:.2}x  hyper-util {:.2}x",
                 r[1],
                 if r[1] <= 1.3 { "(met)" } else { "(NOT met)" },
                 r[2],
-                r[3]
+                r[3],
+                r[4]
             );
             if n <= 1_000 {
                 let r = interleaved(t, &[&get_v, &call_v]);
