@@ -777,6 +777,13 @@ impl Harness {
                     c.run
                 )
             })?;
+            let closed = mx.is_closed();
+            ensure(closed == c.marked_closed, || {
+                format!(
+                    "I13 violated: {whose} #{} is marked closed = {closed}, model {} (a mark on another connection reached it)",
+                    c.id, c.marked_closed
+                )
+            })?;
             let healthy = conn.is_healthy();
             ensure(healthy == c.healthy(), || {
                 self.verdict_msg(i, !c.healthy(), !healthy)

@@ -2,7 +2,7 @@
 //! invariant checked by number after every op (see `keyed_pool_proptests::harness`). A failure is
 //! shrunk to a minimal sequence and saved in `model.proptest-regressions`.
 //!
-//! Cases: 512 by default, `PROPTEST_CASES=N` for more.
+//! Cases: 1024 short and 64 long sequences by default; `PROPTEST_CASES=N` sets both.
 
 use keyed_pool_proptests::ops::{self, Edge, Knobs, Op, Scenario, Step};
 use keyed_pool_proptests::run;
@@ -22,12 +22,25 @@ fn cases(default: u32) -> Config {
 }
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(cases(1024))]
 
     /// Every invariant the serial model checks (I1–I3, I5–I14, I16, I17), on sequences of up to
-    /// 60 ops over every configuration the knobs offer.
+    /// 80 ops over every configuration the knobs offer.
     #[test]
-    fn pool_matches_model(scenario in ops::scenario(60)) {
+    fn pool_matches_model(scenario in ops::scenario(80)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(64))]
+
+    /// Fewer, longer sequences: states far from the start (many replacements, long backoff runs,
+    /// windows that have slid many times).
+    #[test]
+    fn pool_matches_model_on_long_runs(scenario in ops::scenario(600)) {
         if let Err(violation) = run(&scenario) {
             return Err(TestCaseError::fail(violation));
         }
