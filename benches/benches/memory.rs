@@ -46,6 +46,9 @@ fn measure<T>(build: impl FnOnce() -> T) -> (i64, i64, T) {
 }
 
 fn main() {
+    if !keyed_pool_benches::run_by_cargo_bench("memory") {
+        return;
+    }
     println!("memory per pooled connection (net heap bytes counted by the global allocator)");
     println!(
         "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which HealthPolicy {} B, HealthWindow {} B, Instant {} B)",

@@ -146,6 +146,9 @@ async fn run() {
 }
 
 fn main() {
+    if !keyed_pool_benches::run_by_cargo_bench("remoting") {
+        return;
+    }
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

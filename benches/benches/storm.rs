@@ -149,7 +149,9 @@ fn storm(rt: &tokio::runtime::Runtime, workers: usize, delay: Option<Duration>) 
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; this binary takes no options.
+    if !keyed_pool_benches::run_by_cargo_bench("storm") {
+        return;
+    }
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

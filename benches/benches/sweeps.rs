@@ -306,6 +306,9 @@ fn async_neighbours() {
 }
 
 fn main() {
+    if !keyed_pool_benches::run_by_cargo_bench("sweeps") {
+        return;
+    }
     let rt = rt();
     sweep_costs(&rt);
     reader_latency(&rt);

@@ -99,6 +99,17 @@ where
     total / u32::try_from(threads).expect("a few threads")
 }
 
+/// `true` when run by `cargo bench` (which passes `--bench`). Run any other way (`cargo test
+/// --benches`, a bare binary), the plain benchmark binaries only say how to run them and exit, so
+/// that a test run of all targets stays fast.
+pub fn run_by_cargo_bench(name: &str) -> bool {
+    let yes = std::env::args().any(|a| a == "--bench");
+    if !yes {
+        println!("{name}: run with `cargo bench -p keyed-pool-benches --bench {name}`");
+    }
+    yes
+}
+
 /// Latency percentiles of a set of samples in nanoseconds.
 #[derive(Clone, Copy, Debug)]
 pub struct Percentiles {
