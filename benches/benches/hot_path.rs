@@ -8,6 +8,8 @@
 //! - `call/pool/a{addrs}_t{threads}`: `get` + `begin()` + `success()`, against the bare `get` above.
 //! - `get_hit/hyper_util/...`: hyper-util's composable keyed pool (`Map` of `Singleton`s, the same
 //!   model as ours: one shared service per key), behind the mutex its `&mut self` API needs.
+//! - `call/get_or_connect_hit/...`: `get_or_connect` on a hit with a connector that validates
+//!   addresses as the TCP and remoting connectors do (what `remoting::pool_request` pays per request).
 //! - `one_target/{keyed_pool_call,deadpool,bb8}/t{threads}`: one address; our shared handle against
 //!   the exclusive checkout + return of deadpool (unmanaged) and bb8.
 //!
@@ -230,7 +232,29 @@ fn get_hit_and_call(c: &mut Criterion) {
     let mut group = c.benchmark_group("call");
     for (n, keys, pool) in &call_group_inputs {
         let n = *n;
+        let validating = ConnectionPool::builder()
+            .connector(ValidatingConnector)
+            .build::<u64>()
+            .expect("valid config");
+        for (i, k) in keys.iter().enumerate() {
+            assert!(validating.insert(k.clone(), i as u64));
+        }
         for t in THREADS {
+            // `get_or_connect` on a hit, as `remoting::pool_request` makes it on every request.
+            group.bench_function(
+                BenchmarkId::new("get_or_connect_hit", format!("a{n}_t{t}")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        run_threads(t, iters, |tid, iters| {
+                            let mut walk = Scatter::new(n, tid, t);
+                            for _ in 0..iters {
+                                let key = &keys[walk.next_index()];
+                                black_box(ready_now(validating.get_or_connect(key)).expect("hit"));
+                            }
+                        })
+                    })
+                },
+            );
             group.bench_function(BenchmarkId::new("pool", format!("a{n}_t{t}")), |b| {
                 b.iter_custom(|iters| {
                     run_threads(t, iters, |tid, iters| {
@@ -253,6 +277,30 @@ fn group_clock(c: &mut Criterion) {
     let mut group = c.benchmark_group("clock");
     group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
     group.finish();
+}
+
+/// A connector that validates addresses as the crate's TCP and remoting connectors do.
+struct ValidatingConnector;
+
+impl keyed_pool::Connector<u64> for ValidatingConnector {
+    type Error = std::convert::Infallible;
+
+    async fn connect(&self, _addr: &CheetahString) -> Result<u64, Self::Error> {
+        Ok(0)
+    }
+
+    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr.as_str())
+    }
+}
+
+/// Polls a future once; a pool hit never waits.
+fn ready_now<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("a hit never waits"),
+    }
 }
 
 /// A bb8 manager whose connections are plain numbers: checkout cost only.
@@ -409,8 +457,10 @@ fn print_ratios() {
                 estimate("get_hit", "pool", &id),
                 estimate("call", "pool", &id),
             ) {
+                let goc = estimate("call", "get_or_connect_hit", &id)
+                    .map_or("-".to_string(), |x| format!("{x:7.1} ns ({:.2}x)", x / g));
                 println!(
-                    "  addrs={n:>6} threads={t}: get {g:7.1} ns  call {c:7.1} ns  ratio {:.2}x",
+                    "  addrs={n:>6} threads={t}: get {g:7.1} ns  call {c:7.1} ns  ratio {:.2}x   (get_or_connect hit {goc})",
                     c / g
                 );
             }
@@ -471,6 +521,15 @@ fn interleaved_ratios() {
         let pool = warm_pool(&keys);
         let sketch = sketch_map(&keys);
         let hyper = hyper_map!(&keys);
+        let validating = ConnectionPool::builder()
+            .connector(ValidatingConnector)
+            .build::<u64>()
+            .expect("valid config");
+        if n <= 1_000 {
+            for (i, k) in keys.iter().enumerate() {
+                assert!(validating.insert(k.clone(), i as u64));
+            }
+        }
         for t in THREADS {
             let hyper_v = |tid: usize, iters: u64| {
                 let mut walk = Scatter::new(n, tid, t);
@@ -524,16 +583,26 @@ fn interleaved_ratios() {
                 r[4]
             );
             if n <= 1_000 {
-                let r = interleaved(t, &[&get_v, &call_v]);
+                let goc_v = |tid: usize, iters: u64| {
+                    let mut walk = Scatter::new(n, tid, t);
+                    for _ in 0..iters {
+                        let key = &keys[walk.next_index()];
+                        black_box(ready_now(validating.get_or_connect(key)).expect("hit"));
+                    }
+                };
+                let r = interleaved(t, &[&get_v, &call_v, &goc_v]);
                 call_rows.push(format!(
-                    "  addrs={n:>6} threads={t}: call {:.2}x {}",
+                    "  addrs={n:>6} threads={t}: call {:.2}x {}   get_or_connect hit {:.2}x",
                     r[1],
-                    if r[1] <= 2.0 { "(met)" } else { "(NOT met)" }
+                    if r[1] <= 2.0 { "(met)" } else { "(NOT met)" },
+                    r[2]
                 ));
             }
         }
     }
-    println!("full call (get + begin + success) / bare get (goal <= 2x):");
+    println!(
+        "full call (get + begin + success) / bare get (goal <= 2x), and get_or_connect on a hit / get:"
+    );
     println!("{}", call_rows.join("\n"));
 }
 
