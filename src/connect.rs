@@ -53,6 +53,11 @@ const WAIT_GRACE: Duration = Duration::from_millis(5);
 #[error("the connect task ended without a result")]
 struct ConnectAbandoned;
 
+/// The cause handed to a waiter whose freshly made connection closed before it could be used.
+#[derive(Debug, thiserror::Error)]
+#[error("the new connection closed before it could be handed out")]
+struct ClosedAfterConnect;
+
 enum Joined<C> {
     Ready(PooledConnection<C>),
     Wait(Instant, watch::Receiver<FlightResult<C>>),
@@ -101,9 +106,19 @@ where
         if let Some(stale) = self.peek(addr) {
             self.evict_unhealthy_candidates(Instant::now(), vec![(addr.clone(), stale.id())]);
         }
-        match self.join_or_start(addr)? {
-            Joined::Ready(conn) => Ok(conn),
-            Joined::Wait(deadline, rx) => self.wait_flight(addr, deadline, rx).await,
+        let conn = match self.join_or_start(addr)? {
+            Joined::Ready(conn) => return Ok(conn),
+            Joined::Wait(deadline, rx) => self.wait_flight(addr, deadline, rx).await?,
+        };
+        // I8: the flight's connection may have died while we waited (another waiter used it first
+        // and found it closed). Never hand it out; say so rather than wait again past the deadline.
+        if self.usable(&conn) {
+            Ok(conn)
+        } else {
+            Err(PoolError::Connect {
+                addr: addr.clone(),
+                cause: Arc::new(ClosedAfterConnect),
+            })
         }
     }
 

@@ -29,8 +29,9 @@ fn micros(d: Duration) -> u64 {
 pub struct ConnectionMetrics {
     created_at: Instant,
     health: HealthPolicy,
-    /// Microseconds since `created_at` of the last use; only moves forward.
-    last_used_us: AtomicU64,
+    /// Nanoseconds since `created_at` of the last use; only moves forward. Exact (not rounded to
+    /// microseconds), so the idle edge is exact: at `max_idle` after a use a connection is fresh.
+    last_used_ns: AtomicU64,
     /// `RETIRED` bit | calls in flight. One word, so an idle sweep's claim and a call's start are
     /// ordered against each other (I5).
     state: AtomicU64,
@@ -50,7 +51,7 @@ impl ConnectionMetrics {
         Self {
             created_at,
             health,
-            last_used_us: AtomicU64::new(0),
+            last_used_ns: AtomicU64::new(0),
             state: AtomicU64::new(0),
             flags: AtomicU8::new(0),
             consecutive_errors: AtomicU32::new(0),
@@ -69,8 +70,9 @@ impl ConnectionMetrics {
 
     /// Moves the idle clock to `now` (never backwards).
     pub fn touch(&self, now: Instant) {
-        self.last_used_us
-            .fetch_max(self.elapsed_us(now), Ordering::AcqRel);
+        let ns = u64::try_from(now.saturating_duration_since(self.created_at).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.last_used_ns.fetch_max(ns, Ordering::AcqRel);
     }
 
     /// Records a successful call that took `latency`, finished at `now`.
@@ -199,7 +201,7 @@ impl ConnectionMetrics {
 
     /// When the connection was last used (`get`, a call, or a recorded result).
     pub fn last_used(&self) -> Instant {
-        self.created_at + Duration::from_micros(self.last_used_us.load(Ordering::Acquire))
+        self.created_at + Duration::from_nanos(self.last_used_ns.load(Ordering::Acquire))
     }
 
     /// Time since the last use, at `now`.
@@ -422,5 +424,35 @@ impl PoolStats {
     /// Live connections that are not idle.
     pub fn active(&self) -> usize {
         self.total.saturating_sub(self.idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the simulation (idle-edge, every seed): the idle clock rounded a use down to whole
+    /// microseconds, so a connection used exactly `max_idle` ago looked idle.
+    #[test]
+    fn i5_the_idle_clock_is_exact_below_a_microsecond() {
+        let t0 = Instant::now();
+        let max_idle = Some(Duration::from_secs(10));
+        let m = ConnectionMetrics::new(t0, HealthPolicy::default());
+        let used = t0 + Duration::from_nanos(1_500);
+        m.touch(used);
+        assert_eq!(m.last_used(), used);
+        let edge = used + Duration::from_secs(10);
+        assert!(
+            !m.is_idle_at(edge, max_idle),
+            "I5 violated at exactly max_idle"
+        );
+        assert!(
+            !m.try_retire_idle(edge, max_idle),
+            "I5 violated by the claim"
+        );
+        assert!(
+            m.is_idle_at(edge + Duration::from_nanos(1), max_idle),
+            "I6: 1 ns past is idle"
+        );
     }
 }

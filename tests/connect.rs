@@ -460,3 +460,49 @@ async fn i12_a_caller_retrying_right_after_a_failure_meets_the_backoff_not_a_sta
         );
     }
 }
+
+/// Found by the simulation (flapping-broker seed 5): when a shared connect completed, the first
+/// waiter to run used the connection and found it closed, and the next waiter was still handed that
+/// closed connection. A waiter now gets a connection only if it is usable when handed over (I8).
+#[tokio::test(start_paused = true)]
+async fn i8_a_waiter_is_never_handed_a_connection_that_closed_while_it_waited() {
+    let script = Script::always(Outcome::Ok(50 * MS));
+    let pool = pool_with(&script, 0);
+    let first = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let conn = pool.get_or_connect(&addr(0)).await.unwrap();
+            conn.mark_closed(); // its first call found the broker gone
+        })
+    };
+    let waiters: Vec<_> = (0..10)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                // Checked at the instant of hand-over: no await in between.
+                pool.get_or_connect(&addr(0)).await.map(|c| c.is_healthy())
+            })
+        })
+        .collect();
+    first.await.unwrap();
+    let mut refused = 0;
+    for w in waiters {
+        match w.await.unwrap() {
+            Ok(healthy) => assert!(
+                healthy,
+                "I8 violated: a waiter was handed a closed connection"
+            ),
+            Err(PoolError::Connect { cause, .. }) => {
+                assert!(
+                    cause
+                        .to_string()
+                        .contains("closed before it could be handed out")
+                );
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused > 0, "the race this test is about did not happen");
+    assert_eq!(script.connects(), 1);
+}
