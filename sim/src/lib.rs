@@ -13,6 +13,8 @@ pub mod client;
 #[cfg(madsim)]
 pub mod record;
 #[cfg(madsim)]
+pub mod remoting;
+#[cfg(madsim)]
 pub mod runner;
 #[cfg(madsim)]
 pub mod scenarios;

@@ -107,6 +107,11 @@ pub const ALL: &[Scenario] = &[
         run: || Box::pin(dead_broker()),
     },
     Scenario {
+        name: "remoting",
+        about: "the library's RemotingClient/RemotingConnector against MiniServers under faults",
+        run: || Box::pin(crate::remoting::remoting()),
+    },
+    Scenario {
         name: "swarm",
         about: "configuration and fault mix drawn from the seed (VOPR-style)",
         run: || Box::pin(swarm()),
