@@ -35,6 +35,9 @@ pub enum Outcome {
     Ok(Duration),
     /// Fails after this delay.
     Fail(Duration),
+    /// Succeeds after this delay with a connection whose transport is already closed (it died
+    /// between the connect and its first use).
+    OkButClosed(Duration),
     /// Never finishes (the pool's timeout must cut it).
     Hang,
 }
@@ -99,6 +102,12 @@ impl Connector<Conn> for Script {
             Outcome::Ok(d) => {
                 tokio::time::sleep(d).await;
                 Ok(Conn::new(serial))
+            }
+            Outcome::OkButClosed(d) => {
+                tokio::time::sleep(d).await;
+                let conn = Conn::new(serial);
+                conn.open.store(false, Ordering::SeqCst);
+                Ok(conn)
             }
             Outcome::Fail(d) => {
                 tokio::time::sleep(d).await;
