@@ -475,6 +475,40 @@ impl Harness {
                     format!("I4 violated: {made} connects made, model expects {want}")
                 })?;
             }
+            Op::GetOrConnectTwice { addr: a, script } => {
+                let a = a % ADDRS;
+                let key = addr(a);
+                self.pool.connector().script(Some(script));
+                let (first, second) = tokio::join!(
+                    self.pool.get_or_connect(&key),
+                    self.pool.get_or_connect(&key)
+                );
+                self.settle().await?;
+                self.pool.connector().script(None);
+                // The model, in the order the two calls ran: the first to its first await, then
+                // the second, which joins the first's flight if it started one.
+                let plan = self.m.get_or_connect(a, script);
+                if matches!(
+                    plan,
+                    ConnectPlan::Connected | ConnectPlan::Failed | ConnectPlan::TimedOut
+                ) {
+                    self.m.counters.shared += 1;
+                    ensure(same_result(&first, &second), || {
+                        format!(
+                            "I4 violated: two callers of one connect got {first:?} and {second:?}"
+                        )
+                    })?;
+                    self.compare_connect(a, plan, first)?;
+                } else {
+                    self.compare_connect(a, plan, first)?;
+                    let plan = self.m.get_or_connect(a, script);
+                    self.compare_connect(a, plan, second)?;
+                }
+                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
+                ensure(want == made, || {
+                    format!("I4 violated: {made} connects made, model expects {want}")
+                })?;
+            }
             Op::Clear => {
                 self.m.clear();
                 self.pool.clear();
@@ -856,7 +890,7 @@ impl Harness {
             c.succeeded,
             c.failed,
             c.timed_out,
-            0,
+            c.shared,
             c.backoff_rejections,
         ];
         ensure(got == want, || {
@@ -894,6 +928,21 @@ impl Harness {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Whether two callers got one result: the same connection, or the same error.
+fn same_result(
+    a: &Result<PooledConnection<FakeConn>, PoolError>,
+    b: &Result<PooledConnection<FakeConn>, PoolError>,
+) -> bool {
+    match (a, b) {
+        (Ok(x), Ok(y)) => x.id() == y.id(),
+        (Err(PoolError::Connect { cause: x, .. }), Err(PoolError::Connect { cause: y, .. })) => {
+            std::sync::Arc::ptr_eq(x, y)
+        }
+        (Err(PoolError::ConnectTimeout { .. }), Err(PoolError::ConnectTimeout { .. })) => true,
+        _ => false,
     }
 }
 

@@ -227,6 +227,8 @@ pub struct Counters {
     pub rejected: u64,
     /// Connects started.
     pub attempted: u64,
+    /// Callers that joined a connect already in flight.
+    pub shared: u64,
     /// Connects that succeeded.
     pub succeeded: u64,
     /// Connects that failed.
@@ -325,12 +327,10 @@ impl Model {
         }
     }
 
-    /// Moves the idle clock of `i` to now. The pool keeps it in whole microseconds since the
-    /// connection's creation (documented resolution), so the model truncates the same way.
+    /// Moves the idle clock of `i` to now (exactly: never backwards, no rounding).
     fn touch(&mut self, i: usize) {
         let c = &mut self.conns[i];
-        let since = Duration::from_micros((self.now - c.created).as_micros() as u64);
-        c.last_used = c.last_used.max(c.created + since);
+        c.last_used = c.last_used.max(self.now);
     }
 
     fn full(&self) -> bool {

@@ -159,6 +159,14 @@ pub enum Op {
         /// What the connector does.
         script: ConnectScript,
     },
+    /// Two `get_or_connect(addr)` calls polled together: if the first dials, the second joins its
+    /// flight and both get its one result (I4).
+    GetOrConnectTwice {
+        /// Address index.
+        addr: u8,
+        /// What the connector does.
+        script: ConnectScript,
+    },
     /// `clear()`.
     Clear,
     /// `close().await`, with a cleanup task running (I17).
@@ -276,6 +284,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         4 => (h(), finish()).prop_map(|(call, how)| Op::Finish { call, how }),
         4 => h().prop_map(|handle| Op::Begin { handle }),
         4 => (a(), script()).prop_map(|(addr, script)| Op::GetOrConnect { addr, script }),
+        2 => (a(), script()).prop_map(|(addr, script)| Op::GetOrConnectTwice { addr, script }),
         3 => a().prop_map(|addr| Op::RecordError { addr }),
         1 => (a(), any::<u8>()).prop_map(|(addr, latency_ms)| Op::RecordSuccess { addr, latency_ms }),
         1 => a().prop_map(|addr| Op::Remove { addr }),
