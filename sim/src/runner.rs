@@ -95,6 +95,8 @@ impl Options {
 enum SeedResult {
     Done(Outcome),
     Panicked(String),
+    /// Hung (killed by the watchdog) or died without a result.
+    Lost(String),
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -152,7 +154,9 @@ pub fn child(scenario: &str, seed: u64) -> i32 {
                 .map_or("-".to_string(), |v| one_line(&v.msg)),
             one_line(&o.info)
         ),
-        SeedResult::Panicked(msg) => format!("{RESULT_TAG}\tpanic\t{}", one_line(&msg)),
+        SeedResult::Panicked(msg) | SeedResult::Lost(msg) => {
+            format!("{RESULT_TAG}\tpanic\t{}", one_line(&msg))
+        }
     };
     println!("{line}");
     0
@@ -300,7 +304,7 @@ pub fn run(opts: &Options) -> i32 {
                     finished = Some((
                         i,
                         Some(format!(
-                            "hung: no result within the wall-clock limit of {:?}",
+                            "hung: killed after the wall-clock limit of {:?}",
                             opts.wall_limit
                         )),
                     ));
@@ -324,9 +328,9 @@ pub fn run(opts: &Options) -> i32 {
             let _ = out.read_to_string(&mut stdout);
         }
         let result = match hung {
-            Some(msg) => SeedResult::Panicked(msg),
+            Some(msg) => SeedResult::Lost(msg),
             None => parse_result(&stdout).unwrap_or_else(|| {
-                SeedResult::Panicked("the simulation process died without a result".into())
+                SeedResult::Lost("the simulation process died without a result".into())
             }),
         };
         let job = &jobs[r.job];
@@ -356,6 +360,7 @@ pub fn run(opts: &Options) -> i32 {
                 (SeedResult::Panicked(msg), _) => {
                     problem = Some(format!("second run panicked: {msg}"))
                 }
+                (SeedResult::Lost(msg), _) => problem = Some(format!("second run {msg}")),
             }
         } else {
             tally.seeds += 1;
@@ -389,6 +394,7 @@ pub fn run(opts: &Options) -> i32 {
                     first_runs.insert(key, o.clone());
                 }
                 SeedResult::Panicked(msg) => problem = Some(format!("panicked: {msg}")),
+                SeedResult::Lost(msg) => problem = Some(msg.clone()),
             }
         }
         if let Some(p) = problem {
@@ -421,7 +427,7 @@ pub fn run(opts: &Options) -> i32 {
         return 2;
     }
     if !failures.is_empty() {
-        println!("FAILED: {} failing seed(s):", failures.len());
+        println!("FAILED: {} failing run(s):", failures.len());
         for f in &failures {
             println!("  {f}");
         }
