@@ -669,13 +669,12 @@ impl Ctx {
             let k = pool.backoff_failures(&addr);
             // A connect begun before the faults stopped may still fail (one connect timeout) and
             // add one more failure; then the backoff for k+1 (at most, with full jitter), then one
-            // connect. Under a full pool the address's own dead connection holds its slot until
-            // the next sweep (one interval).
+            // connect. (No cleanup interval: `get_or_connect` evicts the address's own unfit
+            // connection itself, so it never waits for a sweep to free that slot.)
             let bound = cfg.connect_timeout
                 + cfg.backoff.delay(k.saturating_add(1), 1.0)
                 + cfg.connect_timeout
-                + interval
-                + ms(5);
+                + ms(2);
             // End to end: a stale connection must first fail its calls until it is judged
             // unhealthy, and madsim may hold a message sent into a partition up to 10 s after
             // the heal.
