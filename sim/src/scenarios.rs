@@ -722,7 +722,7 @@ async fn dead_broker() -> Outcome {
         let dead = ctx.brokers[0].addr.clone();
         let traffic = Traffic { workers: 4, length: ms(20_000), work: 0..10, think: 1..5 };
         standard(ctx, traffic, move |ctx, pool, until| async move {
-            sleep_until_or(until).await;
+            tokio::time::sleep_until(until).await;
             let span = started.elapsed();
             let connects = ctx.reg.connects_to(dead.as_str());
             let allowed = max_connects(&ctx.setup.config.backoff, span);
@@ -734,10 +734,6 @@ async fn dead_broker() -> Outcome {
         .await;
     })
     .await
-}
-
-async fn sleep_until_or(until: Instant) {
-    tokio::time::sleep_until(until).await;
 }
 
 async fn swarm() -> Outcome {
