@@ -3,22 +3,28 @@
 //! `DashMap<CheetahString, Arc<u64>>` (the floor) holding the same keys. Keys are real-sized
 //! `ip:port` strings, stored inline by `CheetahString`; the connection itself is a `u64` handle, so
 //! the figure is the pool's own overhead. Also printed: the size of each part of an entry, and the
-//! growth of the resident set (which includes malloc's per-chunk overhead the counter cannot see).
+//! growth of the resident set (which includes malloc's per-chunk overhead the counter cannot see),
+//! and the same count for the keyed peer, hyper-util's `Map` of `Singleton`s.
 //!
 //! Run: `cargo bench -p keyed-pool-benches --bench memory`
 
 use std::alloc::System;
+use std::future::Future;
 use std::hash::RandomState;
 use std::mem::size_of;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
 use dashmap::DashMap;
+use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::core::{HealthPolicy, HealthWindow};
 use keyed_pool::{ConnectionMetrics, ConnectionPool, PooledConnection};
 use keyed_pool_benches::addrs;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use tower_service::Service;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -102,5 +108,43 @@ fn main() {
             },
         );
         drop(pool);
+        let (hyper_bytes, _, hyper) = measure(|| {
+            let mut map = hyper_util::client::pool::map::Map::builder()
+                .keys(|addr: &CheetahString| addr.clone())
+                .values(|_addr: &CheetahString| Singleton::new(MakeConn))
+                .build();
+            let mut cx = Context::from_waker(Waker::noop());
+            for k in &keys {
+                let svc = map.service(k);
+                assert!(svc.poll_ready(&mut cx).is_ready());
+                let mut fut = svc.call(k.clone());
+                assert!(Pin::new(&mut fut).poll(&mut cx).is_ready(), "made at once");
+            }
+            map
+        });
+        println!(
+            "           peer: hyper-util Map of Singletons (no metrics, no health) {:6.1} B/entry ({:.2}x the floor)",
+            per(hyper_bytes),
+            hyper_bytes as f64 / floor as f64
+        );
+        drop(hyper);
+    }
+}
+
+/// Makes the one shared "connection" of an address for hyper-util's `Singleton`, at once.
+#[derive(Clone, Copy)]
+struct MakeConn;
+
+impl Service<CheetahString> for MakeConn {
+    type Response = Arc<u64>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Arc<u64>, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _addr: CheetahString) -> Self::Future {
+        std::future::ready(Ok(Arc::new(7)))
     }
 }
