@@ -149,7 +149,9 @@ pub fn rule_of(e: &ConfigError) -> &'static str {
     }
 }
 
-/// Pools are only built for shard amounts up to this: the map allocates every shard up front.
+/// Pools are only built for shard amounts up to this: the map allocates every shard up front, and
+/// validation does not cap the amount (`shard_amount(1 << 62)` validates, then `build` panics with
+/// a capacity overflow; reported, not worked around in the rules above).
 pub const MAX_SHARDS_BUILT: usize = 1 << 12;
 
 /// The whole check of one raw config.
@@ -165,8 +167,11 @@ pub fn check(raw: &RawConfig) {
             "validate accepted a config breaking {broken:?}: {config:?}"
         ),
         Err(e) => {
+            // A cap on the shard amount is allowed (and wanted: today a huge power of two passes
+            // validation and `build` panics allocating the shards).
+            let capped = rule_of(&e) == "shard_amount" && config.shard_amount > MAX_SHARDS_BUILT;
             assert!(
-                broken.contains(&rule_of(&e)),
+                capped || broken.contains(&rule_of(&e)),
                 "validate refused with {e:?} (rule {}), but the broken rules are {broken:?}: {config:?}",
                 rule_of(&e)
             );
@@ -185,6 +190,11 @@ pub fn check(raw: &RawConfig) {
         built.is_ok(),
         broken.is_empty(),
         "build and the rules disagree on {config:?}"
+    );
+    assert_eq!(
+        built.is_ok(),
+        config.validate().is_ok(),
+        "build and validate disagree"
     );
     if let Ok(pool) = built {
         workout(pool, &config);
