@@ -3,6 +3,10 @@ use std::time::Duration;
 use crate::ConfigError;
 use crate::core::{BackoffPolicy, HealthPolicy};
 
+/// The most shards [`PoolConfig::shard_amount`] accepts: more buys no concurrency on any real
+/// machine, and a huge value would only exhaust memory when the pool is built.
+pub const MAX_SHARDS: usize = 4096;
+
 /// What the pool does when a new connection needs a slot and every slot is taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WhenFull {
@@ -35,7 +39,7 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// What to do when every slot is taken. Default: [`WhenFull::Reject`].
     pub when_full: WhenFull,
-    /// Shards of the address map; a power of two >= 2. Fixed rather than derived from the CPU count
+    /// Shards of the address map; a power of two in `2..=4096`. Fixed rather than derived from the CPU count
     /// so that a simulation seed replays the same on any machine. Default: 32.
     pub shard_amount: usize,
 }
@@ -72,7 +76,7 @@ impl PoolConfig {
                 timeout: self.connect_timeout,
             });
         }
-        if self.shard_amount < 2 || !self.shard_amount.is_power_of_two() {
+        if !(2..=MAX_SHARDS).contains(&self.shard_amount) || !self.shard_amount.is_power_of_two() {
             return Err(ConfigError::BadShardAmount {
                 shards: self.shard_amount,
             });

@@ -114,8 +114,8 @@ pub enum ConfigError {
         /// The value given.
         interval: Duration,
     },
-    /// The shard amount must be a power of two, at least 2.
-    #[error("shard amount {shards} is not a power of two >= 2")]
+    /// The shard amount must be a power of two in `2..=4096`.
+    #[error("shard amount {shards} is not a power of two in 2..=4096")]
     BadShardAmount {
         /// The value given.
         shards: usize,

@@ -15,7 +15,7 @@ mod sweep;
 pub mod tcp;
 
 pub use cheetah_string::CheetahString;
-pub use config::{PoolConfig, WhenFull};
+pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};
 pub use connector::{Connector, NoConnector, NoConnectorError};
 pub use error::{Cause, ConfigError, PoolError};

@@ -487,7 +487,9 @@ where
         }
     }
 
-    /// Live connections.
+    /// Live connections. Counted shard by shard, so while connections are replaced concurrently it
+    /// can briefly count one twice; [`used_slots`](Self::used_slots) is the exact figure the cap
+    /// (I1) is held against.
     pub fn len(&self) -> usize {
         self.inner.map.len()
     }

@@ -147,15 +147,24 @@ const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 /// race between rotation and increment. Counts saturate at 2^20 − 1 per bucket. Time enters as
 /// microseconds since the connection's creation (`elapsed_us`); the window itself never reads a
 /// clock.
+///
+/// The 24-bit epoch tag alone would alias after 2^24 bucket widths; two rules rule that out: when
+/// the window rotates into a new bucket, every bucket that has aged out is cleared (a CAS on the
+/// exact stale word, so a concurrent fresh count is never lost), and a read more than a window after
+/// the last record sees nothing. So every non-empty bucket a read looks at is less than two windows
+/// old, far inside the tag's range.
 #[derive(Debug)]
 pub struct HealthWindow {
     buckets: [AtomicU64; WINDOW_BUCKETS],
+    /// Full (untruncated) epoch of the latest record.
+    last_epoch: AtomicU64,
 }
 
 impl Default for HealthWindow {
     fn default() -> Self {
         Self {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            last_epoch: AtomicU64::new(0),
         }
     }
 }
@@ -179,9 +188,11 @@ impl HealthWindow {
         let epoch = elapsed_us / bucket_width_us(window);
         let bucket = &self.buckets[(epoch % WINDOW_BUCKETS as u64) as usize];
         let tag = epoch & EPOCH_MASK;
+        let mut rotated = false;
         let _ = bucket.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             let (e, mut s, mut f) = unpack(word);
-            if e != tag {
+            rotated = e != tag;
+            if rotated {
                 (s, f) = (0, 0);
             }
             if success {
@@ -191,11 +202,34 @@ impl HealthWindow {
             }
             Some((tag << (2 * COUNT_BITS)) | (s << COUNT_BITS) | f)
         });
+        // Only a rotation moves into a new epoch; a record into the current bucket finds it
+        // published already, so the common path costs one CAS.
+        if rotated {
+            self.last_epoch.fetch_max(epoch, Ordering::AcqRel);
+            self.clear_aged_out(tag);
+        }
+    }
+
+    /// Clears every bucket that is a whole window or more older than `tag`.
+    fn clear_aged_out(&self, tag: u64) {
+        for bucket in &self.buckets {
+            let word = bucket.load(Ordering::Acquire);
+            let (e, s, f) = unpack(word);
+            let age = tag.wrapping_sub(e) & EPOCH_MASK;
+            if (s, f) != (0, 0) && age >= WINDOW_BUCKETS as u64 {
+                // Fails harmlessly if someone counted into it meanwhile: then it is fresh.
+                let _ = bucket.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
     }
 
     /// `(successes, failures)` recorded within the window ending at `elapsed_us`.
     pub fn counts(&self, window: Duration, elapsed_us: u64) -> (u64, u64) {
-        let current = (elapsed_us / bucket_width_us(window)) & EPOCH_MASK;
+        let epoch = elapsed_us / bucket_width_us(window);
+        if epoch.saturating_sub(self.last_epoch.load(Ordering::Acquire)) >= WINDOW_BUCKETS as u64 {
+            return (0, 0); // nothing recorded within the window
+        }
+        let current = epoch & EPOCH_MASK;
         self.buckets.iter().fold((0, 0), |(s_all, f_all), bucket| {
             let (e, s, f) = unpack(bucket.load(Ordering::Acquire));
             let age = current.wrapping_sub(e) & EPOCH_MASK;
@@ -205,5 +239,50 @@ impl HealthWindow {
                 (s_all, f_all)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Found by the property tests: with a 24-bit tag alone, a bucket written exactly 2^24 bucket
+    /// widths ago counted as current again.
+    #[test]
+    fn i11_old_outcomes_never_come_back_after_the_tag_wraps() {
+        let w = HealthWindow::default();
+        w.record(MS, 0, false);
+        let width = bucket_width_us(MS);
+        assert_eq!(
+            w.counts(MS, (1 << EPOCH_BITS) * width),
+            (0, 0),
+            "read after a long silence"
+        );
+        // Periodic traffic that keeps landing in one other bucket must not revive the old one.
+        let w = HealthWindow::default();
+        w.record(MS, 0, false);
+        let mut t = width; // bucket 1
+        while t < (1 << EPOCH_BITS) * width {
+            w.record(MS, t, true);
+            t += WINDOW_BUCKETS as u64 * width * 4096;
+        }
+        let now = (1 << EPOCH_BITS) * width;
+        w.record(MS, now + width, true);
+        let (_, failures) = w.counts(MS, now + width);
+        assert_eq!(failures, 0, "a failure 2^24 buckets old came back");
+    }
+
+    #[test]
+    fn window_counts_only_the_last_window() {
+        let window = Duration::from_secs(8);
+        let w = HealthWindow::default();
+        for s in 0..16u64 {
+            w.record(window, s * 1_000_000, s % 2 == 0);
+        }
+        // At t = 15 s the window holds seconds 8..=15: 4 successes, 4 failures.
+        assert_eq!(w.counts(window, 15 * 1_000_000), (4, 4));
+        assert_eq!(w.counts(window, 100 * 1_000_000), (0, 0));
     }
 }
