@@ -53,6 +53,30 @@ const WAIT_GRACE: Duration = Duration::from_millis(5);
 #[error("the connect task ended without a result")]
 struct ConnectAbandoned;
 
+/// What a connect task holds until it ends, given back however it ends: its capacity slot (unless
+/// the connection was pooled in it) and its entry in the flight map. A task dropped mid-connect (its
+/// runtime shut down under it) thus leaks no slot (I3) and leaves no dead flight for later callers
+/// to join; their waits end with a "connect task ended" error.
+struct FlightGuard<'a, C, K: Connector<C>> {
+    pool: &'a ConnectionPool<C, K>,
+    addr: &'a CheetahString,
+    flight: u64,
+    slot_held: bool,
+}
+
+impl<C, K: Connector<C>> Drop for FlightGuard<'_, C, K> {
+    fn drop(&mut self) {
+        let inner = &self.pool.inner;
+        inner.reserved.fetch_sub(1, Ordering::Relaxed);
+        if self.slot_held {
+            inner.ledger.release();
+        }
+        inner
+            .flights
+            .remove_if(self.addr, |_, f| f.id == self.flight);
+    }
+}
+
 /// The cause handed to a waiter whose freshly made connection closed before it could be used.
 #[derive(Debug, thiserror::Error)]
 #[error("the new connection closed before it could be handed out")]
@@ -229,17 +253,21 @@ where
         deadline: Instant,
         tx: watch::Sender<FlightResult<C>>,
     ) {
+        let mut guard = FlightGuard {
+            pool: &self,
+            addr: &addr,
+            flight,
+            slot_held: true,
+        };
         let timeout = self.inner.config.connect_timeout;
         tracing::debug!(addr = %addr, "connecting");
         let remaining = deadline.saturating_duration_since(Instant::now());
         let outcome = tokio::time::timeout(remaining, self.inner.connector.connect(&addr)).await;
-        self.inner.reserved.fetch_sub(1, Ordering::Relaxed);
         let counters = &self.inner.counters;
         let result = match outcome {
-            Ok(Ok(conn)) => self.adopt(addr.clone(), conn),
+            Ok(Ok(conn)) => self.adopt(addr.clone(), conn, &mut guard.slot_held),
             Ok(Err(err)) => {
                 PoolCounters::bump(&counters.connects_failed);
-                self.inner.ledger.release();
                 let cause: Cause = Arc::new(err);
                 tracing::warn!(addr = %addr, error = %cause, "connect failed");
                 self.record_backoff(&addr, Arc::clone(&cause));
@@ -250,7 +278,6 @@ where
             }
             Err(_elapsed) => {
                 PoolCounters::bump(&counters.connects_timed_out);
-                self.inner.ledger.release();
                 let err = PoolError::ConnectTimeout {
                     addr: addr.clone(),
                     timeout,
@@ -260,23 +287,30 @@ where
                 Err(err)
             }
         };
-        // Retire the flight before publishing: a waiter woken by the result that calls again at
-        // once must start afresh (and meet the backoff just recorded), not join this finished
-        // flight and receive its stale result. Waiters already hold their receivers.
-        self.inner.flights.remove_if(&addr, |_, f| f.id == flight);
+        // Give the slot back (unless pooled) and retire the flight before publishing: a waiter woken
+        // by the result that calls again at once must start afresh (and meet the backoff just
+        // recorded), not join this finished flight and receive its stale result; and it must find
+        // the slot free (I3). Waiters already hold their receivers.
+        drop(guard);
         tx.send_replace(Some(result));
     }
 
-    /// Pools a freshly connected `conn` in the slot its connect reserved.
-    fn adopt(&self, addr: CheetahString, conn: C) -> Result<PooledConnection<C>, PoolError> {
+    /// Pools a freshly connected `conn` in the slot its connect reserved; clears `slot_held` once
+    /// the slot belongs to the pooled connection.
+    fn adopt(
+        &self,
+        addr: CheetahString,
+        conn: C,
+        slot_held: &mut bool,
+    ) -> Result<PooledConnection<C>, PoolError> {
         if self.is_closed() {
             self.inner.connector.close(&conn);
-            self.inner.ledger.release();
             return Err(PoolError::Closed);
         }
         let pooled = self.new_connection(addr, conn);
-        // Cannot fail: the slot is held.
+        // Cannot fail: the slot is held. On a replacement `place` returns the reservation itself.
         self.place(pooled.clone(), true)?;
+        *slot_held = false;
         PoolCounters::bump(&self.inner.counters.connects_succeeded);
         self.inner.backoff.remove(pooled.addr());
         // `close` may have swept the map just before we pooled: then remove our own connection.

@@ -489,3 +489,42 @@ async fn i8_a_waiter_is_never_handed_a_connection_that_closed_while_it_waited() 
     assert!(fresh.is_healthy());
     assert_eq!(script.connects(), 2);
 }
+
+/// A pool outliving the runtime that ran its connect (a shared pool used from several runtimes, as
+/// tests often do): the connect task is dropped mid-connect with its runtime. Its slot comes back
+/// (I3) and no dead flight is left for the next caller to join.
+#[cfg(not(madsim))]
+#[test]
+fn i3_a_connect_task_dropped_with_its_runtime_leaks_no_slot_and_no_flight() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    let script = Script::always(Outcome::Hang);
+    let pool = pool_with(&script, 1);
+    let first = runtime();
+    first.block_on(async {
+        let attempt = tokio::time::timeout(10 * MS, pool.get_or_connect(&addr(0))).await;
+        assert!(attempt.is_err(), "the connect hangs");
+    });
+    assert_eq!(
+        pool.used_slots(),
+        1,
+        "the hung connect holds its reserved slot"
+    );
+    drop(first); // drops the connect task mid-connect
+    assert_eq!(
+        pool.used_slots(),
+        0,
+        "I3 violated: a dropped connect task leaked its slot"
+    );
+    assert_eq!(pool.stats().reserved, 0);
+    script.set_default(Outcome::Ok(Duration::ZERO));
+    runtime().block_on(async {
+        let conn = pool.get_or_connect(&addr(0)).await;
+        assert!(conn.is_ok(), "a dead flight was joined: {conn:?}");
+    });
+    assert_eq!(script.connects(), 2);
+}
