@@ -99,10 +99,13 @@ where
             }
             tracing::debug!(?interval, "cleanup task started");
             loop {
+                // `biased`: no random branch order (tokio draws it from an RNG madsim does not
+                // seed, which would make a simulation seed replay differently), and a stop wins.
                 tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
+                    biased;
                     // A new generation, or the pool dropped (the sender goes with it): stop.
                     _ = stop.wait_for(|g| *g != generation) => break,
+                    _ = tokio::time::sleep(interval) => {}
                 }
                 let Some(inner) = weak.upgrade() else { break };
                 let pool = ConnectionPool { inner };
