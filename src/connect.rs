@@ -116,19 +116,21 @@ where
         if self.is_closed() {
             return Err(PoolError::Closed);
         }
+        if let Some(conn) = self.get(addr) {
+            return Ok(conn);
+        }
+        // Validated only on the way to a connect: a pooled address was validated when it was
+        // connected (or inserted by hand), and a hit must cost no more than a `get`.
         if let Err(reason) = self.inner.connector.validate(addr) {
             return Err(PoolError::InvalidAddress {
                 addr: addr.clone(),
                 reason,
             });
         }
-        if let Some(conn) = self.get(addr) {
-            return Ok(conn);
-        }
         // An unfit connection still pooled is evicted now rather than by the next sweep, so an
         // unhealthy one starts its address's backoff before we would dial again (I12).
         if let Some(stale) = self.peek(addr) {
-            self.evict_unhealthy_candidates(Instant::now(), vec![(addr.clone(), stale.id())]);
+            self.evict_unhealthy_candidates(Instant::now(), &[(addr.clone(), stale.id())]);
         }
         let conn = match self.join_or_start(addr)? {
             Joined::Ready(conn) => return Ok(conn),

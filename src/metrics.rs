@@ -1,5 +1,6 @@
 //! Lock-free metrics: per connection ([`ConnectionMetrics`]) and pool-wide ([`PoolStats`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ fn micros(d: Duration) -> u64 {
 #[derive(Debug)]
 pub struct ConnectionMetrics {
     created_at: Instant,
-    health: HealthPolicy,
+    /// The pool's policy, shared by all its connections (not copied into each).
+    health: Arc<HealthPolicy>,
     /// Nanoseconds since `created_at` of the last use; only moves forward. Exact (not rounded to
     /// microseconds), so the idle edge is exact: at `max_idle` after a use a connection is fresh.
     last_used_ns: AtomicU64,
@@ -46,11 +48,12 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    /// Fresh metrics for a connection created at `created_at`, judged by `health`.
-    pub fn new(created_at: Instant, health: HealthPolicy) -> Self {
+    /// Fresh metrics for a connection created at `created_at`, judged by `health` (a policy, or
+    /// one shared by many connections as the pool does).
+    pub fn new(created_at: Instant, health: impl Into<Arc<HealthPolicy>>) -> Self {
         Self {
             created_at,
-            health,
+            health: health.into(),
             last_used_ns: AtomicU64::new(0),
             state: AtomicU64::new(0),
             flags: AtomicU8::new(0),
@@ -80,8 +83,16 @@ impl ConnectionMetrics {
         let us = micros(latency);
         self.successes.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
-        self.consecutive_errors.store(0, Ordering::Release);
+        // Read before writing: on the hot path most calls change neither, and a write would move
+        // the cache line between cores for nothing.
+        if us > self.latency_max_us.load(Ordering::Relaxed) {
+            self.latency_max_us.fetch_max(us, Ordering::Relaxed);
+        }
+        // A failure racing between the load and here is ordered after this success, so skipping
+        // the store when the run is already 0 keeps I10 exact.
+        if self.consecutive_errors.load(Ordering::Acquire) != 0 {
+            self.consecutive_errors.store(0, Ordering::Release);
+        }
         self.window
             .record(self.health.window, self.elapsed_us(now), true);
         self.touch(now);

@@ -75,6 +75,8 @@ pub(crate) struct Inner<C, K: Connector<C>> {
     pub(crate) map: DashMap<CheetahString, PooledConnection<C>>,
     pub(crate) ledger: CapacityLedger,
     pub(crate) config: PoolConfig,
+    /// `config.health`, shared with every connection's metrics.
+    health: Arc<crate::core::HealthPolicy>,
     pub(crate) connector: K,
     pub(crate) counters: PoolCounters,
     pub(crate) next_id: AtomicU64,
@@ -260,6 +262,7 @@ where
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
                 ledger: CapacityLedger::new(config.max_connections),
+                health: Arc::new(config.health),
                 connector,
                 counters: PoolCounters::default(),
                 next_id: AtomicU64::new(1),
@@ -292,7 +295,7 @@ where
 
     pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let metrics = ConnectionMetrics::new(Instant::now(), self.inner.config.health);
+        let metrics = ConnectionMetrics::new(Instant::now(), Arc::clone(&self.inner.health));
         PooledConnection::new(id, addr, conn, metrics)
     }
 

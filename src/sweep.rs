@@ -14,6 +14,11 @@ use crate::connection::ConnId;
 use crate::connector::Connector;
 use crate::core::UnhealthyReason;
 use crate::metrics::EvictionReason;
+
+/// Evictions a sweep makes before it yields to the other tasks of its runtime thread: a sweep of a
+/// very large pool must not hold the thread for its whole length (tens of ms at 100,000
+/// connections). Each eviction is atomic on its own, so yielding between them is safe.
+const SWEEP_CHUNK: usize = 256;
 use crate::{ConnectionPool, PooledConnection};
 
 impl<C, K> ConnectionPool<C, K>
@@ -30,7 +35,14 @@ where
     pub async fn evict_idle(&self) -> usize {
         let now = Instant::now();
         let candidates = self.idle_candidates(now);
-        self.evict_idle_candidates(now, candidates)
+        let mut evicted = 0;
+        for (i, chunk) in candidates.chunks(SWEEP_CHUNK).enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            evicted += self.evict_idle_candidates(now, chunk);
+        }
+        evicted
     }
 
     /// The look phase of an idle sweep: `(addr, id)` of the connections idle at `now`, sorted.
@@ -54,11 +66,11 @@ where
     pub(crate) fn evict_idle_candidates(
         &self,
         now: Instant,
-        candidates: Vec<(CheetahString, ConnId)>,
+        candidates: &[(CheetahString, ConnId)],
     ) -> usize {
         let max_idle = self.inner.config.max_idle;
         candidates
-            .into_iter()
+            .iter()
             .filter(|(addr, id)| {
                 self.remove_if(addr, *id, EvictionReason::Idle, |conn| {
                     conn.metrics().try_retire_idle(now, max_idle)
@@ -75,7 +87,14 @@ where
     pub async fn evict_unhealthy(&self) -> usize {
         let now = Instant::now();
         let candidates = self.unhealthy_candidates();
-        self.evict_unhealthy_candidates(now, candidates)
+        let mut evicted = 0;
+        for (i, chunk) in candidates.chunks(SWEEP_CHUNK).enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            evicted += self.evict_unhealthy_candidates(now, chunk);
+        }
+        evicted
     }
 
     /// The look phase of a health sweep: `(addr, id)` of the connections not fit for use, sorted.
@@ -96,10 +115,11 @@ where
     pub(crate) fn evict_unhealthy_candidates(
         &self,
         now: Instant,
-        candidates: Vec<(CheetahString, ConnId)>,
+        candidates: &[(CheetahString, ConnId)],
     ) -> usize {
         let mut evicted = 0;
         for (addr, id) in candidates {
+            let (addr, id) = (addr.clone(), *id);
             let mut why = None;
             let removed = self.inner.map.remove_if(&addr, |_, conn| {
                 if conn.id() == id {
@@ -182,7 +202,7 @@ mod tests {
         // After the look: addr(0) is used, addr(1) is replaced, addr(2) is left alone.
         pool.get(&addr(0)).unwrap();
         pool.insert(addr(1), 100);
-        let removed = pool.evict_idle_candidates(now, looked);
+        let removed = pool.evict_idle_candidates(now, &looked);
         assert_eq!(
             removed, 1,
             "I7 violated: the sweep removed a connection used or replaced after it looked"
@@ -220,11 +240,11 @@ mod tests {
             "I6 violated: idle 1 µs past max_idle not seen"
         );
         assert_eq!(
-            pool.evict_idle_candidates(edge, looked.clone()),
+            pool.evict_idle_candidates(edge, &looked),
             0,
             "I5: re-check at the edge"
         );
-        assert_eq!(pool.evict_idle_candidates(after, looked), 1, "I6 violated");
+        assert_eq!(pool.evict_idle_candidates(after, &looked), 1, "I6 violated");
     }
 
     #[tokio::test(start_paused = true)]
@@ -236,7 +256,11 @@ mod tests {
         let now = Instant::now();
         let looked = pool.idle_candidates(now);
         let call = held.begin();
-        assert_eq!(pool.evict_idle_candidates(now, looked), 0, "I5/I7 violated");
+        assert_eq!(
+            pool.evict_idle_candidates(now, &looked),
+            0,
+            "I5/I7 violated"
+        );
         call.success();
     }
 
@@ -250,7 +274,7 @@ mod tests {
         let looked = pool.unhealthy_candidates();
         assert_eq!(looked.len(), 2);
         pool.insert(addr(0), 100);
-        let removed = pool.evict_unhealthy_candidates(Instant::now(), looked);
+        let removed = pool.evict_unhealthy_candidates(Instant::now(), &looked);
         assert_eq!(removed, 1, "I7 violated: a healthy replacement was removed");
         assert_eq!(pool.peek(&addr(0)).map(|c| *c.client()), Some(100));
         assert!(pool.peek(&addr(1)).is_none());
