@@ -57,11 +57,11 @@ fn main() {
     }
     println!("memory per pooled connection (net heap bytes counted by the global allocator)");
     println!(
-        "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which HealthPolicy {} B, HealthWindow {} B, Instant {} B)",
+        "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which the shared HealthPolicy's Arc {} B, HealthWindow {} B, Instant {} B)",
         size_of::<CheetahString>(),
         size_of::<PooledConnection<u64>>(),
         size_of::<ConnectionMetrics>(),
-        size_of::<HealthPolicy>(),
+        size_of::<std::sync::Arc<HealthPolicy>>(),
         size_of::<HealthWindow>(),
         size_of::<tokio::time::Instant>(),
     );
