@@ -95,10 +95,11 @@ async fn i1_cap_holds_at_every_instant_under_concurrent_inserts() {
         let (pool, stop, samples) = (pool.clone(), stop.clone(), samples.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                // The exact figure: a slot is taken before a connection becomes visible and given
+                // back after it is gone, so live <= used at every instant. (`len()` counts shard by
+                // shard and can see a concurrently replaced connection twice: checked at rest.)
                 let used = pool.used_slots();
-                let live = pool.len();
                 assert!(used <= MAX, "I1 violated: {used} slots used of {MAX}");
-                assert!(live <= MAX, "I1 violated: {live} live connections of {MAX}");
                 samples.fetch_add(1, Ordering::Relaxed);
                 tokio::task::yield_now().await;
             }
