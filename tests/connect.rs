@@ -434,7 +434,12 @@ async fn a_healthy_pooled_connection_is_returned_without_connecting() {
 async fn i12_a_caller_retrying_right_after_a_failure_meets_the_backoff_not_a_stale_flight() {
     for round in 0..1000 {
         let script = Script::always(Outcome::Fail(Duration::ZERO));
-        let pool = pool_with(&script, 0);
+        // Real time here: a backoff of a minute cannot run out under a stalled CI machine.
+        let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+            .backoff(60 * SEC, 120 * SEC, 0.2)
+            .connector(script.clone())
+            .build()
+            .unwrap();
         let waiters = storm(&pool, 4, round % 8);
         for w in waiters {
             // A waiter that started after the flight ended meets the backoff instead: both fine.
