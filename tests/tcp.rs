@@ -16,7 +16,7 @@ fn pool() -> ConnectionPool<TcpConnection, TcpConnector> {
     ConnectionPool::builder()
         .connector(TcpConnector)
         .connect_timeout(2 * SEC)
-        .backoff(SEC, 4 * SEC, 0.0)
+        .backoff(30 * SEC, 60 * SEC, 0.0) // real time: must not run out between two calls
         .build()
         .unwrap()
 }
