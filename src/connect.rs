@@ -168,12 +168,12 @@ where
             PoolCounters::bump(&self.inner.counters.backoff_rejections);
             return Err(err);
         }
-        if !self.reserve_slot(addr) {
-            return Err(self.at_capacity());
-        }
+        // Everything else is decided under the flight entry, so that exactly one caller starts the
+        // flight and every other caller joins it (I4). The slot is reserved only then: a caller that
+        // raced in between must join the flight, not find the slot that flight holds taken and be
+        // turned away as at capacity. (Lock order: the flight entry, then the map.)
         match self.inner.flights.entry(addr.clone()) {
             Entry::Occupied(flight) => {
-                self.inner.ledger.release();
                 PoolCounters::bump(&self.inner.counters.connects_shared);
                 let flight = flight.get();
                 Ok(Joined::Wait(flight.deadline, flight.rx.clone()))
@@ -182,13 +182,14 @@ where
                 // A flight may have finished between our first look and here. It pooled its
                 // connection, or recorded its backoff, before it left `flights`: honour either.
                 if let Some(conn) = self.get(addr) {
-                    self.inner.ledger.release();
                     return Ok(Joined::Ready(conn));
                 }
                 if let Some(err) = self.backoff_error(addr, Instant::now()) {
-                    self.inner.ledger.release();
                     PoolCounters::bump(&self.inner.counters.backoff_rejections);
                     return Err(err);
+                }
+                if !self.reserve_slot(addr) {
+                    return Err(self.at_capacity());
                 }
                 let (tx, rx) = watch::channel(None);
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
