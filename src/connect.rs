@@ -67,7 +67,6 @@ struct FlightGuard<'a, C, K: Connector<C>> {
 impl<C, K: Connector<C>> Drop for FlightGuard<'_, C, K> {
     fn drop(&mut self) {
         let inner = &self.pool.inner;
-        inner.reserved.fetch_sub(1, Ordering::Relaxed);
         if self.slot_held {
             inner.ledger.release();
         }
@@ -203,7 +202,6 @@ where
                     deadline,
                     rx: rx.clone(),
                 });
-                self.inner.reserved.fetch_add(1, Ordering::Relaxed);
                 PoolCounters::bump(&self.inner.counters.connects_attempted);
                 tokio::spawn(self.clone().run_connect(addr.clone(), id, deadline, tx));
                 Ok(Joined::Wait(deadline, rx))

@@ -84,8 +84,6 @@ pub(crate) struct Inner<C, K: Connector<C>> {
     pub(crate) backoff: DashMap<CheetahString, AddrBackoff>,
     pub(crate) flights: DashMap<CheetahString, Flight<C>>,
     pub(crate) cleanup: CleanupControl,
-    /// Slots held by connects in flight (informational; the ledger is authoritative).
-    pub(crate) reserved: AtomicU64,
     jitter_seed: RandomState,
     jitter_draws: AtomicU64,
 }
@@ -270,7 +268,6 @@ where
                 backoff: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
                 flights: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
                 cleanup: CleanupControl::new(),
-                reserved: AtomicU64::new(0),
                 jitter_seed: RandomState::new(),
                 jitter_draws: AtomicU64::new(0),
                 config,
@@ -513,7 +510,8 @@ where
         let max_idle = self.inner.config.max_idle;
         let mut stats = PoolStats {
             max_connections: self.inner.ledger.max(),
-            reserved: self.inner.reserved.load(Ordering::Relaxed) as usize,
+            // Each flight holds exactly one reserved slot, from its start until it leaves the map.
+            reserved: self.inner.flights.len(),
             ..PoolStats::default()
         };
         for entry in self.inner.map.iter() {

@@ -19,6 +19,18 @@ use crate::metrics::EvictionReason;
 /// very large pool must not hold the thread for its whole length (tens of ms at 100,000
 /// connections). Each eviction is atomic on its own, so yielding between them is safe.
 const SWEEP_CHUNK: usize = 256;
+
+/// The remove phase of a sweep, `SWEEP_CHUNK` candidates at a time with a yield between chunks.
+async fn in_chunks<T>(candidates: &[T], mut evict: impl FnMut(&[T]) -> usize) -> usize {
+    let mut evicted = 0;
+    for (i, chunk) in candidates.chunks(SWEEP_CHUNK).enumerate() {
+        if i > 0 {
+            tokio::task::yield_now().await;
+        }
+        evicted += evict(chunk);
+    }
+    evicted
+}
 use crate::{ConnectionPool, PooledConnection};
 
 impl<C, K> ConnectionPool<C, K>
@@ -35,14 +47,7 @@ where
     pub async fn evict_idle(&self) -> usize {
         let now = Instant::now();
         let candidates = self.idle_candidates(now);
-        let mut evicted = 0;
-        for (i, chunk) in candidates.chunks(SWEEP_CHUNK).enumerate() {
-            if i > 0 {
-                tokio::task::yield_now().await;
-            }
-            evicted += self.evict_idle_candidates(now, chunk);
-        }
-        evicted
+        in_chunks(&candidates, |chunk| self.evict_idle_candidates(now, chunk)).await
     }
 
     /// The look phase of an idle sweep: `(addr, id)` of the connections idle at `now`, sorted.
@@ -87,14 +92,10 @@ where
     pub async fn evict_unhealthy(&self) -> usize {
         let now = Instant::now();
         let candidates = self.unhealthy_candidates();
-        let mut evicted = 0;
-        for (i, chunk) in candidates.chunks(SWEEP_CHUNK).enumerate() {
-            if i > 0 {
-                tokio::task::yield_now().await;
-            }
-            evicted += self.evict_unhealthy_candidates(now, chunk);
-        }
-        evicted
+        in_chunks(&candidates, |chunk| {
+            self.evict_unhealthy_candidates(now, chunk)
+        })
+        .await
     }
 
     /// The look phase of a health sweep: `(addr, id)` of the connections not fit for use, sorted.
