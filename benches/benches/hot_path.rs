@@ -33,7 +33,9 @@ use criterion::{BenchmarkId, Criterion};
 use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::ConnectionPool;
-use keyed_pool_benches::{Scatter, addrs, criterion_dir, median, run_threads, run_threads_with};
+use keyed_pool_benches::{
+    MakeConn, Scatter, addrs, criterion_dir, median, run_threads, run_threads_with,
+};
 use tower_service::Service;
 
 const ADDRS: [usize; 3] = [1, 1_000, 100_000];
@@ -100,24 +102,6 @@ fn sketch_map(keys: &[CheetahString]) -> DashMap<CheetahString, Arc<SketchEntry>
         );
     }
     map
-}
-
-/// Makes the one shared "connection" of an address for hyper-util's `Singleton`: at once.
-#[derive(Clone, Copy)]
-struct MakeConn;
-
-impl Service<CheetahString> for MakeConn {
-    type Response = Arc<u64>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Arc<u64>, Self::Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _addr: CheetahString) -> Self::Future {
-        std::future::ready(Ok(Arc::new(7)))
-    }
 }
 
 /// hyper-util's keyed pool as its docs compose it: a `Map` from key to a `Singleton` that hands

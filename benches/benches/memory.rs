@@ -14,7 +14,7 @@ use std::hash::RandomState;
 use std::mem::size_of;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -22,7 +22,7 @@ use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::core::{HealthPolicy, HealthWindow};
 use keyed_pool::{ConnectionMetrics, ConnectionPool, PooledConnection};
-use keyed_pool_benches::addrs;
+use keyed_pool_benches::{MakeConn, addrs};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower_service::Service;
 
@@ -128,23 +128,5 @@ fn main() {
             hyper_bytes as f64 / floor as f64
         );
         drop(hyper);
-    }
-}
-
-/// Makes the one shared "connection" of an address for hyper-util's `Singleton`, at once.
-#[derive(Clone, Copy)]
-struct MakeConn;
-
-impl Service<CheetahString> for MakeConn {
-    type Response = Arc<u64>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Arc<u64>, Self::Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _addr: CheetahString) -> Self::Future {
-        std::future::ready(Ok(Arc::new(7)))
     }
 }

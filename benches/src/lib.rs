@@ -192,3 +192,25 @@ mod tests {
         assert_eq!((p.p50, p.p99, p.max), (501, 990, 1000));
     }
 }
+
+/// Makes the one shared "connection" of an address for hyper-util's `Singleton` (the keyed peer of
+/// the `hot_path` and `memory` benches), at once.
+#[derive(Clone, Copy, Debug)]
+pub struct MakeConn;
+
+impl tower_service::Service<cheetah_string::CheetahString> for MakeConn {
+    type Response = std::sync::Arc<u64>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<std::sync::Arc<u64>, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _addr: cheetah_string::CheetahString) -> Self::Future {
+        std::future::ready(Ok(std::sync::Arc::new(7)))
+    }
+}
