@@ -359,6 +359,27 @@ where
         self.inner.backoff.get(addr).map_or(0, |b| b.failures)
     }
 
+    /// The ejection count of `addr`: how far up its backoff schedule it is (I12).
+    pub fn ejection_count(&self, addr: &CheetahString) -> u32 {
+        self.backoff_failures(addr)
+    }
+
+    /// Ends the backoff of `addr` at once and forgets its ejection count: for a user with a
+    /// topology signal that the server is back (a route update, a cluster's "node up" event).
+    pub fn mark_up(&self, addr: &CheetahString) {
+        self.inner.backoff.remove(addr);
+    }
+
+    /// Addresses the pool keeps any state for: a connection, a connect in flight, or an ejection
+    /// record. Bounded by live addresses plus addresses backing off.
+    pub fn tracked_addresses(&self) -> usize {
+        let mut keys: std::collections::HashSet<CheetahString> =
+            self.inner.map.iter().map(|e| e.key().clone()).collect();
+        keys.extend(self.inner.flights.iter().map(|e| e.key().clone()));
+        keys.extend(self.inner.backoff.iter().map(|e| e.key().clone()));
+        keys.len()
+    }
+
     /// Checks `conn` actively with the connector's [`probe`](Connector::probe), bounded by the
     /// connect timeout, and records the outcome as a call on it.
     ///
