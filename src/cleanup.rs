@@ -54,9 +54,10 @@ where
     C: Send + Sync + 'static,
     K: Connector<C>,
 {
-    /// Starts a task that runs [`evict_idle`](Self::evict_idle) and
-    /// [`evict_unhealthy`](Self::evict_unhealthy) every `interval` (so an idle connection is gone
-    /// by `max_idle + interval`, I6). An interval under 1 ms is raised to 1 ms.
+    /// Starts a task that runs [`evict_idle`](Self::evict_idle),
+    /// [`evict_unhealthy`](Self::evict_unhealthy) and [`prune_addresses`](Self::prune_addresses)
+    /// every `interval` (so an idle connection is gone by `max_idle + interval`, I6, and a settled
+    /// address by one interval after it settles, I18). An interval under 1 ms is raised to 1 ms.
     ///
     /// The task holds only a weak reference: it ends when the last handle of the pool is dropped,
     /// or on [`shutdown`](Self::shutdown) / [`close`](Self::close), which wait for it (I17).
@@ -114,8 +115,9 @@ where
                 }
                 let idle = pool.evict_idle().await;
                 let unhealthy = pool.evict_unhealthy().await;
-                if idle + unhealthy > 0 {
-                    tracing::debug!(idle, unhealthy, "cleanup sweep");
+                let forgotten = pool.prune_addresses().await;
+                if idle + unhealthy + forgotten > 0 {
+                    tracing::debug!(idle, unhealthy, forgotten, "cleanup sweep");
                 }
             }
             tracing::debug!("cleanup task stopped");
@@ -141,21 +143,42 @@ where
             .await;
     }
 
-    /// Closes the pool: refuses new work ([`PoolError::Closed`](crate::PoolError::Closed)), stops
-    /// and awaits the cleanup tasks, and closes every connection through the connector (I17). A
-    /// connect in flight closes its connection when it completes. Idempotent.
+    /// Closes the pool, as a cut (I17): from its first poll every operation returns
+    /// [`PoolError::Closed`](crate::PoolError::Closed) (or `None`/`false`), connects in flight stop
+    /// and close what they made, the cleanup tasks stop; once it returns, nothing is pooled and every
+    /// connection the pool made has been closed through the connector (except those handed back
+    /// by [`remove`](Self::remove), which are the caller's). A caller racing it gets `Closed` or a
+    /// connection that the close then closes. Idempotent.
+    ///
+    /// # Cancel safety
+    /// The pool is closed from the first poll; dropping the future part-way may leave connections
+    /// to close: call `close` again (or drop the pool) to finish.
     pub async fn close(&self) {
-        // SeqCst pairs with the connect task's re-check after it pools a connection.
+        // SeqCst: every operation checks the flag under its address's entry lock; the sweep below
+        // takes each of those locks after this store.
         self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.closing.send_replace(true);
         self.shutdown().await;
-        self.clear_with(EvictionReason::Manual);
-        self.inner.backoff.clear();
-        tracing::debug!("pool closed");
-    }
-
-    pub(crate) fn clear_with(&self, reason: EvictionReason) {
-        for (addr, id) in self.snapshot_ids() {
-            self.remove_if(&addr, id, reason, |_| true);
+        // Connect tasks see `closing` at once; wait until each has retired its flight, closing
+        // the connection it may have made.
+        let flights: Vec<_> = self
+            .inner
+            .map
+            .iter()
+            .filter_map(|e| e.value().flight.as_ref().map(|f| f.rx.clone()))
+            .collect();
+        for mut rx in flights {
+            // Err: the task ended without publishing (its runtime shut down); nothing to wait for.
+            let _ = rx.wait_for(Option::is_some).await;
         }
+        let now = tokio::time::Instant::now();
+        self.inner.map.retain(|_, slot| {
+            if let Some(pooled) = slot.conn.take() {
+                self.inner
+                    .retire(slot, pooled, EvictionReason::Manual, None, now);
+            }
+            false
+        });
+        tracing::debug!("pool closed");
     }
 }

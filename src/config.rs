@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use crate::ConfigError;
-use crate::core::{BackoffPolicy, HealthPolicy};
+use crate::core::{BackoffPolicy, EjectionPolicy, HealthPolicy};
 
 /// The most shards [`PoolConfig::shard_amount`] accepts: more buys no concurrency on any real
 /// machine, and a huge value would only exhaust memory when the pool is built.
@@ -33,8 +33,10 @@ pub struct PoolConfig {
     pub max_idle: Option<Duration>,
     /// When a connection counts as unhealthy.
     pub health: HealthPolicy,
-    /// How long an address backs off after a failed connect or an unhealthy eviction.
+    /// How long an address backs off at each ejection count.
     pub backoff: BackoffPolicy,
+    /// What raises and lowers an address's ejection count.
+    pub ejection: EjectionPolicy,
     /// Bound on every connect. Default: 3 s (RocketMQ's client default).
     pub connect_timeout: Duration,
     /// What to do when every slot is taken. Default: [`WhenFull::Reject`].
@@ -51,6 +53,7 @@ impl Default for PoolConfig {
             max_idle: Some(Duration::from_secs(300)),
             health: HealthPolicy::default(),
             backoff: BackoffPolicy::default(),
+            ejection: EjectionPolicy::default(),
             connect_timeout: Duration::from_secs(3),
             when_full: WhenFull::Reject,
             shard_amount: 32,
@@ -71,6 +74,7 @@ impl PoolConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.health.validate()?;
         self.backoff.validate()?;
+        self.ejection.validate()?;
         if self.connect_timeout < Duration::from_millis(1) {
             return Err(ConfigError::ConnectTimeoutTooShort {
                 timeout: self.connect_timeout,

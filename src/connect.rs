@@ -11,41 +11,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
-use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::connection::PooledConnection;
 use crate::connector::Connector;
+use crate::core::{Permit, UnhealthyReason};
 use crate::error::{Cause, PoolError};
 use crate::metrics::{EvictionReason, PoolCounters};
+use crate::slot::{Flight, FlightResult, Pooled, Slot};
 use crate::{ConnectionPool, WhenFull};
-
-/// The backoff state of one address (I12).
-#[derive(Debug)]
-pub(crate) struct AddrBackoff {
-    /// Consecutive failures (failed connects and unhealthy evictions) since the last success.
-    pub(crate) failures: u32,
-    /// No connect before this instant.
-    pub(crate) until: Instant,
-    pub(crate) cause: Cause,
-}
-
-type FlightResult<C> = Option<Result<PooledConnection<C>, PoolError>>;
-
-/// A connect in flight for one address; its result is published once on the watch channel.
-pub(crate) struct Flight<C> {
-    id: u64,
-    /// When the connect gives up; every waiter's wait is bounded by it (I16).
-    deadline: Instant,
-    rx: watch::Receiver<FlightResult<C>>,
-}
 
 /// How long a waiter waits past its flight's deadline for the flight's own verdict. The connect
 /// task times out *at* the deadline and publishes at once, so waiters normally return with it, after
 /// the slot is back (I3); the grace only bounds the wait if the task were starved. It covers timer
 /// rounding (tokio's timers have millisecond resolution).
-const WAIT_GRACE: Duration = Duration::from_millis(5);
+pub(crate) const WAIT_GRACE: Duration = Duration::from_millis(5);
 
 /// The cause recorded when a connect task ended without publishing a result (its runtime shut
 /// down under it).
@@ -53,26 +34,27 @@ const WAIT_GRACE: Duration = Duration::from_millis(5);
 #[error("the connect task ended without a result")]
 struct ConnectAbandoned;
 
-/// What a connect task holds until it ends, given back however it ends: its capacity slot (unless
-/// the connection was pooled in it) and its entry in the flight map. A task dropped mid-connect (its
-/// runtime shut down under it) thus leaks no slot (I3) and leaves no dead flight for later callers
-/// to join; their waits end with a "connect task ended" error.
-struct FlightGuard<'a, C, K: Connector<C>> {
+/// What a connect task holds until it ends, given back however it ends: its capacity permit
+/// (unless the connection it paid for was pooled) and its flight record. A task dropped mid-connect
+/// (its runtime shut down under it) thus leaks no slot (I3) and leaves no dead flight for later
+/// callers to join; their waits end with a "connect task ended" error.
+struct FlightGuard<'a, C: Send + Sync + 'static, K: Connector<C>> {
     pool: &'a ConnectionPool<C, K>,
     addr: &'a CheetahString,
     flight: u64,
-    slot_held: bool,
+    permit: Option<Permit>,
 }
 
-impl<C, K: Connector<C>> Drop for FlightGuard<'_, C, K> {
+impl<C: Send + Sync + 'static, K: Connector<C>> Drop for FlightGuard<'_, C, K> {
     fn drop(&mut self) {
-        let inner = &self.pool.inner;
-        if self.slot_held {
-            inner.ledger.release();
-        }
-        inner
-            .flights
-            .remove_if(self.addr, |_, f| f.id == self.flight);
+        let permit = self.permit.take();
+        let flight = self.flight;
+        self.pool.with_existing_slot(self.addr, |slot| {
+            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
+                slot.flight = None;
+            }
+            drop(permit); // under the entry lock, with the flight
+        });
     }
 }
 
@@ -86,6 +68,19 @@ enum Joined<C> {
     Wait(Instant, watch::Receiver<FlightResult<C>>),
 }
 
+/// What `join_or_start` decided under the entry lock.
+enum Decision<C> {
+    Done(Result<Joined<C>, PoolError>),
+    Full,
+    Start {
+        id: u64,
+        deadline: Instant,
+        tx: watch::Sender<FlightResult<C>>,
+        rx: watch::Receiver<FlightResult<C>>,
+        permit: Permit,
+    },
+}
+
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
@@ -97,8 +92,10 @@ where
     ///   (I4).
     /// - A capacity slot is reserved before connecting and returned if the connect fails (I3).
     /// - Waiting is bounded by the connect timeout (I16).
-    /// - After a failed connect or an unhealthy eviction the address backs off (I12): until the
-    ///   delay has passed, callers get [`PoolError::Backoff`] at once, with the last cause.
+    /// - After a failed connect, an unhealthy eviction, or a connection that died young, the
+    ///   address backs off (I12): until the delay has passed, callers get [`PoolError::Backoff`] at
+    ///   once, with the last cause. The delay grows with the address's ejection count, which a
+    ///   successful connect does not reset (see [`ejection_count`](Self::ejection_count)).
     ///
     /// # Errors
     /// [`PoolError::InvalidAddress`] (no connect attempted), [`PoolError::Backoff`],
@@ -108,6 +105,8 @@ where
     /// # Cancel safety
     /// Cancel safe. Dropping the future at any await point leaks no slot and leaves no flight
     /// behind: the connect runs in its own task, which pools its connection or returns its slot.
+    /// A call racing [`close`](Self::close) returns [`PoolError::Closed`] or a connection that the
+    /// close then closes.
     pub async fn get_or_connect(
         &self,
         addr: &CheetahString,
@@ -126,19 +125,19 @@ where
                 reason,
             });
         }
-        // An unfit connection still pooled is evicted now rather than by the next sweep, so an
-        // unhealthy one starts its address's backoff before we would dial again (I12).
-        if let Some(stale) = self.peek(addr) {
-            self.evict_unhealthy_candidates(Instant::now(), &[(addr.clone(), stale.id())]);
-        }
-        let conn = match self.join_or_start(addr)? {
+        let (deadline, mut rx) = match self.join_or_start(addr)? {
             Joined::Ready(conn) => return Ok(conn),
-            Joined::Wait(deadline, rx) => self.wait_flight(addr, deadline, rx).await?,
+            Joined::Wait(deadline, rx) => (deadline, rx),
         };
+        // `rx` is held until the connection is checked: while it lives, the connection is not taken
+        // to make room for another address (`Pooled::in_handoff`).
+        let conn = self.wait_flight(addr, deadline, &mut rx).await?;
         // I8: the flight's connection may have died while we waited (another waiter used it first
-        // and found it closed). Never hand it out; say so rather than wait again past the deadline.
+        // and found it closed). Never hand it out; say why rather than wait again past the deadline.
         if self.usable(&conn) {
             Ok(conn)
+        } else if self.is_closed() {
+            Err(PoolError::Closed)
         } else {
             Err(PoolError::Connect {
                 addr: addr.clone(),
@@ -147,81 +146,121 @@ where
         }
     }
 
-    fn backoff_error(&self, addr: &CheetahString, now: Instant) -> Option<PoolError> {
-        let backoff = self.inner.backoff.get(addr)?;
-        (backoff.until > now).then(|| PoolError::Backoff {
+    fn backoff_error(
+        &self,
+        addr: &CheetahString,
+        slot: &Slot<C>,
+        now: Instant,
+    ) -> Option<PoolError> {
+        let at = self.inner.offset(now);
+        let retry_after = slot.ejection.retry_after(at)?;
+        Some(PoolError::Backoff {
             addr: addr.clone(),
-            retry_after: backoff.until - now,
-            failures: backoff.failures,
-            cause: Arc::clone(&backoff.cause),
+            retry_after,
+            failures: slot.ejection.count_at(at, &self.inner.config.ejection),
+            cause: slot
+                .cause
+                .clone()
+                .unwrap_or_else(|| Arc::new(UnhealthyReason::Closed)),
         })
     }
 
-    /// Joins the flight of `addr`, or reserves a slot and starts one. Never awaits.
+    /// Joins the connect in flight for `addr`, or reserves a slot and starts one; all of it decided
+    /// under the address's entry lock, so exactly one caller starts a flight and every other caller
+    /// joins it (I4). Never awaits.
     fn join_or_start(&self, addr: &CheetahString) -> Result<Joined<C>, PoolError> {
-        if let Some(flight) = self.inner.flights.get(addr) {
-            PoolCounters::bump(&self.inner.counters.connects_shared);
-            return Ok(Joined::Wait(flight.deadline, flight.rx.clone()));
-        }
-        if let Some(err) = self.backoff_error(addr, Instant::now()) {
-            PoolCounters::bump(&self.inner.counters.backoff_rejections);
-            return Err(err);
-        }
-        // Everything else is decided under the flight entry, so that exactly one caller starts the
-        // flight and every other caller joins it (I4). The slot is reserved only then: a caller that
-        // raced in between must join the flight, not find the slot that flight holds taken and be
-        // turned away as at capacity. (Lock order: the flight entry, then the map.)
-        match self.inner.flights.entry(addr.clone()) {
-            Entry::Occupied(flight) => {
-                PoolCounters::bump(&self.inner.counters.connects_shared);
-                let flight = flight.get();
-                Ok(Joined::Wait(flight.deadline, flight.rx.clone()))
-            }
-            Entry::Vacant(vacant) => {
-                // A flight may have finished between our first look and here. It pooled its
-                // connection, or recorded its backoff, before it left `flights`: honour either.
-                if let Some(conn) = self.get(addr) {
-                    return Ok(Joined::Ready(conn));
+        let mut made_room = false;
+        loop {
+            let now = Instant::now();
+            let decision = self.with_slot(addr, |slot| {
+                if self.inner.closed.load(Ordering::SeqCst) {
+                    return Decision::Done(Err(PoolError::Closed));
                 }
-                if let Some(err) = self.backoff_error(addr, Instant::now()) {
+                if let Some(pooled) = &slot.conn {
+                    if self.usable(&pooled.conn) {
+                        pooled.conn.metrics().touch(now);
+                        return Decision::Done(Ok(Joined::Ready(pooled.conn.clone())));
+                    }
+                    // Unfit but still pooled: evict it now rather than at the next sweep, so its
+                    // failure backs the address off before we would dial again (I12).
+                    let why = self
+                        .unusable_reason(&pooled.conn)
+                        .unwrap_or(UnhealthyReason::Closed);
+                    let reason = if why == UnhealthyReason::Closed {
+                        EvictionReason::Closed
+                    } else {
+                        EvictionReason::Unhealthy
+                    };
+                    if let Some(pooled) = slot.conn.take() {
+                        self.inner.retire(slot, pooled, reason, Some(why), now);
+                    }
+                }
+                if let Some(flight) = &slot.flight {
+                    PoolCounters::bump(&self.inner.counters.connects_shared);
+                    return Decision::Done(Ok(Joined::Wait(flight.deadline, flight.rx.clone())));
+                }
+                if let Some(err) = self.backoff_error(addr, slot, now) {
                     PoolCounters::bump(&self.inner.counters.backoff_rejections);
-                    return Err(err);
+                    return Decision::Done(Err(err));
                 }
-                if !self.reserve_slot(addr) {
-                    return Err(self.at_capacity());
-                }
+                let Some(permit) = self.inner.ledger.try_acquire() else {
+                    return Decision::Full;
+                };
                 let (tx, rx) = watch::channel(None);
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
-                let now = Instant::now();
                 let deadline = now
                     .checked_add(self.inner.config.connect_timeout)
                     .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
-                vacant.insert(Flight {
+                slot.flight = Some(Flight {
                     id,
                     deadline,
                     rx: rx.clone(),
                 });
                 PoolCounters::bump(&self.inner.counters.connects_attempted);
-                tokio::spawn(self.clone().run_connect(addr.clone(), id, deadline, tx));
-                Ok(Joined::Wait(deadline, rx))
+                Decision::Start {
+                    id,
+                    deadline,
+                    tx,
+                    rx,
+                    permit,
+                }
+            });
+            match decision {
+                Decision::Done(result) => return result,
+                Decision::Full
+                    if !made_room
+                        && self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed =>
+                {
+                    // Outside the entry lock: making room takes other addresses' locks.
+                    made_room = true;
+                    if !self.evict_lru_except(addr) {
+                        return Err(self.at_capacity());
+                    }
+                }
+                Decision::Full => return Err(self.at_capacity()),
+                Decision::Start {
+                    id,
+                    deadline,
+                    tx,
+                    rx,
+                    permit,
+                } => {
+                    let task = self
+                        .clone()
+                        .run_connect(addr.clone(), id, deadline, tx, permit);
+                    tokio::spawn(task);
+                    return Ok(Joined::Wait(deadline, rx));
+                }
             }
         }
-    }
-
-    /// Takes a slot for a new connection, making room by LRU eviction if the policy allows (I3).
-    fn reserve_slot(&self, addr: &CheetahString) -> bool {
-        self.inner.ledger.try_acquire()
-            || (self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed
-                && self.evict_lru_except(addr)
-                && self.inner.ledger.try_acquire())
     }
 
     async fn wait_flight(
         &self,
         addr: &CheetahString,
         deadline: Instant,
-        mut rx: watch::Receiver<FlightResult<C>>,
+        rx: &mut watch::Receiver<FlightResult<C>>,
     ) -> Result<PooledConnection<C>, PoolError> {
         let timeout = self.inner.config.connect_timeout;
         let wait = deadline.saturating_duration_since(Instant::now()) + WAIT_GRACE;
@@ -239,145 +278,178 @@ where
     }
 
     fn abandoned(&self, addr: &CheetahString) -> PoolError {
+        if self.is_closed() {
+            return PoolError::Closed;
+        }
         PoolError::Connect {
             addr: addr.clone(),
             cause: Arc::new(ConnectAbandoned),
         }
     }
 
-    /// The connect task: owns the reserved slot until the connection is pooled or the slot is given
-    /// back, retires the flight, then publishes the result.
+    /// The connect task: owns the reserved permit until the connection is pooled or the permit is
+    /// given back, retires the flight, then publishes the result. Stops at once when `close` begins.
     async fn run_connect(
         self,
         addr: CheetahString,
         flight: u64,
         deadline: Instant,
         tx: watch::Sender<FlightResult<C>>,
+        permit: Permit,
     ) {
         let mut guard = FlightGuard {
             pool: &self,
             addr: &addr,
             flight,
-            slot_held: true,
+            permit: Some(permit),
         };
         let timeout = self.inner.config.connect_timeout;
         tracing::debug!(addr = %addr, "connecting");
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let outcome = tokio::time::timeout(remaining, self.inner.connector.connect(&addr)).await;
+        let mut closing = self.inner.closing.subscribe();
+        let outcome = tokio::select! {
+            // `biased`: no unseeded random branch order under madsim; a close wins a tie.
+            biased;
+            _ = closing.wait_for(|closing| *closing) => None,
+            outcome = tokio::time::timeout(remaining, self.inner.connector.connect(&addr)) => Some(outcome),
+        };
         let counters = &self.inner.counters;
+        let permit = guard.permit.take();
         let result = match outcome {
-            Ok(Ok(conn)) => self.adopt(addr.clone(), conn, &mut guard.slot_held),
-            Ok(Err(err)) => {
+            None => {
+                tracing::debug!(addr = %addr, "connect abandoned: the pool is closing");
+                Err(PoolError::Closed)
+            }
+            Some(Ok(Ok(conn))) => match self.adopt(&addr, flight, conn, permit, tx) {
+                // Published by `adopt`, under the entry lock, with the sender kept for the handoff.
+                Ok(()) => return drop(guard),
+                Err((err, tx)) => {
+                    drop(guard);
+                    tx.send_replace(Some(Err(err)));
+                    return;
+                }
+            },
+            Some(Ok(Err(err))) => {
                 PoolCounters::bump(&counters.connects_failed);
                 let cause: Cause = Arc::new(err);
                 tracing::warn!(addr = %addr, error = %cause, "connect failed");
-                self.record_backoff(&addr, Arc::clone(&cause));
+                self.fail_flight(&addr, flight, Arc::clone(&cause), permit);
                 Err(PoolError::Connect {
                     addr: addr.clone(),
                     cause,
                 })
             }
-            Err(_elapsed) => {
+            Some(Err(_elapsed)) => {
                 PoolCounters::bump(&counters.connects_timed_out);
                 let err = PoolError::ConnectTimeout {
                     addr: addr.clone(),
                     timeout,
                 };
                 tracing::warn!(addr = %addr, ?timeout, "connect timed out");
-                self.record_backoff(&addr, Arc::new(err.clone()));
+                self.fail_flight(&addr, flight, Arc::new(err.clone()), permit);
                 Err(err)
             }
         };
-        // Give the slot back (unless pooled) and retire the flight before publishing: a waiter woken
-        // by the result that calls again at once must start afresh (and meet the backoff just
-        // recorded), not join this finished flight and receive its stale result; and it must find
-        // the slot free (I3). Waiters already hold their receivers.
+        // The flight is retired and the permit placed or given back before publishing: a waiter
+        // woken by the result that calls again at once must start afresh (and meet the backoff just
+        // recorded), not join this finished flight; and it must find the slot free (I3).
         drop(guard);
         tx.send_replace(Some(result));
     }
 
-    /// Pools a freshly connected `conn` in the slot its connect reserved; clears `slot_held` once
-    /// the slot belongs to the pooled connection.
-    fn adopt(
-        &self,
-        addr: CheetahString,
-        conn: C,
-        slot_held: &mut bool,
-    ) -> Result<PooledConnection<C>, PoolError> {
-        if self.is_closed() {
-            self.inner.connector.close(&conn);
-            return Err(PoolError::Closed);
-        }
-        let pooled = self.new_connection(addr, conn);
-        // Cannot fail: the slot is held. On a replacement `place` returns the reservation itself.
-        self.place(pooled.clone(), true)?;
-        *slot_held = false;
-        PoolCounters::bump(&self.inner.counters.connects_succeeded);
-        self.inner.backoff.remove(pooled.addr());
-        // `close` may have swept the map just before we pooled: then remove our own connection.
-        if self.inner.closed.load(Ordering::SeqCst) {
-            self.remove_if(pooled.addr(), pooled.id(), EvictionReason::Manual, |_| true);
-            return Err(PoolError::Closed);
-        }
-        tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connected");
-        Ok(pooled)
+    /// A failed connect: under the entry lock, the flight is retired, the address backs off (I12)
+    /// and the permit is given back, in one step.
+    fn fail_flight(&self, addr: &CheetahString, flight: u64, cause: Cause, permit: Option<Permit>) {
+        let now = Instant::now();
+        self.with_slot(addr, |slot| {
+            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
+                slot.flight = None;
+            }
+            if !self.is_closed() {
+                self.inner.eject(addr, slot, now, cause);
+            }
+            drop(permit);
+        });
     }
 
-    /// Counts one more failure of `addr` and schedules its next permitted connect (I12).
-    pub(crate) fn record_backoff(&self, addr: &CheetahString, cause: Cause) {
+    /// Pools a freshly connected `conn` with the permit its connect reserved, retires the flight
+    /// and publishes the connection to its waiters, all in one step under the entry lock; the
+    /// sender stays with the connection for its handoff. After `close` began, closes it instead,
+    /// gives the permit back, and returns the sender for the caller to publish `Closed`.
+    #[allow(clippy::type_complexity)]
+    fn adopt(
+        &self,
+        addr: &CheetahString,
+        flight: u64,
+        conn: C,
+        permit: Option<Permit>,
+        tx: watch::Sender<FlightResult<C>>,
+    ) -> Result<(), (PoolError, watch::Sender<FlightResult<C>>)> {
         let now = Instant::now();
-        let policy = self.inner.config.backoff;
-        let unit = self.inner.jitter_unit();
-        let mut state = self
-            .inner
-            .backoff
-            .entry(addr.clone())
-            .or_insert_with(|| AddrBackoff {
-                failures: 0,
-                until: now,
-                cause: Arc::clone(&cause),
-            });
-        state.failures = state.failures.saturating_add(1);
-        let delay = policy.delay(state.failures, unit);
-        // A delay beyond the clock's range (only with an absurd cap) backs off for a year instead.
-        state.until = now
-            .checked_add(delay)
-            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-            .unwrap_or(now);
-        state.cause = cause;
-        tracing::debug!(addr = %addr, failures = state.failures, ?delay, "backing off");
+        let pooled = self.new_connection(addr.clone(), conn);
+        self.with_slot(addr, |slot| {
+            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
+                slot.flight = None;
+            }
+            let Some(permit) = permit else {
+                unreachable!("a connect task holds its permit until it adopts or fails")
+            };
+            if self.inner.closed.load(Ordering::SeqCst) {
+                self.inner.connector.close(pooled.client());
+                drop(permit);
+                return Err((PoolError::Closed, tx));
+            }
+            tx.send_replace(Some(Ok(pooled.clone())));
+            let fresh = Pooled {
+                conn: pooled.clone(),
+                permit,
+                handoff: Some(tx),
+            };
+            // A connection inserted by hand while we connected is replaced; it frees its own slot.
+            if let Some(old) = slot.conn.replace(fresh) {
+                self.inner
+                    .retire(slot, old, EvictionReason::Replaced, None, now);
+            }
+            PoolCounters::bump(&self.inner.counters.connects_succeeded);
+            tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connected");
+            Ok(())
+        })
     }
 
     /// When `addr` may be connected again, if it is backing off now.
     pub fn backoff_until(&self, addr: &CheetahString) -> Option<Instant> {
-        let until = self.inner.backoff.get(addr)?.until;
-        (until > Instant::now()).then_some(until)
+        let now = Instant::now();
+        let slot = self.inner.map.get(addr)?;
+        let retry_after = slot.ejection.retry_after(self.inner.offset(now))?;
+        Some(now + retry_after)
     }
 
-    /// Consecutive failures of `addr` counted by its backoff (0 once a connect succeeds).
+    /// The ejection count of `addr` (see [`ejection_count`](Self::ejection_count)); kept under
+    /// its first name.
     pub fn backoff_failures(&self, addr: &CheetahString) -> u32 {
-        self.inner.backoff.get(addr).map_or(0, |b| b.failures)
+        self.ejection_count(addr)
     }
 
-    /// The ejection count of `addr`: how far up its backoff schedule it is (I12).
+    /// The ejection count of `addr` now: how far up its backoff schedule it is (I12). It rises with
+    /// every failed connect, unhealthy eviction and connection that dies young, survives successful
+    /// connects, and decays by one per quiet
+    /// [`decay_interval`](crate::core::EjectionPolicy::decay_interval).
     pub fn ejection_count(&self, addr: &CheetahString) -> u32 {
-        self.backoff_failures(addr)
+        let at = self.inner.offset(Instant::now());
+        self.inner.map.get(addr).map_or(0, |slot| {
+            slot.ejection.count_at(at, &self.inner.config.ejection)
+        })
     }
 
     /// Ends the backoff of `addr` at once and forgets its ejection count: for a user with a
-    /// topology signal that the server is back (a route update, a cluster's "node up" event).
+    /// topology signal that the server is back (a RocketMQ route update, a cluster's "node up"
+    /// event), as gRPC resets its backoff out of band.
     pub fn mark_up(&self, addr: &CheetahString) {
-        self.inner.backoff.remove(addr);
-    }
-
-    /// Addresses the pool keeps any state for: a connection, a connect in flight, or an ejection
-    /// record. Bounded by live addresses plus addresses backing off.
-    pub fn tracked_addresses(&self) -> usize {
-        let mut keys: std::collections::HashSet<CheetahString> =
-            self.inner.map.iter().map(|e| e.key().clone()).collect();
-        keys.extend(self.inner.flights.iter().map(|e| e.key().clone()));
-        keys.extend(self.inner.backoff.iter().map(|e| e.key().clone()));
-        keys.len()
+        self.with_existing_slot(addr, |slot| {
+            slot.ejection.reset();
+            slot.cause = None;
+        });
+        tracing::debug!(addr = %addr, "marked up: backoff ended");
     }
 
     /// Checks `conn` actively with the connector's [`probe`](Connector::probe), bounded by the

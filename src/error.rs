@@ -96,6 +96,18 @@ pub enum ConfigError {
         /// The cap given.
         max: Duration,
     },
+    /// The backoff multiplier must be in `[1, 16]`.
+    #[error("backoff multiplier {multiplier} is not in [1, 16]")]
+    MultiplierOutOfRange {
+        /// The value given.
+        multiplier: f64,
+    },
+    /// The ejection decay interval must be at least 1 ms.
+    #[error("ejection decay interval {interval:?} is shorter than 1 ms")]
+    DecayIntervalTooShort {
+        /// The value given.
+        interval: Duration,
+    },
     /// Jitter must be in `[0, 1)`.
     #[error("backoff jitter {jitter} is not in [0, 1)")]
     JitterOutOfRange {

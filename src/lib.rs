@@ -11,7 +11,9 @@ mod error;
 mod metrics;
 mod pool;
 pub mod remoting;
+mod slot;
 mod sweep;
+mod sync;
 pub mod tcp;
 
 pub use cheetah_string::CheetahString;

@@ -1,50 +1,37 @@
-//! Lock-free metrics: per connection ([`ConnectionMetrics`]) and pool-wide ([`PoolStats`]).
+//! Metrics: per connection ([`ConnectionMetrics`]) and pool-wide ([`PoolStats`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict, is_idle};
-
-/// Set in `state` while an idle sweep holds a connection, and forever once it evicted it.
-const RETIRED: u64 = 1 << 63;
-const IN_FLIGHT_MASK: u64 = RETIRED - 1;
+use crate::core::{CallClaim, CallRecord, HealthPolicy, UnhealthyReason, Verdict, is_idle};
+use crate::sync::Mutex;
+use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 const FLAG_UNHEALTHY: u8 = 1;
 const FLAG_CLOSED: u8 = 2;
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// The metrics and health state of **one** connection (I13): a replaced connection's successor
 /// starts from zero, and results recorded against the old one never reach it.
 ///
-/// Every field is an atomic; recording never takes a lock. Latencies are kept in microseconds;
-/// [`avg_latency`](Self::avg_latency) divides by successful calls only, [`error_rate`](Self::error_rate)
-/// by all finished calls. Time is measured on the runtime's clock (virtual under madsim and under
-/// tokio's paused time), relative to the connection's creation.
+/// The state machine is the core's: a [`CallClaim`] (calls in flight and a sweep's claim, one
+/// atomic word) and a [`CallRecord`] (outcomes, the failure run, the window, the unhealthy latch)
+/// under a short lock taken once per finished call. What `get` reads on every hit (the health flags
+/// and the idle clock) are atomics beside it. Time is the runtime's clock (virtual under madsim and
+/// under tokio's paused time), relative to the connection's creation.
 #[derive(Debug)]
 pub struct ConnectionMetrics {
     created_at: Instant,
     /// The pool's policy, shared by all its connections (not copied into each).
     health: Arc<HealthPolicy>,
-    /// Nanoseconds since `created_at` of the last use; only moves forward. Exact (not rounded to
-    /// microseconds), so the idle edge is exact: at `max_idle` after a use a connection is fresh.
+    /// Nanoseconds since `created_at` of the last use; only moves forward. Exact, so the idle edge
+    /// is exact: at `max_idle` after a use a connection is fresh.
     last_used_ns: AtomicU64,
-    /// `RETIRED` bit | calls in flight. One word, so an idle sweep's claim and a call's start are
-    /// ordered against each other (I5).
-    state: AtomicU64,
+    claim: CallClaim,
+    /// `FLAG_UNHEALTHY` (the record's latch closed) and `FLAG_CLOSED`, for a lock-free `get`.
     flags: AtomicU8,
-    consecutive_errors: AtomicU32,
-    successes: AtomicU64,
-    errors: AtomicU64,
-    cancelled: AtomicU64,
-    latency_sum_us: AtomicU64,
-    latency_max_us: AtomicU64,
-    window: HealthWindow,
+    record: Mutex<CallRecord>,
 }
 
 impl ConnectionMetrics {
@@ -55,63 +42,35 @@ impl ConnectionMetrics {
             created_at,
             health: health.into(),
             last_used_ns: AtomicU64::new(0),
-            state: AtomicU64::new(0),
+            claim: CallClaim::default(),
             flags: AtomicU8::new(0),
-            consecutive_errors: AtomicU32::new(0),
-            successes: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            latency_sum_us: AtomicU64::new(0),
-            latency_max_us: AtomicU64::new(0),
-            window: HealthWindow::default(),
+            record: Mutex::new(CallRecord::default()),
         }
     }
 
-    fn elapsed_us(&self, now: Instant) -> u64 {
-        micros(now.saturating_duration_since(self.created_at))
+    fn at(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.created_at)
     }
 
     /// Moves the idle clock to `now` (never backwards).
     pub fn touch(&self, now: Instant) {
-        let ns = u64::try_from(now.saturating_duration_since(self.created_at).as_nanos())
-            .unwrap_or(u64::MAX);
+        let ns = u64::try_from(self.at(now).as_nanos()).unwrap_or(u64::MAX);
         self.last_used_ns.fetch_max(ns, Ordering::AcqRel);
     }
 
     /// Records a successful call that took `latency`, finished at `now`.
     pub fn record_success_at(&self, now: Instant, latency: Duration) {
-        let us = micros(latency);
-        self.successes.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-        // Read before writing: on the hot path most calls change neither, and a write would move
-        // the cache line between cores for nothing.
-        if us > self.latency_max_us.load(Ordering::Relaxed) {
-            self.latency_max_us.fetch_max(us, Ordering::Relaxed);
-        }
-        // A failure racing between the load and here is ordered after this success, so skipping
-        // the store when the run is already 0 keeps I10 exact.
-        if self.consecutive_errors.load(Ordering::Acquire) != 0 {
-            self.consecutive_errors.store(0, Ordering::Release);
-        }
-        self.window
-            .record(self.health.window, self.elapsed_us(now), true);
+        self.record
+            .lock()
+            .success(&self.health, self.at(now), latency);
         self.touch(now);
     }
 
     /// Records a failed call finished at `now`; returns the verdict after it. An unhealthy verdict
-    /// is latched: the connection stays unhealthy whatever comes after (I9).
+    /// is latched with its reason: the connection stays unhealthy whatever comes after (I9).
     pub fn record_error_at(&self, now: Instant) -> Verdict {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let run = self
-            .consecutive_errors
-            .fetch_add(1, Ordering::AcqRel)
-            .saturating_add(1);
-        let elapsed = self.elapsed_us(now);
-        self.window.record(self.health.window, elapsed, false);
+        let verdict = self.record.lock().failure(&self.health, self.at(now));
         self.touch(now);
-        let verdict = self
-            .health
-            .verdict(run, self.window.counts(self.health.window, elapsed));
         if verdict.is_unhealthy() {
             self.flags.fetch_or(FLAG_UNHEALTHY, Ordering::AcqRel);
         }
@@ -124,24 +83,15 @@ impl ConnectionMetrics {
         self.flags.fetch_or(FLAG_CLOSED, Ordering::AcqRel);
     }
 
-    /// Why the connection is unusable, if it is: a latched unhealthy verdict or a closed transport.
-    pub fn unusable_reason(&self, now: Instant) -> Option<UnhealthyReason> {
+    /// Why the connection is unusable, if it is: a closed transport, or the reason its unhealthy
+    /// latch closed on (stored then, so it names the evidence that tripped it).
+    pub fn unusable_reason(&self) -> Option<UnhealthyReason> {
         let flags = self.flags.load(Ordering::Acquire);
         if flags & FLAG_CLOSED != 0 {
             return Some(UnhealthyReason::Closed);
         }
         if flags & FLAG_UNHEALTHY != 0 {
-            return match self.health.verdict(
-                self.consecutive_errors(),
-                self.window.counts(self.health.window, self.elapsed_us(now)),
-            ) {
-                Verdict::Unhealthy(reason) => Some(reason),
-                // Latched earlier; the evidence has since slid out of the window.
-                Verdict::Healthy => Some(UnhealthyReason::FailureRatio {
-                    failures: 0,
-                    total: 0,
-                }),
-            };
+            return self.record.lock().unhealthy();
         }
         None
     }
@@ -165,43 +115,29 @@ impl ConnectionMetrics {
     /// succeeds only if no call is in flight and it is idle at `now`. On success the connection
     /// stays marked retired.
     pub(crate) fn try_retire_idle(&self, now: Instant, max_idle: Option<Duration>) -> bool {
-        if self
-            .state
-            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return false;
-        }
-        // Read the clock only after the claim: a call that finished before the claim has moved it.
-        if is_idle(0, self.since_last_use(now), max_idle) {
-            true
-        } else {
-            self.state.fetch_and(!RETIRED, Ordering::AcqRel);
-            false
-        }
+        self.claim
+            .try_retire(|| is_idle(0, self.since_last_use(now), max_idle))
     }
 
     /// Claims the connection for eviction if no call is in flight, whatever its idle clock (to make
     /// room under `WhenFull::EvictLeastRecentlyUsed`). Stays marked retired.
     pub(crate) fn try_retire_unused(&self) -> bool {
-        self.state
-            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.claim.try_retire(|| true)
     }
 
     /// A call starts.
     pub(crate) fn call_started(&self, now: Instant) {
         self.touch(now);
-        self.state.fetch_add(1, Ordering::AcqRel);
+        self.claim.call_started();
     }
 
     /// A call ends (after its outcome was recorded, so the idle clock has moved first).
     pub(crate) fn call_ended(&self) {
-        self.state.fetch_sub(1, Ordering::AcqRel);
+        self.claim.call_ended();
     }
 
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
-        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.record.lock().cancelled();
         self.touch(now);
     }
 
@@ -223,61 +159,68 @@ impl ConnectionMetrics {
     /// Calls in flight (begun with [`PooledConnection::begin`](crate::PooledConnection::begin), not
     /// yet finished or dropped).
     pub fn in_flight(&self) -> u64 {
-        self.state.load(Ordering::Acquire) & IN_FLIGHT_MASK
+        self.claim.in_flight()
     }
 
     /// Finished calls: successes plus errors (cancelled calls are not counted).
     pub fn request_count(&self) -> u64 {
-        self.success_count() + self.total_errors()
+        let record = self.record.lock();
+        record.successes() + record.failures()
     }
 
     /// Successful calls.
     pub fn success_count(&self) -> u64 {
-        self.successes.load(Ordering::Relaxed)
+        self.record.lock().successes()
     }
 
     /// Failed calls.
     pub fn total_errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.record.lock().failures()
     }
 
     /// Calls dropped before they finished.
     pub fn cancelled_count(&self) -> u64 {
-        self.cancelled.load(Ordering::Relaxed)
+        self.record.lock().cancelled_count()
     }
 
     /// Length of the trailing run of failures (I10).
     pub fn consecutive_errors(&self) -> u32 {
-        self.consecutive_errors.load(Ordering::Acquire)
+        self.record.lock().consecutive_failures()
     }
 
     /// Mean latency of successful calls; zero before the first.
     pub fn avg_latency(&self) -> Duration {
-        let n = self.success_count();
-        if n == 0 {
-            return Duration::ZERO;
+        let record = self.record.lock();
+        match record.successes() {
+            0 => Duration::ZERO,
+            n => Duration::from_micros(record.latency_sum_us() / n),
         }
-        Duration::from_micros(self.latency_sum_us.load(Ordering::Relaxed) / n)
     }
 
     /// Highest latency of a successful call.
     pub fn max_latency(&self) -> Duration {
-        Duration::from_micros(self.latency_max_us.load(Ordering::Relaxed))
+        Duration::from_micros(self.record.lock().latency_max_us())
     }
 
     /// Errors over finished calls, in `[0, 1]`; zero before the first.
     pub fn error_rate(&self) -> f64 {
-        let total = self.request_count();
+        let record = self.record.lock();
+        let total = record.successes() + record.failures();
         if total == 0 {
             0.0
         } else {
-            self.total_errors() as f64 / total as f64
+            record.failures() as f64 / total as f64
         }
     }
 
     /// `(successes, failures)` in the health window ending at `now`.
     pub fn window_counts(&self, now: Instant) -> (u64, u64) {
-        self.window.counts(self.health.window, self.elapsed_us(now))
+        self.record.lock().window_counts(&self.health, self.at(now))
+    }
+
+    /// A consistent copy of the outcome record.
+    pub fn record(&self) -> CallRecord {
+        self.record.lock().clone()
     }
 }
 
@@ -293,9 +236,11 @@ pub enum EvictionReason {
     Closed,
     /// Another connection was inserted for its address.
     Replaced,
-    /// Removed by the user (`remove`, `remove_connection`, `clear`) or to make room under
-    /// [`WhenFull::EvictLeastRecentlyUsed`](crate::WhenFull::EvictLeastRecentlyUsed).
+    /// Removed by the user (`remove`, `remove_connection`, `clear`, `close`).
     Manual,
+    /// Closed to make room for another address under
+    /// [`WhenFull::EvictLeastRecentlyUsed`](crate::WhenFull::EvictLeastRecentlyUsed).
+    MakeRoom,
 }
 
 impl EvictionReason {
@@ -307,6 +252,7 @@ impl EvictionReason {
             Self::Closed => "closed",
             Self::Replaced => "replaced",
             Self::Manual => "manual",
+            Self::MakeRoom => "make_room",
         }
     }
 }
@@ -319,6 +265,7 @@ pub(crate) struct PoolCounters {
     pub evicted_closed: AtomicU64,
     pub evicted_replaced: AtomicU64,
     pub evicted_manual: AtomicU64,
+    pub evicted_make_room: AtomicU64,
     pub rejected_capacity: AtomicU64,
     pub connects_attempted: AtomicU64,
     pub connects_succeeded: AtomicU64,
@@ -336,6 +283,7 @@ impl PoolCounters {
             EvictionReason::Closed => &self.evicted_closed,
             EvictionReason::Replaced => &self.evicted_replaced,
             EvictionReason::Manual => &self.evicted_manual,
+            EvictionReason::MakeRoom => &self.evicted_make_room,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -358,12 +306,14 @@ pub struct EvictionStats {
     pub replaced: u64,
     /// See [`EvictionReason::Manual`].
     pub manual: u64,
+    /// See [`EvictionReason::MakeRoom`].
+    pub make_room: u64,
 }
 
 impl EvictionStats {
     /// All evictions.
     pub fn total(&self) -> u64 {
-        self.idle + self.unhealthy + self.closed + self.replaced + self.manual
+        self.idle + self.unhealthy + self.closed + self.replaced + self.manual + self.make_room
     }
 }
 

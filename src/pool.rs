@@ -1,6 +1,7 @@
-//! [`ConnectionPool`]: the concurrent map and its operations. Every removal is conditional on the
-//! connection's id and re-checks its predicate under the map's shard lock; no map guard is ever held
-//! across an `.await`.
+//! [`ConnectionPool`]: the map of [`Slot`]s, one per address, and its operations. Everything about
+//! an address (its connection and capacity permit, its connect in flight, its ejection state) is
+//! decided under that address's entry lock; every removal is conditional on the connection's id and
+//! re-checks its predicate there; no map guard is ever held across an `.await`.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -10,18 +11,19 @@ use std::time::Duration;
 use cheetah_string::CheetahString;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cleanup::CleanupControl;
 use crate::config::{PoolConfig, WhenFull};
-use crate::connect::{AddrBackoff, Flight};
 use crate::connection::{ConnId, PooledConnection};
 use crate::connector::{Connector, NoConnector};
-use crate::core::CapacityLedger;
-use crate::error::{ConfigError, PoolError};
+use crate::core::{CapacityLedger, UnhealthyReason};
+use crate::error::{Cause, ConfigError, PoolError};
 use crate::metrics::{
     ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
 };
+use crate::slot::{Pooled, Slot};
 
 /// An async connection pool keyed by server address.
 ///
@@ -63,7 +65,7 @@ impl<C, K: Connector<C>> Clone for ConnectionPool<C, K> {
 impl<C, K: Connector<C>> std::fmt::Debug for ConnectionPool<C, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionPool")
-            .field("connections", &self.inner.map.len())
+            .field("addresses", &self.inner.map.len())
             .field("used_slots", &self.inner.ledger.used())
             .field("max_connections", &self.inner.ledger.max())
             .field("closed", &self.inner.closed.load(Ordering::Acquire))
@@ -72,8 +74,8 @@ impl<C, K: Connector<C>> std::fmt::Debug for ConnectionPool<C, K> {
 }
 
 pub(crate) struct Inner<C, K: Connector<C>> {
-    pub(crate) map: DashMap<CheetahString, PooledConnection<C>>,
-    pub(crate) ledger: CapacityLedger,
+    pub(crate) map: DashMap<CheetahString, Slot<C>>,
+    pub(crate) ledger: Arc<CapacityLedger>,
     pub(crate) config: PoolConfig,
     /// `config.health`, shared with every connection's metrics.
     health: Arc<crate::core::HealthPolicy>,
@@ -81,8 +83,10 @@ pub(crate) struct Inner<C, K: Connector<C>> {
     pub(crate) counters: PoolCounters,
     pub(crate) next_id: AtomicU64,
     pub(crate) closed: AtomicBool,
-    pub(crate) backoff: DashMap<CheetahString, AddrBackoff>,
-    pub(crate) flights: DashMap<CheetahString, Flight<C>>,
+    /// Turns `true` when `close` begins: every connect task stops at once.
+    pub(crate) closing: watch::Sender<bool>,
+    /// The origin of the offsets the pure core's ejection state is kept in.
+    origin: Instant,
     pub(crate) cleanup: CleanupControl,
     jitter_seed: RandomState,
     jitter_draws: AtomicU64,
@@ -96,20 +100,80 @@ impl<C, K: Connector<C>> Inner<C, K> {
         (self.jitter_seed.hash_one(n) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Closes a connection the pool let go of, and says so.
-    pub(crate) fn retire(&self, conn: &PooledConnection<C>, reason: EvictionReason) {
+    /// `now` as the core's offset.
+    pub(crate) fn offset(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.origin)
+    }
+
+    /// One more failure of the address of `slot` at `now`: its ejection count rises and it backs
+    /// off (I12). Called under the address's entry lock.
+    pub(crate) fn eject(
+        &self,
+        addr: &CheetahString,
+        slot: &mut Slot<C>,
+        now: Instant,
+        cause: Cause,
+    ) {
+        let config = &self.config;
+        let delay = slot.ejection.eject(
+            self.offset(now),
+            &config.backoff,
+            &config.ejection,
+            self.jitter_unit(),
+        );
+        slot.cause = Some(cause);
+        tracing::debug!(
+            addr = %addr,
+            ejections = slot.ejection.count_at(self.offset(now), &config.ejection),
+            ?delay,
+            "backing off"
+        );
+    }
+
+    /// Closes a connection the pool lets go of and only then frees its capacity slot (I1 as the
+    /// connector sees it), under the address's entry lock. A connection that leaves unhealthy, or
+    /// closed younger than `ejection.short_lived`, counts as a failure of its address (I12).
+    pub(crate) fn retire(
+        &self,
+        slot: &mut Slot<C>,
+        pooled: Pooled<C>,
+        reason: EvictionReason,
+        why: Option<UnhealthyReason>,
+        now: Instant,
+    ) {
+        let conn = &pooled.conn;
         self.counters.evicted(reason);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
         self.connector.close(conn.client());
+        let age = now.saturating_duration_since(conn.metrics().created_at());
+        let failed = match reason {
+            EvictionReason::Unhealthy => true,
+            EvictionReason::Closed => age < self.config.ejection.short_lived,
+            _ => false,
+        };
+        if failed {
+            let why = why.unwrap_or(UnhealthyReason::Closed);
+            if why == UnhealthyReason::Closed {
+                tracing::info!(addr = %conn.addr(), conn = %conn.id(), ?age, "connection died young");
+            } else {
+                tracing::info!(addr = %conn.addr(), conn = %conn.id(), cause = %why, "evicting unhealthy connection");
+            }
+            let addr = conn.addr().clone();
+            self.eject(&addr, slot, now, Arc::new(why));
+        }
+        // The slot's permit goes last: the connection is out of the map and closed.
+        drop(pooled);
     }
 }
 
 impl<C, K: Connector<C>> Drop for Inner<C, K> {
     fn drop(&mut self) {
-        // I17: the last handle is gone, so whatever the pool held is closed. The cleanup task sees
-        // its stop channel close with this struct and ends.
+        // I17: the last handle is gone, so whatever the pool held is closed, before the permits go
+        // with the map. The cleanup task sees its stop channel close with this struct and ends.
         for entry in self.map.iter() {
-            self.connector.close(entry.value().client());
+            if let Some(pooled) = &entry.value().conn {
+                self.connector.close(pooled.conn.client());
+            }
         }
     }
 }
@@ -211,9 +275,24 @@ impl<K> PoolBuilder<K> {
         self
     }
 
-    /// See [`BackoffPolicy`](crate::core::BackoffPolicy).
+    /// The base, cap and jitter of the [`BackoffPolicy`](crate::core::BackoffPolicy) (its
+    /// multiplier stays as it is).
     pub fn backoff(mut self, base: Duration, max: Duration, jitter: f64) -> Self {
-        self.config.backoff = crate::core::BackoffPolicy { base, max, jitter };
+        self.config.backoff.base = base;
+        self.config.backoff.max = max;
+        self.config.backoff.jitter = jitter;
+        self
+    }
+
+    /// The whole [`BackoffPolicy`](crate::core::BackoffPolicy).
+    pub fn backoff_policy(mut self, policy: crate::core::BackoffPolicy) -> Self {
+        self.config.backoff = policy;
+        self
+    }
+
+    /// See [`EjectionPolicy`](crate::core::EjectionPolicy).
+    pub fn ejection(mut self, policy: crate::core::EjectionPolicy) -> Self {
+        self.config.ejection = policy;
         self
     }
 
@@ -259,14 +338,14 @@ where
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
-                ledger: CapacityLedger::new(config.max_connections),
+                ledger: Arc::new(CapacityLedger::new(config.max_connections)),
                 health: Arc::new(config.health),
                 connector,
                 counters: PoolCounters::default(),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
-                backoff: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
-                flights: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
+                closing: watch::Sender::new(false),
+                origin: Instant::now(),
                 cleanup: CleanupControl::new(),
                 jitter_seed: RandomState::new(),
                 jitter_draws: AtomicU64::new(0),
@@ -308,12 +387,67 @@ where
         true
     }
 
+    /// Why `conn` is unfit for use, if it is: its latched verdict, or a closed transport.
+    pub(crate) fn unusable_reason(&self, conn: &PooledConnection<C>) -> Option<UnhealthyReason> {
+        conn.metrics().unusable_reason().or_else(|| {
+            (!self.inner.connector.is_open(conn.client())).then_some(UnhealthyReason::Closed)
+        })
+    }
+
+    /// Runs `f` on the slot of `addr` under its entry's write lock, creating the slot if there is
+    /// none, and removes the slot afterwards if `f` left it vacant (I18).
+    pub(crate) fn with_slot<R>(
+        &self,
+        addr: &CheetahString,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> R {
+        let now = self.inner.offset(Instant::now());
+        let policy = &self.inner.config.ejection;
+        match self.inner.map.entry(addr.clone()) {
+            Entry::Occupied(mut occupied) => {
+                let result = f(occupied.get_mut());
+                if occupied.get().is_vacant(now, policy) {
+                    occupied.remove();
+                }
+                result
+            }
+            Entry::Vacant(vacant) => {
+                let mut slot = Slot::default();
+                let result = f(&mut slot);
+                if !slot.is_vacant(now, policy) {
+                    vacant.insert(slot);
+                }
+                result
+            }
+        }
+    }
+
+    /// Like [`with_slot`](Self::with_slot), but `None` without calling `f` when `addr` has no slot.
+    pub(crate) fn with_existing_slot<R>(
+        &self,
+        addr: &CheetahString,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> Option<R> {
+        let now = self.inner.offset(Instant::now());
+        let policy = &self.inner.config.ejection;
+        match self.inner.map.entry(addr.clone()) {
+            Entry::Occupied(mut occupied) => {
+                let result = f(occupied.get_mut());
+                if occupied.get().is_vacant(now, policy) {
+                    occupied.remove();
+                }
+                Some(result)
+            }
+            Entry::Vacant(_) => None,
+        }
+    }
+
     /// The healthy connection pooled for `addr`, if any. Moves its idle clock (I5). Never returns a
     /// connection judged unhealthy or whose transport is known closed (I8, I9). Lock-free for
     /// readers of different shards; never waits.
     pub fn get(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
-        let entry = self.inner.map.get(addr)?;
-        let conn = entry.value();
+        let slot = self.inner.map.get(addr)?;
+        let conn = &slot.value().conn.as_ref()?.conn;
         if !self.usable(conn) {
             return None;
         }
@@ -333,7 +467,9 @@ where
     /// Like [`insert`](Self::insert), but returns the new pooled connection, or why it was refused.
     ///
     /// # Errors
-    /// [`PoolError::AtCapacity`] when full, [`PoolError::Closed`] after [`close`](Self::close).
+    /// [`PoolError::AtCapacity`] when full, [`PoolError::Closed`] after [`close`](Self::close)
+    /// began (decided under the address's lock, so an insert racing `close` is either closed by it
+    /// or refused, I17).
     pub fn try_insert(
         &self,
         addr: CheetahString,
@@ -345,7 +481,7 @@ where
         let pooled = self.new_connection(addr, conn);
         let mut made_room = false;
         loop {
-            match self.place(pooled.clone(), false) {
+            match self.place(&pooled) {
                 Ok(()) => return Ok(pooled),
                 Err(PoolError::AtCapacity { .. })
                     if !made_room
@@ -369,45 +505,55 @@ where
         }
     }
 
-    /// Puts `pooled` in the map. `slot_held`: the caller already holds a capacity slot for it (a
-    /// connect's reservation); otherwise one is taken for a new address. On error the caller's slot,
-    /// if any, is still the caller's.
-    pub(crate) fn place(
-        &self,
-        pooled: PooledConnection<C>,
-        slot_held: bool,
-    ) -> Result<(), PoolError> {
-        let replaced = match self.inner.map.entry(pooled.addr().clone()) {
-            Entry::Occupied(mut occupied) => {
-                // I2: the address keeps its slot; a held reservation is returned below.
-                Some(occupied.insert(pooled.clone()))
+    /// Puts a connection made by hand in its address's slot: a replacement takes over the slot's
+    /// permit (I2), a new one takes a permit of its own.
+    fn place(&self, pooled: &PooledConnection<C>) -> Result<(), PoolError> {
+        self.with_slot(pooled.addr(), |slot| {
+            // Under the entry lock: `close` either sees this connection in its sweep or we see the
+            // flag here (it is set before the sweep takes any lock).
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return Err(PoolError::Closed);
             }
-            Entry::Vacant(vacant) => {
-                if !slot_held && !self.inner.ledger.try_acquire() {
-                    return Err(PoolError::AtCapacity {
+            match slot.conn.take() {
+                Some(old) => {
+                    let Pooled { conn, permit, .. } = old;
+                    slot.conn = Some(Pooled {
+                        conn: pooled.clone(),
+                        permit,
+                        handoff: None,
+                    });
+                    self.inner.counters.evicted(EvictionReason::Replaced);
+                    tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "replaced", "connection evicted");
+                    self.inner.connector.close(conn.client());
+                }
+                None => {
+                    let permit = self.inner.ledger.try_acquire().ok_or(PoolError::AtCapacity {
                         max: self.inner.ledger.max(),
+                    })?;
+                    slot.conn = Some(Pooled {
+                        conn: pooled.clone(),
+                        permit,
+                        handoff: None,
                     });
                 }
-                vacant.insert(pooled.clone());
-                None
             }
-        };
-        if let Some(old) = replaced {
-            if slot_held {
-                self.inner.ledger.release();
-            }
-            self.inner.retire(&old, EvictionReason::Replaced);
-        }
-        tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connection pooled");
-        Ok(())
+            tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connection pooled");
+            Ok(())
+        })
     }
 
-    /// Removes whatever connection is pooled for `addr` and hands it back, unclosed: the caller now
-    /// owns it. (Use [`remove_connection`](Self::remove_connection) to remove one specific
+    /// Removes whatever connection is pooled for `addr` and hands it back, **unclosed**: the caller
+    /// now owns it, and its capacity slot is free at once. (Use
+    /// [`remove_connection`](Self::remove_connection) to remove and close one specific
     /// connection.)
     pub fn remove(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
-        let (_, conn) = self.inner.map.remove(addr)?;
-        self.inner.ledger.release();
+        let conn = self
+            .with_existing_slot(addr, |slot| {
+                // The permit goes with the `Pooled`, here, under the entry lock: an insert for this
+                // address right after finds the slot free (I2).
+                slot.conn.take().map(|pooled| pooled.conn)
+            })
+            .flatten()?;
         self.inner.counters.evicted(EvictionReason::Manual);
         tracing::debug!(addr = %addr, conn = %conn.id(), reason = "manual", "connection removed");
         Some(conn)
@@ -419,30 +565,42 @@ where
         self.remove_if(conn.addr(), conn.id(), EvictionReason::Manual, |_| true)
     }
 
-    /// The conditional removal every eviction goes through: under the shard's write lock, removes
-    /// `(addr, id)` only if it is still that connection and `still` holds for it (I7, I14).
+    /// The conditional removal every eviction goes through: under the address's entry lock, removes
+    /// `(addr, id)` only if it is still that connection and `still` holds for it (I7, I14), then
+    /// closes it and frees its slot.
     pub(crate) fn remove_if(
         &self,
         addr: &CheetahString,
         id: ConnId,
         reason: EvictionReason,
-        still: impl FnOnce(&PooledConnection<C>) -> bool,
+        still: impl FnOnce(&Pooled<C>) -> bool,
     ) -> bool {
-        let Some((_, conn)) = self
-            .inner
-            .map
-            .remove_if(addr, |_, conn| conn.id() == id && still(conn))
-        else {
-            return false;
-        };
-        self.inner.ledger.release();
-        self.inner.retire(&conn, reason);
-        true
+        let now = Instant::now();
+        self.with_existing_slot(addr, |slot| {
+            if !slot
+                .conn
+                .as_ref()
+                .is_some_and(|pooled| pooled.conn.id() == id && still(pooled))
+            {
+                return false;
+            }
+            if let Some(pooled) = slot.conn.take() {
+                self.inner.retire(slot, pooled, reason, None, now);
+            }
+            true
+        })
+        .unwrap_or(false)
     }
 
-    /// Removes and closes every connection.
+    /// Removes and closes every connection. Connects in flight and backoffs are left as they are.
     pub fn clear(&self) {
         self.clear_with(EvictionReason::Manual);
+    }
+
+    pub(crate) fn clear_with(&self, reason: EvictionReason) {
+        for (addr, id) in self.snapshot_ids() {
+            self.remove_if(&addr, id, reason, |_| true);
+        }
     }
 
     /// `(addr, id)` of every live connection, sorted, so that what follows from it does not depend
@@ -452,56 +610,72 @@ where
             .inner
             .map
             .iter()
-            .map(|e| (e.key().clone(), e.value().id()))
+            .filter_map(|e| Some((e.key().clone(), e.value().conn.as_ref()?.conn.id())))
             .collect();
         ids.sort_unstable();
         ids
     }
 
+    /// The connection pooled for `addr`, whatever its health: the common path of `peek`,
+    /// `get_metrics` and the `record_*` calls.
+    fn pooled(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+        let slot = self.inner.map.get(addr)?;
+        Some(slot.value().conn.as_ref()?.conn.clone())
+    }
+
     /// The metrics of the connection pooled for `addr` (whatever its health).
     pub fn get_metrics(&self, addr: &CheetahString) -> Option<Arc<ConnectionMetrics>> {
-        self.inner
-            .map
-            .get(addr)
-            .map(|e| Arc::clone(e.value().metrics()))
+        self.pooled(addr).map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
     pub fn peek(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
-        self.inner.map.get(addr).map(|e| e.value().clone())
+        self.pooled(addr)
     }
 
     /// Records a successful call of `latency` against the connection pooled for `addr` now (the
     /// original's interface; prefer [`PooledConnection::begin`], which cannot hit a successor).
     pub fn record_success(&self, addr: &CheetahString, latency: Duration) {
-        if let Some(entry) = self.inner.map.get(addr) {
-            entry.value().record_success(latency);
+        if let Some(conn) = self.pooled(addr) {
+            conn.record_success(latency);
         }
     }
 
     /// Records a failed call against the connection pooled for `addr` now. See
     /// [`record_success`](Self::record_success).
     pub fn record_error(&self, addr: &CheetahString) {
-        if let Some(entry) = self.inner.map.get(addr) {
-            entry.value().record_error();
+        if let Some(conn) = self.pooled(addr) {
+            conn.record_error();
         }
     }
 
-    /// Live connections. Counted shard by shard, so while connections are replaced concurrently it
-    /// can briefly count one twice; [`used_slots`](Self::used_slots) is the exact figure the cap
-    /// (I1) is held against.
+    /// Live connections, counted address by address (O(addresses)). While connections are added
+    /// and removed concurrently the count is not a snapshot; [`used_slots`](Self::used_slots) is the
+    /// exact figure the cap (I1) is held against.
     pub fn len(&self) -> usize {
-        self.inner.map.len()
+        self.inner
+            .map
+            .iter()
+            .filter(|e| e.value().conn.is_some())
+            .count()
     }
 
     /// `true` when no connection is pooled.
     pub fn is_empty(&self) -> bool {
-        self.inner.map.is_empty()
+        !self.inner.map.iter().any(|e| e.value().conn.is_some())
     }
 
     /// Slots in use: live connections plus connects in flight (I3: never above the cap).
     pub fn used_slots(&self) -> usize {
         self.inner.ledger.used()
+    }
+
+    /// Addresses the pool keeps any state for: a connection, a connect in flight, or an ejection
+    /// state that has not decayed yet. Bounded by the live addresses plus those backing off or
+    /// recently failed (I18): an address with nothing left to remember leaves at once, or at the
+    /// next sweep of [`prune_addresses`](Self::prune_addresses) once its ejection count decays.
+    pub fn tracked_addresses(&self) -> usize {
+        self.inner.map.len()
     }
 
     /// A snapshot of the pool.
@@ -510,18 +684,20 @@ where
         let max_idle = self.inner.config.max_idle;
         let mut stats = PoolStats {
             max_connections: self.inner.ledger.max(),
-            // Each flight holds exactly one reserved slot, from its start until it leaves the map.
-            reserved: self.inner.flights.len(),
             ..PoolStats::default()
         };
         for entry in self.inner.map.iter() {
-            let m = entry.value().metrics();
+            let slot = entry.value();
+            stats.reserved += usize::from(slot.flight.is_some());
+            let Some(pooled) = &slot.conn else { continue };
+            let m = pooled.conn.metrics();
             stats.total += 1;
             stats.healthy += usize::from(m.is_healthy());
             stats.idle += usize::from(m.is_idle_at(now, max_idle));
             stats.in_flight += m.in_flight();
-            stats.total_requests += m.request_count();
-            stats.total_errors += m.total_errors();
+            let record = m.record();
+            stats.total_requests += record.successes() + record.failures();
+            stats.total_errors += record.failures();
         }
         let c = &self.inner.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -531,6 +707,7 @@ where
             closed: load(&c.evicted_closed),
             replaced: load(&c.evicted_replaced),
             manual: load(&c.evicted_manual),
+            make_room: load(&c.evicted_make_room),
         };
         stats.rejected_capacity = load(&c.rejected_capacity);
         stats.connects = ConnectStats {

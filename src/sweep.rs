@@ -5,8 +5,6 @@
 //! by one through [`ConnectionPool::remove_if`], which re-checks the predicate under the shard's
 //! write lock: a connection inserted, replaced or used after the look is never removed (I7).
 
-use std::sync::Arc;
-
 use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
@@ -31,7 +29,7 @@ async fn in_chunks<T>(candidates: &[T], mut evict: impl FnMut(&[T]) -> usize) ->
     }
     evicted
 }
-use crate::{ConnectionPool, PooledConnection};
+use crate::ConnectionPool;
 
 impl<C, K> ConnectionPool<C, K>
 where
@@ -43,7 +41,8 @@ where
     /// `max_idle` (I5), nor one inserted or used after the sweep looked at it (I7). Returns how many
     /// it evicted.
     ///
-    /// Cancel safety: each eviction is atomic; dropping the future part-way leaves the rest pooled.
+    /// # Cancel safety
+    /// Each eviction is atomic; dropping the future part-way leaves the rest pooled.
     pub async fn evict_idle(&self) -> usize {
         let now = Instant::now();
         let candidates = self.idle_candidates(now);
@@ -59,8 +58,12 @@ where
             .inner
             .map
             .iter()
-            .filter(|e| e.value().metrics().is_idle_at(now, Some(max_idle)))
-            .map(|e| (e.key().clone(), e.value().id()))
+            .filter_map(|e| {
+                let conn = &e.value().conn.as_ref()?.conn;
+                conn.metrics()
+                    .is_idle_at(now, Some(max_idle))
+                    .then(|| (e.key().clone(), conn.id()))
+            })
             .collect();
         candidates.sort_unstable();
         candidates
@@ -77,8 +80,8 @@ where
         candidates
             .iter()
             .filter(|(addr, id)| {
-                self.remove_if(addr, *id, EvictionReason::Idle, |conn| {
-                    conn.metrics().try_retire_idle(now, max_idle)
+                self.remove_if(addr, *id, EvictionReason::Idle, |pooled| {
+                    pooled.conn.metrics().try_retire_idle(now, max_idle)
                 })
             })
             .count()
@@ -86,9 +89,9 @@ where
 
     /// Evicts and closes every connection judged unhealthy (its failures tripped the health policy,
     /// I9) or whose transport is closed (`is_open` false or `mark_closed`, I8). An address whose
-    /// connection was evicted as unhealthy backs off before the next connect (I12); a closed one
-    /// does not (the next connect fails and backs off by itself if the server is really gone).
-    /// Returns how many it evicted.
+    /// connection was evicted as unhealthy, or closed younger than
+    /// [`EjectionPolicy::short_lived`](crate::core::EjectionPolicy::short_lived), backs off before
+    /// the next connect (I12). Returns how many it evicted.
     pub async fn evict_unhealthy(&self) -> usize {
         let now = Instant::now();
         let candidates = self.unhealthy_candidates();
@@ -104,8 +107,10 @@ where
             .inner
             .map
             .iter()
-            .filter(|e| !self.usable(e.value()))
-            .map(|e| (e.key().clone(), e.value().id()))
+            .filter_map(|e| {
+                let conn = &e.value().conn.as_ref()?.conn;
+                (!self.usable(conn)).then(|| (e.key().clone(), conn.id()))
+            })
             .collect();
         candidates.sort_unstable();
         candidates
@@ -118,60 +123,85 @@ where
         now: Instant,
         candidates: &[(CheetahString, ConnId)],
     ) -> usize {
-        let mut evicted = 0;
-        for (addr, id) in candidates {
-            let (addr, id) = (addr.clone(), *id);
-            let mut why = None;
-            let removed = self.inner.map.remove_if(&addr, |_, conn| {
-                if conn.id() == id {
-                    why = self.unusable_reason(conn, now);
-                }
-                why.is_some()
-            });
-            let (Some((_, conn)), Some(why)) = (removed, why) else {
-                continue;
-            };
-            self.inner.ledger.release();
-            evicted += 1;
-            if why == UnhealthyReason::Closed {
-                self.inner.retire(&conn, EvictionReason::Closed);
-            } else {
-                tracing::info!(addr = %addr, conn = %id, cause = %why, "evicting unhealthy connection");
-                self.inner.retire(&conn, EvictionReason::Unhealthy);
-                self.record_backoff(&addr, Arc::new(why));
-            }
-        }
-        evicted
-    }
-
-    fn unusable_reason(&self, conn: &PooledConnection<C>, now: Instant) -> Option<UnhealthyReason> {
-        conn.metrics().unusable_reason(now).or_else(|| {
-            (!self.inner.connector.is_open(conn.client())).then_some(UnhealthyReason::Closed)
-        })
+        candidates
+            .iter()
+            .filter(|(addr, id)| {
+                self.with_existing_slot(addr, |slot| {
+                    let Some(pooled) = slot.conn.as_ref().filter(|p| p.conn.id() == *id) else {
+                        return false;
+                    };
+                    let Some(why) = self.unusable_reason(&pooled.conn) else {
+                        return false;
+                    };
+                    let reason = if why == UnhealthyReason::Closed {
+                        EvictionReason::Closed
+                    } else {
+                        EvictionReason::Unhealthy
+                    };
+                    if let Some(pooled) = slot.conn.take() {
+                        self.inner.retire(slot, pooled, reason, Some(why), now);
+                    }
+                    true
+                })
+                .unwrap_or(false)
+            })
+            .count()
     }
 
     /// Makes room for a connection to `except` by evicting the least-recently-used connection of
-    /// another address that has no call in flight. Returns whether it freed a slot.
+    /// another address that has no call in flight and is not being handed to the callers that
+    /// waited for its connect. Returns whether it freed a slot.
     pub(crate) fn evict_lru_except(&self, except: &CheetahString) -> bool {
         let mut candidates: Vec<(Instant, CheetahString, ConnId)> = self
             .inner
             .map
             .iter()
-            .filter(|e| e.key() != except && e.value().metrics().in_flight() == 0)
-            .map(|e| {
-                (
-                    e.value().metrics().last_used(),
-                    e.key().clone(),
-                    e.value().id(),
-                )
+            .filter(|e| e.key() != except)
+            .filter_map(|e| {
+                let pooled = e.value().conn.as_ref()?;
+                let m = pooled.conn.metrics();
+                (m.in_flight() == 0 && !pooled.in_handoff())
+                    .then(|| (m.last_used(), e.key().clone(), pooled.conn.id()))
             })
             .collect();
         candidates.sort_unstable();
         candidates.into_iter().take(8).any(|(_, addr, id)| {
-            self.remove_if(&addr, id, EvictionReason::Manual, |conn| {
-                conn.metrics().try_retire_unused()
+            self.remove_if(&addr, id, EvictionReason::MakeRoom, |pooled| {
+                !pooled.in_handoff() && pooled.conn.metrics().try_retire_unused()
             })
         })
+    }
+
+    /// Forgets the addresses that hold nothing any more: no connection, no connect in flight, and
+    /// an ejection count decayed to zero (I18). The cleanup task runs it every round; addresses
+    /// whose state empties during an operation leave at once without it. Returns how many it
+    /// forgot.
+    ///
+    /// # Cancel safety
+    /// Each removal is atomic; dropping the future part-way leaves the rest for the next sweep.
+    pub async fn prune_addresses(&self) -> usize {
+        let now = self.inner.offset(Instant::now());
+        let policy = self.inner.config.ejection;
+        let mut candidates: Vec<CheetahString> = self
+            .inner
+            .map
+            .iter()
+            .filter(|e| e.value().is_vacant(now, &policy))
+            .map(|e| e.key().clone())
+            .collect();
+        candidates.sort_unstable();
+        in_chunks(&candidates, |chunk| {
+            chunk
+                .iter()
+                .filter(|addr| {
+                    self.inner
+                        .map
+                        .remove_if(*addr, |_, slot| slot.is_vacant(now, &policy))
+                        .is_some()
+                })
+                .count()
+        })
+        .await
     }
 }
 

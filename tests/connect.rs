@@ -220,6 +220,7 @@ async fn i12_a_failing_address_is_dialled_no_more_often_than_its_backoff_allows(
         base: SEC,
         max: 8 * SEC,
         jitter: 0.2,
+        ..BackoffPolicy::default()
     };
     let poll = 50 * MS;
     let mut backoff_errors = 0;
@@ -268,8 +269,11 @@ async fn i12_a_failing_address_is_dialled_no_more_often_than_its_backoff_allows(
     assert_eq!(pool.backoff_failures(&addr(0)), times.len() as u32);
 }
 
+/// I12 as amended by the slot issue: after the backoff the first connect is a single probe, and its
+/// success does not reset the ejection count (TCP accepting says little about the server); the
+/// count decays, one step per quiet `decay_interval` (30 s by default).
 #[tokio::test(start_paused = true)]
-async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_resets() {
+async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_does_not_reset() {
     let script = Script::default();
     script
         .then(Outcome::Fail(Duration::ZERO))
@@ -279,8 +283,8 @@ async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_res
     assert!(pool.get_or_connect(&addr(0)).await.is_err());
     advance(2 * SEC).await;
     assert!(pool.get_or_connect(&addr(0)).await.is_err());
-    assert_eq!(pool.backoff_failures(&addr(0)), 2);
-    advance(3 * SEC).await; // past 2 s · 1.2
+    assert_eq!(pool.ejection_count(&addr(0)), 2);
+    advance(3 * SEC).await; // past 1.6 s · 1.2
     for t in storm(&pool, 100, 0) {
         assert!(t.await.unwrap().is_ok());
     }
@@ -290,11 +294,26 @@ async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_res
         "I12 violated: the probe after the delay was not single"
     );
     assert_eq!(
-        pool.backoff_failures(&addr(0)),
-        0,
-        "I12 violated: success did not reset k"
+        pool.ejection_count(&addr(0)),
+        2,
+        "I12 violated: a successful connect reset the ejection count"
     );
     assert_eq!(pool.backoff_until(&addr(0)), None);
+    // The backoff ended at most 1.6 s · 1.2 after the second failure (2 s in); quiet since then.
+    advance(27 * SEC).await; // 32 s in: under 30 s quiet whatever the jitter drew
+    assert_eq!(
+        pool.ejection_count(&addr(0)),
+        2,
+        "no decay before a whole quiet interval"
+    );
+    advance(30 * SEC).await;
+    assert_eq!(
+        pool.ejection_count(&addr(0)),
+        1,
+        "I12: one step per quiet interval"
+    );
+    advance(30 * SEC).await;
+    assert_eq!(pool.ejection_count(&addr(0)), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -327,11 +346,13 @@ async fn i12_an_unhealthy_connection_is_evicted_and_backed_off_before_redialling
     );
 }
 
+/// A connection that dies after a long life is not its address's failure: it is replaced at once.
 #[tokio::test(start_paused = true)]
-async fn a_closed_transport_is_replaced_without_backoff() {
+async fn a_long_lived_connection_that_closes_is_replaced_without_backoff() {
     let script = Script::always(Outcome::Ok(Duration::ZERO));
     let pool = pool_with(&script, 0);
     let conn = pool.get_or_connect(&addr(0)).await.unwrap();
+    advance(pool.config().ejection.short_lived).await;
     conn.mark_closed();
     let next = pool.get_or_connect(&addr(0)).await.unwrap();
     assert_ne!(
@@ -341,6 +362,40 @@ async fn a_closed_transport_is_replaced_without_backoff() {
     );
     assert_eq!(script.connects(), 2);
     assert_eq!(pool.stats().evictions.closed, 1);
+    assert_eq!(pool.ejection_count(&addr(0)), 0);
+}
+
+/// Issue 11, defect 2: a server that accepts every connection and closes it at once (a load
+/// balancer in front of a dead broker) was redialled with no backoff at all (425 connects in 1 s).
+/// A connection that dies younger than `short_lived` is a failure of its address (I12), and the
+/// count grows connection after connection.
+#[tokio::test(start_paused = true)]
+async fn i12_accept_then_close_backs_off_and_the_backoff_grows() {
+    let script = Script::always(Outcome::OkButClosed(Duration::ZERO));
+    let pool = pool_with(&script, 0);
+    let start = tokio::time::Instant::now();
+    for _ in 0..(60_000 / 10) {
+        let _ = pool.get_or_connect(&addr(0)).await;
+        advance(10 * MS).await;
+    }
+    let elapsed = start.elapsed();
+    let times = script.connect_times();
+    let policy = pool.config().backoff;
+    // Each connection dies young; the k-th death backs off at least delay(k) at the lowest draw.
+    for (k, gap) in times.windows(2).map(|w| w[1] - w[0]).enumerate() {
+        let lowest = policy.delay(k as u32 + 1, 0.0);
+        assert!(
+            gap >= lowest,
+            "I12 violated: accept-then-close redialled after {gap:?} < {lowest:?} (death {})",
+            k + 1
+        );
+    }
+    assert!(
+        times.len() < 15,
+        "I12 violated: {} connects in {elapsed:?} to a server that closes every connection",
+        times.len()
+    );
+    assert_eq!(pool.ejection_count(&addr(0)) as usize, times.len());
 }
 
 #[tokio::test(start_paused = true)]
@@ -369,22 +424,38 @@ async fn an_invalid_address_is_refused_without_a_connect_attempt() {
     assert_eq!(pool.stats().connects.attempted, 0);
 }
 
+/// I17: `close` is a cut. A connect in flight is abandoned at once (its waiters get `Closed`, not a
+/// stale error), and once `close` returns nothing is pooled, nothing is reserved, and nothing the
+/// connector made is open.
 #[tokio::test(start_paused = true)]
-async fn close_during_a_connect_closes_the_new_connection_instead_of_pooling_it() {
+async fn close_during_a_connect_abandons_it_and_its_waiters_get_closed() {
     let script = Script::always(Outcome::Ok(100 * MS));
     let pool = pool_with(&script, 0);
     let waiting = storm(&pool, 3, 0);
     advance(10 * MS).await;
     pool.close().await;
+    assert_eq!(
+        (pool.len(), pool.used_slots(), pool.tracked_addresses()),
+        (0, 0, 0),
+        "I17 violated: state left after close returned"
+    );
     for t in waiting {
         assert!(matches!(t.await.unwrap(), Err(PoolError::Closed)));
     }
+    assert_eq!(script.connects(), 1);
     assert_eq!(
         script.closes(),
-        1,
-        "I17 violated: the connection made during close leaked"
+        0,
+        "the abandoned connect made nothing to close"
     );
-    assert_eq!((pool.len(), pool.used_slots()), (0, 0));
+    assert!(matches!(
+        pool.get_or_connect(&addr(0)).await,
+        Err(PoolError::Closed)
+    ));
+    assert!(matches!(
+        pool.try_insert(addr(1), Conn::new(9)),
+        Err(PoolError::Closed)
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -487,9 +558,15 @@ async fn i8_a_waiter_is_never_handed_a_connection_that_closed_while_it_waited() 
         }
     }
     assert_eq!(script.connects(), 1, "I4");
-    // The dead connection does not linger: the next caller connects afresh (no backoff: a closed
-    // transport is not the address's failure).
+    // The dead connection does not linger, and having died young it is its address's failure
+    // (accept-then-close, I12): the next caller meets the backoff, then connects afresh.
     script.set_default(Outcome::Ok(MS));
+    assert!(matches!(
+        pool.get_or_connect(&addr(0)).await,
+        Err(PoolError::Backoff { failures: 1, .. })
+    ));
+    assert_eq!(pool.stats().evictions.closed, 1);
+    advance(2 * SEC).await;
     let fresh = pool.get_or_connect(&addr(0)).await.unwrap();
     assert!(fresh.is_healthy());
     assert_eq!(script.connects(), 2);

@@ -42,8 +42,9 @@ async fn i8_get_never_returns_a_connection_whose_transport_is_closed() {
     assert_eq!(pool.evict_unhealthy().await, 1);
     assert_eq!(pool.stats().evictions.closed, 1);
     assert_eq!(script.closes(), 1, "the evicted connection must be closed");
-    // A closed transport is not a failure of the address: no backoff.
-    assert_eq!(pool.backoff_until(&addr(0)), None);
+    // It died younger than `short_lived`: a failure of its address (I12, accept-then-close).
+    assert!(pool.backoff_until(&addr(0)).is_some());
+    assert_eq!(pool.ejection_count(&addr(0)), 1);
 }
 
 #[tokio::test(start_paused = true)]

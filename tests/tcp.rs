@@ -64,6 +64,12 @@ async fn tcp_connector_connects_exchanges_and_backs_off_from_a_dead_server() {
         pool.get(&addr).is_none(),
         "I8 violated: a broken stream was handed out"
     );
+    // It died young: the address backs off (I12); a topology signal ends that at once.
+    assert!(matches!(
+        pool.get_or_connect(&addr).await,
+        Err(PoolError::Backoff { failures: 1, .. })
+    ));
+    pool.mark_up(&addr);
     // Nobody listens any more: the reconnect fails and the address backs off.
     let reconnect = pool.get_or_connect(&addr).await;
     assert!(

@@ -88,6 +88,7 @@ impl RawConfig {
             base: self.base.get(),
             max: self.cap.get(),
             jitter: self.jitter,
+            ..BackoffPolicy::default()
         };
         c.connect_timeout = self.connect_timeout.get();
         c.when_full = if self.lru {

@@ -714,6 +714,7 @@ async fn dead_broker() -> Outcome {
         base: ms(draw(10..200)),
         max: ms(draw(500..3000)),
         jitter: draw(0..50) as f64 / 100.0,
+        ..BackoffPolicy::default()
     };
     let info = format!("backoff={:?}", setup.config.backoff);
     world(setup, info, |ctx| async move {
@@ -764,6 +765,7 @@ async fn swarm() -> Outcome {
         base: ms(base),
         max: ms(base + draw(0..3000)),
         jitter: draw(0..90) as f64 / 100.0,
+        ..BackoffPolicy::default()
     };
     c.connect_timeout = ms(draw(20..1500));
     setup.cleanup = if chance(0.1) {

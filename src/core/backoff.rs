@@ -2,11 +2,12 @@ use std::time::Duration;
 
 use crate::ConfigError;
 
-/// The reconnect schedule of an address (I12): after the `k`-th consecutive failure (a failed
-/// connect or an unhealthy eviction) no new connect is made before
-/// `min(base · 2^(k−1), max) · (1 + jitter)`, with the jitter drawn uniformly from `±jitter`.
+/// The reconnect schedule of an address (I12): at ejection count `k` no new connect is made before
+/// `min(base · multiplier^(k−1), max) · (1 + jitter)`, with the jitter drawn uniformly from
+/// `±jitter`. (What raises and lowers `k` is [`Ejection`](crate::core::Ejection)'s.)
 ///
-/// Defaults follow gRPC's connection backoff: 1 s base, 120 s cap, ±20 % jitter. The jitter spreads
+/// Defaults are gRPC's connection backoff: 1 s base, ×1.6, 120 s cap, ±20 % jitter. The gentle
+/// multiplier reaches the cap after 11 ejections (about 5 minutes of failing), and the jitter spreads
 /// the reconnects of many clients after a broker restart so they do not arrive as one storm.
 ///
 /// ```
@@ -15,7 +16,7 @@ use crate::ConfigError;
 /// let policy = BackoffPolicy::default();
 /// // `unit` is the jitter draw in [0, 1]; 0.5 means no jitter.
 /// assert_eq!(policy.delay(1, 0.5), Duration::from_secs(1));
-/// assert_eq!(policy.delay(3, 0.5), Duration::from_secs(4));
+/// assert_eq!(policy.delay(3, 0.5), Duration::from_millis(2560));
 /// assert_eq!(policy.delay(100, 0.5), Duration::from_secs(120));
 /// assert_eq!(policy.delay(u32::MAX, 1.0), Duration::from_secs(144));
 /// ```
@@ -25,6 +26,8 @@ pub struct BackoffPolicy {
     pub base: Duration,
     /// Cap of the delay before jitter. Must be `>= base`.
     pub max: Duration,
+    /// Growth factor per ejection, in `[1, 16]`.
+    pub multiplier: f64,
     /// Relative jitter in `[0, 1)`: `0.2` means ±20 %.
     pub jitter: f64,
 }
@@ -38,6 +41,7 @@ impl Default for BackoffPolicy {
         Self {
             base: Duration::from_secs(1),
             max: Duration::from_secs(120),
+            multiplier: 1.6,
             jitter: 0.2,
         }
     }
@@ -55,6 +59,11 @@ impl BackoffPolicy {
                 max: self.max,
             });
         }
+        if !(1.0..=16.0).contains(&self.multiplier) {
+            return Err(ConfigError::MultiplierOutOfRange {
+                multiplier: self.multiplier,
+            });
+        }
         if !(0.0..1.0).contains(&self.jitter) {
             return Err(ConfigError::JitterOutOfRange {
                 jitter: self.jitter,
@@ -68,16 +77,17 @@ impl BackoffPolicy {
     /// clamped. Total for every `k` and every policy: never panics or overflows (it saturates), never
     /// returns less than 1 ms, and for a fixed `unit` never shrinks as `k` grows.
     pub fn delay(&self, k: u32, unit: f64) -> Duration {
-        let exponent = k.saturating_sub(1).min(64);
-        let base_ns = self.base.as_nanos();
-        let max_ns = self.max.as_nanos().max(base_ns);
-        // base_ns < 2^96 (Duration's range) so shifting by at most 64 can overflow u128 only for
-        // absurd bases; checked_shl + leading_zeros keep it exact or capped.
-        let grown = if base_ns != 0 && base_ns.leading_zeros() <= exponent {
-            max_ns
+        let base = self.base.as_secs_f64();
+        let max = self.max.as_secs_f64().max(base);
+        let multiplier = if self.multiplier.is_finite() {
+            self.multiplier.clamp(1.0, 16.0)
         } else {
-            (base_ns << exponent).min(max_ns)
+            1.0
         };
+        // The growth is computed in floating point and capped: powi of a bounded exponent never
+        // overflows to NaN, and `min` keeps it at the cap (infinity included).
+        let exponent = k.saturating_sub(1).min(4096) as i32;
+        let grown = (base * multiplier.powi(exponent)).min(max);
         let unit = if unit.is_nan() {
             0.5
         } else {
@@ -89,7 +99,7 @@ impl BackoffPolicy {
             0.0
         };
         let factor = 1.0 + jitter * (2.0 * unit - 1.0);
-        let ns = (grown as f64 * factor).min(u64::MAX as f64);
+        let ns = (grown * factor * 1e9).min(u64::MAX as f64);
         Duration::from_nanos(ns as u64).max(MIN_DELAY)
     }
 }
@@ -105,21 +115,25 @@ mod tests {
             BackoffPolicy {
                 base: d(1),
                 max: d(1),
+                multiplier: 2.0,
                 jitter: 0.0,
             },
             BackoffPolicy {
                 base: d(1),
                 max: Duration::MAX,
+                multiplier: 16.0,
                 jitter: 0.999,
             },
             BackoffPolicy {
                 base: Duration::MAX,
                 max: Duration::MAX,
+                multiplier: 1.0,
                 jitter: 0.5,
             },
             BackoffPolicy {
                 base: d(250),
                 max: Duration::from_secs(3600),
+                multiplier: 1.6,
                 jitter: 0.2,
             },
         ]
@@ -154,7 +168,7 @@ mod tests {
     fn i12_delay_follows_the_formula_within_the_jitter_band() {
         let policy = BackoffPolicy::default();
         for k in 1..=20u32 {
-            let nominal = policy.base.as_secs_f64() * 2f64.powi(k as i32 - 1);
+            let nominal = policy.base.as_secs_f64() * 1.6f64.powi(k as i32 - 1);
             let capped = nominal.min(policy.max.as_secs_f64());
             for unit in [0.0, 0.5, 1.0] {
                 let got = policy.delay(k, unit).as_secs_f64();
@@ -183,7 +197,15 @@ mod tests {
             BackoffPolicy {
                 base: d(10),
                 max: d(5),
-                jitter: 0.1,
+                ..Default::default()
+            },
+            BackoffPolicy {
+                multiplier: 0.5,
+                ..Default::default()
+            },
+            BackoffPolicy {
+                multiplier: f64::NAN,
+                ..Default::default()
             },
             BackoffPolicy {
                 jitter: 1.0,

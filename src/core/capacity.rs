@@ -1,24 +1,47 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-/// The slot count behind I1–I3: one slot per live connection or reserved connect.
+use crate::sync::atomic::{AtomicUsize, Ordering};
+
+/// The slot count behind I1–I3: one slot per live connection or connect in flight.
 ///
-/// A slot is taken with a compare-and-swap that never lets the count pass `max`, so the cap holds at
-/// every instant under any concurrency (I1). The pool takes a slot *before* a connection becomes
-/// visible and gives it back only *after* the connection is gone, so `live ≤ used ≤ max` always.
+/// A slot is a value, a [`Permit`]: [`try_acquire`](Self::try_acquire) takes one with a
+/// compare-and-swap that never lets the count pass `max` (I1), and the permit gives it back when it
+/// is dropped, exactly once. There is no other way to release a slot. The pool moves a permit from
+/// the connect that reserved it to the connection it paid for, and drops it only after that
+/// connection is out of the map and closed, so connections open at the connector never outnumber
+/// the permits, and permits never outnumber `max`.
 ///
 /// ```
+/// use std::sync::Arc;
 /// use keyed_pool::core::CapacityLedger;
-/// let ledger = CapacityLedger::new(2);
-/// assert!(ledger.try_acquire());
-/// assert!(ledger.try_acquire());
-/// assert!(!ledger.try_acquire(), "the third slot does not exist");
-/// ledger.release();
+/// let ledger = Arc::new(CapacityLedger::new(2));
+/// let a = ledger.try_acquire().expect("a free slot");
+/// let b = ledger.try_acquire().expect("a free slot");
+/// assert!(ledger.try_acquire().is_none(), "the third slot does not exist");
+/// drop(a);
 /// assert_eq!(ledger.used(), 1);
+/// drop(b);
+/// assert_eq!(ledger.used(), 0);
 /// ```
 #[derive(Debug)]
 pub struct CapacityLedger {
     max: usize,
     used: AtomicUsize,
+}
+
+/// One capacity slot, held until dropped. Not `Clone`: a slot is released exactly once.
+#[derive(Debug)]
+#[must_use = "dropping a permit releases its slot at once"]
+pub struct Permit {
+    ledger: Arc<CapacityLedger>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Every permit was counted by `try_acquire`, so the count is at least 1 here.
+        let prev = self.ledger.used.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev > 0, "a capacity slot was released twice");
+    }
 }
 
 impl CapacityLedger {
@@ -35,33 +58,25 @@ impl CapacityLedger {
         self.max
     }
 
-    /// Slots in use (live connections plus reserved connects).
+    /// Slots held now (live connections plus connects in flight).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
 
-    /// Takes one slot if one is free. Never lets `used` exceed `max`.
-    pub fn try_acquire(&self) -> bool {
-        if self.max == 0 {
+    /// Takes one slot if one is free. Never lets the count exceed `max`.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let taken = if self.max == 0 {
             self.used.fetch_add(1, Ordering::AcqRel);
-            return true;
-        }
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.max).then_some(used + 1)
-            })
-            .is_ok()
-    }
-
-    /// Gives one slot back. Releasing more slots than were taken is a bug in the caller; the count
-    /// saturates at zero instead of wrapping (and debug builds assert).
-    pub fn release(&self) {
-        let prev = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                Some(used.saturating_sub(1))
-            })
-            .unwrap_or(0);
-        debug_assert!(prev > 0, "capacity slot released twice");
+            true
+        } else {
+            self.used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    (used < self.max).then_some(used + 1)
+                })
+                .is_ok()
+        };
+        taken.then(|| Permit {
+            ledger: Arc::clone(self),
+        })
     }
 }

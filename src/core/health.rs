@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::ConfigError;
@@ -135,38 +134,35 @@ impl std::error::Error for UnhealthyReason {}
 /// Number of buckets of a [`HealthWindow`]: the window slides in steps of `window / 8`.
 pub const WINDOW_BUCKETS: usize = 8;
 
-const EPOCH_BITS: u32 = 24;
-const COUNT_BITS: u32 = 20;
-const EPOCH_MASK: u64 = (1 << EPOCH_BITS) - 1;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
-
-/// A lock-free sliding window of call outcomes for the ratio detector.
+/// A sliding window of call outcomes for the ratio detector: eight buckets of `window / 8` each.
 ///
-/// Each bucket is one `AtomicU64` holding `epoch:24 | successes:20 | failures:20`, updated with a
-/// compare-and-swap, so a bucket is rotated and counted in one atomic step and no count is lost to a
-/// race between rotation and increment. Counts saturate at 2^20 − 1 per bucket. Time enters as
-/// microseconds since the connection's creation (`elapsed_us`); the window itself never reads a
-/// clock.
+/// Exact: [`counts`](Self::counts) at `t` equals the outcomes recorded at times whose bucket lies
+/// within the eight buckets ending at `t`'s, for any gaps between records (epochs are full 64-bit
+/// bucket numbers, so nothing old can alias as new) and for records that arrive out of order (a
+/// record older than the newest by a whole window or more is dropped, and never clears the bucket
+/// of a newer one). Plain data: the pool keeps it under the connection's lock. Time enters as
+/// microseconds since the connection's creation; the window never reads a clock.
 ///
-/// The 24-bit epoch tag alone would alias after 2^24 bucket widths; two rules rule that out: when
-/// the window rotates into a new bucket, every bucket that has aged out is cleared (a CAS on the
-/// exact stale word, so a concurrent fresh count is never lost), and a read more than a window after
-/// the last record sees nothing. So every non-empty bucket a read looks at is less than two windows
-/// old, far inside the tag's range.
-#[derive(Debug)]
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::core::HealthWindow;
+/// let window = Duration::from_secs(8); // buckets of 1 s
+/// let mut w = HealthWindow::default();
+/// w.record(window, 0, false);
+/// w.record(window, 7_500_000, true);
+/// assert_eq!(w.counts(window, 7_900_000), (1, 1));
+/// assert_eq!(w.counts(window, 8_000_000), (1, 0), "the failure at 0 s has slid out");
+/// w.record(window, 500_000, false); // late: older than the window of the newest record
+/// assert_eq!(w.counts(window, 8_000_000), (1, 0));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HealthWindow {
-    buckets: [AtomicU64; WINDOW_BUCKETS],
-    /// Full (untruncated) epoch of the latest record.
-    last_epoch: AtomicU64,
-}
-
-impl Default for HealthWindow {
-    fn default() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            last_epoch: AtomicU64::new(0),
-        }
-    }
+    /// `(successes, failures)` of the bucket whose epoch is `e`, at index `e % WINDOW_BUCKETS`, for
+    /// every `e` in `newest - 7 ..= newest`.
+    buckets: [(u32, u32); WINDOW_BUCKETS],
+    /// The bucket number (elapsed / bucket width) of the newest record; buckets are valid relative
+    /// to it.
+    newest: u64,
 }
 
 fn bucket_width_us(window: Duration) -> u64 {
@@ -174,70 +170,45 @@ fn bucket_width_us(window: Duration) -> u64 {
     (us / WINDOW_BUCKETS as u64).max(1)
 }
 
-fn unpack(word: u64) -> (u64, u64, u64) {
-    (
-        word >> (2 * COUNT_BITS),
-        (word >> COUNT_BITS) & COUNT_MASK,
-        word & COUNT_MASK,
-    )
-}
+const SPAN: u64 = WINDOW_BUCKETS as u64;
 
 impl HealthWindow {
     /// Records one outcome at `elapsed_us` for a window of length `window`.
-    pub fn record(&self, window: Duration, elapsed_us: u64, success: bool) {
+    pub fn record(&mut self, window: Duration, elapsed_us: u64, success: bool) {
         let epoch = elapsed_us / bucket_width_us(window);
-        let bucket = &self.buckets[(epoch % WINDOW_BUCKETS as u64) as usize];
-        let tag = epoch & EPOCH_MASK;
-        let mut rotated = false;
-        let _ = bucket.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
-            let (e, mut s, mut f) = unpack(word);
-            rotated = e != tag;
-            if rotated {
-                (s, f) = (0, 0);
+        if epoch > self.newest {
+            // Slide: every bucket between the old newest and this one (all of them after a gap of
+            // a whole window) starts empty.
+            let stale = (epoch - self.newest).min(SPAN);
+            for e in epoch - stale + 1..=epoch {
+                self.buckets[(e % SPAN) as usize] = (0, 0);
             }
-            if success {
-                s = (s + 1).min(COUNT_MASK);
-            } else {
-                f = (f + 1).min(COUNT_MASK);
-            }
-            Some((tag << (2 * COUNT_BITS)) | (s << COUNT_BITS) | f)
-        });
-        // Only a rotation moves into a new epoch; a record into the current bucket finds it
-        // published already, so the common path costs one CAS.
-        if rotated {
-            self.last_epoch.fetch_max(epoch, Ordering::AcqRel);
-            self.clear_aged_out(tag);
+            self.newest = epoch;
+        } else if self.newest - epoch >= SPAN {
+            return; // older than any window a later read can see
         }
-    }
-
-    /// Clears every bucket that is a whole window or more older than `tag`.
-    fn clear_aged_out(&self, tag: u64) {
-        for bucket in &self.buckets {
-            let word = bucket.load(Ordering::Acquire);
-            let (e, s, f) = unpack(word);
-            let age = tag.wrapping_sub(e) & EPOCH_MASK;
-            if (s, f) != (0, 0) && age >= WINDOW_BUCKETS as u64 {
-                // Fails harmlessly if someone counted into it meanwhile: then it is fresh.
-                let _ = bucket.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Acquire);
-            }
+        let (s, f) = &mut self.buckets[(epoch % SPAN) as usize];
+        if success {
+            *s = s.saturating_add(1);
+        } else {
+            *f = f.saturating_add(1);
         }
     }
 
     /// `(successes, failures)` recorded within the window ending at `elapsed_us`.
     pub fn counts(&self, window: Duration, elapsed_us: u64) -> (u64, u64) {
         let epoch = elapsed_us / bucket_width_us(window);
-        if epoch.saturating_sub(self.last_epoch.load(Ordering::Acquire)) >= WINDOW_BUCKETS as u64 {
-            return (0, 0); // nothing recorded within the window
+        // Buckets hold epochs newest-7..=newest; the window at `epoch` covers epoch-7..=epoch.
+        let lo = epoch
+            .saturating_sub(SPAN - 1)
+            .max(self.newest.saturating_sub(SPAN - 1));
+        let hi = epoch.min(self.newest);
+        if lo > hi {
+            return (0, 0);
         }
-        let current = epoch & EPOCH_MASK;
-        self.buckets.iter().fold((0, 0), |(s_all, f_all), bucket| {
-            let (e, s, f) = unpack(bucket.load(Ordering::Acquire));
-            let age = current.wrapping_sub(e) & EPOCH_MASK;
-            if age < WINDOW_BUCKETS as u64 {
-                (s_all + s, f_all + f)
-            } else {
-                (s_all, f_all)
-            }
+        (lo..=hi).fold((0, 0), |(s_all, f_all), e| {
+            let (s, f) = self.buckets[(e % SPAN) as usize];
+            (s_all + u64::from(s), f_all + u64::from(f))
         })
     }
 }
@@ -248,36 +219,123 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Found by the property tests: with a 24-bit tag alone, a bucket written exactly 2^24 bucket
-    /// widths ago counted as current again.
+    /// The reference: every record kept, counted by its bucket number.
+    fn reference(records: &[(u64, bool)], window: Duration, at: u64) -> (u64, u64) {
+        let width = bucket_width_us(window);
+        let epoch = at / width;
+        let newest = records.iter().map(|(t, _)| t / width).max().unwrap_or(0);
+        records
+            .iter()
+            .filter(|(t, _)| {
+                let e = t / width;
+                // Outcomes more than a window older than the newest record were dropped on
+                // arrival; the window at `at` covers the eight buckets ending at it.
+                e + SPAN > newest && e <= epoch && e + SPAN > epoch
+            })
+            .fold(
+                (0, 0),
+                |(s, f), (_, ok)| if *ok { (s + 1, f) } else { (s, f + 1) },
+            )
+    }
+
+    /// Found from outside the pool (issue 11, defect 8): with a 24-bit epoch tag, failures came
+    /// back after a silence of 2^24 + k bucket widths. Every gap up to 2^40 widths, every k.
     #[test]
-    fn i11_old_outcomes_never_come_back_after_the_tag_wraps() {
-        let w = HealthWindow::default();
-        w.record(MS, 0, false);
+    fn i11_old_outcomes_never_come_back_after_any_silence() {
         let width = bucket_width_us(MS);
-        assert_eq!(
-            w.counts(MS, (1 << EPOCH_BITS) * width),
-            (0, 0),
-            "read after a long silence"
-        );
-        // Periodic traffic that keeps landing in one other bucket must not revive the old one.
-        let w = HealthWindow::default();
-        w.record(MS, 0, false);
-        let mut t = width; // bucket 1
-        while t < (1 << EPOCH_BITS) * width {
-            w.record(MS, t, true);
-            t += WINDOW_BUCKETS as u64 * width * 4096;
+        for shift in [8u32, 16, 23, 24, 25, 32, 40] {
+            for k in 0..=9u64 {
+                let mut w = HealthWindow::default();
+                let mut records = Vec::new();
+                for i in 0..5 {
+                    w.record(MS, i * width, false);
+                    records.push((i * width, false));
+                }
+                let later = ((1u64 << shift) + k) * width;
+                w.record(MS, later, true);
+                records.push((later, true));
+                for at in [later, later + width, later + 7 * width, later + 8 * width] {
+                    assert_eq!(
+                        w.counts(MS, at),
+                        reference(&records, MS, at),
+                        "I11 violated: after 2^{shift}+{k} buckets, read at {at}"
+                    );
+                }
+            }
         }
-        let now = (1 << EPOCH_BITS) * width;
-        w.record(MS, now + width, true);
-        let (_, failures) = w.counts(MS, now + width);
-        assert_eq!(failures, 0, "a failure 2^24 buckets old came back");
+    }
+
+    /// Issue 11, defect 9: a success from one window ago erased 10 current failures.
+    #[test]
+    fn i9_a_late_record_never_erases_newer_outcomes() {
+        let window = Duration::from_secs(8);
+        let mut w = HealthWindow::default();
+        let now = 20_000_000;
+        for _ in 0..10 {
+            w.record(window, now, false);
+        }
+        w.record(window, now - 8_000_000, true); // exactly one window old: same bucket index
+        assert_eq!(
+            w.counts(window, now),
+            (0, 10),
+            "I9 violated: the late record erased failures"
+        );
+        w.record(window, now - 3_000_000, true); // late but inside the window: counted
+        assert_eq!(w.counts(window, now), (1, 10));
+    }
+
+    /// Exactness against the reference on pseudo-random histories: out-of-order arrivals, gaps
+    /// from zero to 2^40 bucket widths, reads at and after every record.
+    #[test]
+    fn i9_i11_window_equals_the_reference_on_random_histories() {
+        let window = Duration::from_millis(8);
+        let width = bucket_width_us(window);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for history in 0..300 {
+            let mut w = HealthWindow::default();
+            let mut records = Vec::new();
+            let mut t = 0u64;
+            for _ in 0..60 {
+                let r = next();
+                t = t.saturating_add(match r % 6 {
+                    0 => 0,
+                    1 => r % width,
+                    2 => (r >> 8) % (4 * width),
+                    3 => (r >> 8) % (16 * width),
+                    4 => width << ((r >> 8) % 41),
+                    _ => width,
+                });
+                // A third of the records arrive late, by up to two windows.
+                let at = if r % 3 == 0 {
+                    t.saturating_sub((r >> 16) % (16 * width))
+                } else {
+                    t
+                };
+                let ok = (r >> 32) % 3 != 0;
+                w.record(window, at, ok);
+                records.push((at, ok));
+                let newest = records.iter().map(|(t, _)| *t).max().unwrap_or(0);
+                for read in [newest, newest + width, newest + 9 * width] {
+                    assert_eq!(
+                        w.counts(window, read),
+                        reference(&records, window, read),
+                        "history {history}: window differs from the reference at {read} after {records:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn window_counts_only_the_last_window() {
         let window = Duration::from_secs(8);
-        let w = HealthWindow::default();
+        let mut w = HealthWindow::default();
         for s in 0..16u64 {
             w.record(window, s * 1_000_000, s % 2 == 0);
         }

@@ -1,17 +1,26 @@
 //! The pure core: no runtime, no I/O. Time comes in as an argument, so property tests, fuzz targets
 //! and the simulation drive these pieces with exact instants (the sans-IO style of `quinn-proto`).
 //!
-//! - [`CapacityLedger`]: the slot count behind I1–I3.
-//! - [`HealthPolicy`], [`HealthWindow`], [`Verdict`]: the health state of one connection (I9–I11).
-//! - [`BackoffPolicy`]: the reconnect schedule of an address (I12).
+//! - [`CapacityLedger`] and its [`Permit`]: the slot count behind I1–I3, a slot as a value.
+//! - [`CallClaim`], [`CallRecord`]: the state machine of one connection (calls in flight and the
+//!   sweep's claim, I5; outcomes, the failure run, the window and the unhealthy latch, I9–I11).
+//! - [`HealthPolicy`], [`HealthWindow`], [`Verdict`]: when a connection is unhealthy (I9–I11).
+//! - [`BackoffPolicy`], [`EjectionPolicy`], [`Ejection`]: the backoff of an address and the count
+//!   that learns (I12, I18).
 //! - [`is_idle`]: the idle predicate (I5, I6).
+//!
+//! See `docs/DESIGN.md` for how the pool composes them.
 
 mod backoff;
 mod capacity;
+mod conn;
+mod ejection;
 mod health;
 mod idle;
 
 pub use backoff::BackoffPolicy;
-pub use capacity::CapacityLedger;
+pub use capacity::{CapacityLedger, Permit};
+pub use conn::{CallClaim, CallRecord};
+pub use ejection::{Ejection, EjectionPolicy};
 pub use health::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict, WINDOW_BUCKETS};
 pub use idle::is_idle;

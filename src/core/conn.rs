@@ -1,0 +1,176 @@
+use std::time::Duration;
+
+use crate::core::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict};
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// Set in the claim word while an idle sweep holds a connection, and forever once it evicted it.
+const RETIRED: u64 = 1 << 63;
+const IN_FLIGHT_MASK: u64 = RETIRED - 1;
+
+/// The claim word of one connection: calls in flight, and the `RETIRED` bit a sweep sets to take
+/// it. One word, so a sweep's claim and a call's start are ordered against each other (I5): either
+/// the call starts first and the claim fails, or the claim wins and the call starts on a connection
+/// already on its way out (which the caller may still use; the pool just no longer hands it out).
+///
+/// ```
+/// use keyed_pool::core::CallClaim;
+/// let claim = CallClaim::default();
+/// claim.call_started();
+/// assert!(!claim.try_retire(|| true), "a call is in flight");
+/// claim.call_ended();
+/// assert!(!claim.try_retire(|| false), "not idle: the claim is given back");
+/// assert!(claim.try_retire(|| true));
+/// assert!(claim.is_retired());
+/// ```
+#[derive(Debug, Default)]
+pub struct CallClaim {
+    word: AtomicU64,
+}
+
+impl CallClaim {
+    /// A call starts.
+    pub fn call_started(&self) {
+        self.word.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A call ends.
+    pub fn call_ended(&self) {
+        self.word.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.word.load(Ordering::Acquire) & IN_FLIGHT_MASK
+    }
+
+    /// `true` once a sweep has taken the connection.
+    pub fn is_retired(&self) -> bool {
+        self.word.load(Ordering::Acquire) & RETIRED != 0
+    }
+
+    /// Claims the connection for eviction if no call is in flight and `still` holds once the claim
+    /// is made (read the idle clock inside `still`: a call that ended before the claim has moved
+    /// it). On success the connection stays retired; otherwise the claim is given back.
+    pub fn try_retire(&self, still: impl FnOnce() -> bool) -> bool {
+        if self
+            .word
+            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        if still() {
+            true
+        } else {
+            self.word.fetch_and(!RETIRED, Ordering::AcqRel);
+            false
+        }
+    }
+}
+
+/// The outcome record of one connection: counts, latency, the consecutive-failure run (I10), the
+/// sliding window (I11) and the unhealthy latch with the reason it closed on (I9). Plain data with
+/// time passed in (the offset since the connection was made); the pool keeps it under the
+/// connection's lock.
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::core::{CallRecord, HealthPolicy, UnhealthyReason, Verdict};
+/// let policy = HealthPolicy { consecutive_failures: 2, ..HealthPolicy::default() };
+/// let mut record = CallRecord::default();
+/// let t = Duration::from_millis(5);
+/// assert_eq!(record.failure(&policy, t), Verdict::Healthy);
+/// assert!(record.failure(&policy, t).is_unhealthy());
+/// record.success(&policy, t, Duration::from_millis(1));
+/// // Latched with the reason it closed on, whatever comes after.
+/// assert_eq!(record.unhealthy(), Some(UnhealthyReason::ConsecutiveFailures { count: 2 }));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallRecord {
+    consecutive: u32,
+    successes: u64,
+    failures: u64,
+    cancelled: u64,
+    latency_sum_us: u64,
+    latency_max_us: u64,
+    window: HealthWindow,
+    unhealthy: Option<UnhealthyReason>,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl CallRecord {
+    /// A successful call of `latency`, finished `at` after the connection was made.
+    pub fn success(&mut self, policy: &HealthPolicy, at: Duration, latency: Duration) {
+        let us = micros(latency);
+        self.successes += 1;
+        self.latency_sum_us = self.latency_sum_us.saturating_add(us);
+        self.latency_max_us = self.latency_max_us.max(us);
+        self.consecutive = 0;
+        self.window.record(policy.window, micros(at), true);
+    }
+
+    /// A failed call finished `at`; returns the verdict after it. An unhealthy verdict closes the
+    /// latch with its reason; the latch never opens again.
+    pub fn failure(&mut self, policy: &HealthPolicy, at: Duration) -> Verdict {
+        self.failures += 1;
+        self.consecutive = self.consecutive.saturating_add(1);
+        let at = micros(at);
+        self.window.record(policy.window, at, false);
+        if let Some(reason) = self.unhealthy {
+            return Verdict::Unhealthy(reason);
+        }
+        let verdict = policy.verdict(self.consecutive, self.window.counts(policy.window, at));
+        if let Verdict::Unhealthy(reason) = verdict {
+            self.unhealthy = Some(reason);
+        }
+        verdict
+    }
+
+    /// A call dropped before it finished: neither outcome.
+    pub fn cancelled(&mut self) {
+        self.cancelled += 1;
+    }
+
+    /// The reason the latch closed on, if it did.
+    pub fn unhealthy(&self) -> Option<UnhealthyReason> {
+        self.unhealthy
+    }
+
+    /// Successful calls.
+    pub fn successes(&self) -> u64 {
+        self.successes
+    }
+
+    /// Failed calls.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Calls dropped unfinished.
+    pub fn cancelled_count(&self) -> u64 {
+        self.cancelled
+    }
+
+    /// Length of the trailing run of failures (I10).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive
+    }
+
+    /// Sum of the latencies of successful calls, in µs.
+    pub fn latency_sum_us(&self) -> u64 {
+        self.latency_sum_us
+    }
+
+    /// Highest latency of a successful call, in µs.
+    pub fn latency_max_us(&self) -> u64 {
+        self.latency_max_us
+    }
+
+    /// `(successes, failures)` in the window ending `at`.
+    pub fn window_counts(&self, policy: &HealthPolicy, at: Duration) -> (u64, u64) {
+        self.window.counts(policy.window, micros(at))
+    }
+}
