@@ -21,12 +21,15 @@ use crate::connector::Connector;
 /// assert!(validate_addr("broker-a.internal:10911").is_ok());
 /// assert!(validate_addr("127.0.0.1").is_err());
 /// assert!(validate_addr("127.0.0.1:0").is_err());
+/// assert!(validate_addr("127.0.0.1:000").is_err(), "port 0 in any spelling");
+/// assert!(validate_addr("[::1]:0000").is_err());
 /// assert!(validate_addr(":9876").is_err());
 /// assert!(validate_addr("a b:1").is_err());
 /// ```
 pub fn validate_addr(addr: &str) -> Result<(), String> {
-    if addr.parse::<SocketAddr>().is_ok() {
-        return if addr.ends_with(":0") {
+    if let Ok(parsed) = addr.parse::<SocketAddr>() {
+        // The parsed port, not the text: `:00` and `:0000` are port 0 too.
+        return if parsed.port() == 0 {
             Err("port 0 cannot be connected to".into())
         } else {
             Ok(())
