@@ -13,17 +13,19 @@
 //!   refused and back off, then the pool reconnects;
 //! - `slow`     gets slow (latency climbs), then slower than the request timeout (requests time
 //!   out, the connection turns unhealthy and is evicted), then recovers;
-//! - `failing`  answers every request with SYSTEM_ERROR for a while: health eviction, growing
-//!   backoff, reconnects that fail again, until it recovers;
+//! - `failing`  accepts connections but answers every request with SYSTEM_ERROR for a while: each
+//!   connection dies unhealthy, the ejection count grows with each one (a successful connect does
+//!   not reset it) and so does the backoff; once it recovers the count decays, one step per quiet
+//!   interval (shortened here to fit the demo);
 //! - `idle`     gets traffic only at the start: its connection is evicted as idle.
 //!
 //! Every second it prints, per address: the state, the pooled connection's id, calls in flight,
-//! requests/s, error %, p50/p99 latency, evictions so far (idle/unhealthy/closed) and the backoff
-//! left; then the latest lifecycle events. At the end, a summary. On a terminal the table redraws in
+//! requests/s, error %, p50/p99 latency, evictions so far (idle/unhealthy/closed), the ejection
+//! count and the backoff left; then the latest lifecycle events. At the end, a summary. On a terminal the table redraws in
 //! place; otherwise (piped, CI) each table is printed in turn, without control codes.
 //!
 //! Exits 0 once every lifecycle event (idle eviction, health eviction, closed eviction, backoff,
-//! reconnect) has been seen; 1 if one never happened (e.g. with a very short `DEMO_SECONDS`).
+//! the backoff growing, the ejection count decaying, reconnect) has been seen; 1 if one never happened (e.g. with a very short `DEMO_SECONDS`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -31,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keyed_pool::core::EjectionPolicy;
 use keyed_pool::remoting::codec::code;
 use keyed_pool::remoting::{
     CallError, ClientConfig, MiniServer, RemotingClient, RemotingCommand, RemotingConnector,
@@ -126,6 +129,11 @@ async fn main() {
         .max_idle(max_idle)
         .consecutive_failures(5)
         .backoff(Duration::from_millis(400), Duration::from_secs(3), 0.2)
+        // Minutes compressed into seconds: a quiet interval takes one step off an ejection count.
+        .ejection(EjectionPolicy {
+            decay_interval: at(0.08).clamp(Duration::from_millis(400), Duration::from_secs(2)),
+            ..EjectionPolicy::default()
+        })
         .connect_timeout(Duration::from_millis(500))
         .connector(RemotingConnector::new(
             ClientConfig::default().request_timeout(REQUEST_TIMEOUT),
@@ -346,23 +354,32 @@ async fn watcher(pool: Pool, lanes: Arc<Vec<Lane>>, stop: Arc<AtomicBool>, journ
                 *last = current;
             }
             drop(last);
-            // A new failure of the address (failed connect or unhealthy eviction) extends its
-            // backoff.
-            let failures = pool.backoff_failures(&lane.addr);
-            if failures > failures_seen[i]
+            // A new failure of the address (failed connect, unhealthy eviction, a connection that
+            // died young) raises its ejection count and backs it off for longer; quiet time lowers
+            // the count again.
+            let ejections = pool.ejection_count(&lane.addr);
+            if ejections > failures_seen[i]
                 && let Some(until) = pool.backoff_until(&lane.addr)
             {
                 let left = until.saturating_duration_since(Instant::now());
                 journal.note(
-                    "backoff",
+                    if ejections > 1 { "growing" } else { "backoff" },
                     format!(
-                        "{:<8} backing off {:.1}s (failure {failures} in a row)",
+                        "{:<8} ejection {ejections}: backing off {:.1}s",
                         lane.role,
                         left.as_secs_f64(),
                     ),
                 );
+            } else if ejections < failures_seen[i] {
+                journal.note(
+                    "decay",
+                    format!(
+                        "{:<8} quiet: ejection count {} -> {ejections}",
+                        lane.role, failures_seen[i]
+                    ),
+                );
             }
-            failures_seen[i] = failures;
+            failures_seen[i] = ejections;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -394,10 +411,11 @@ fn print_table(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniSe
     ));
     out.push_str(
         "CONN = pooled connection id, INFL = calls in flight, EVICT = evictions so far \
-         (idle/unhealthy/closed), BACKOFF = time until the next connect may be tried\n",
+         (idle/unhealthy/closed), EJ = ejection count, BACKOFF = time until the next connect may be \
+         tried\n",
     );
     out.push_str(&format!(
-        "{:<8} {:<16} {:<12} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>13} {:>8}\n",
+        "{:<8} {:<16} {:<12} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>13} {:>3} {:>8}\n",
         "ROLE",
         "ADDRESS",
         "STATE",
@@ -408,6 +426,7 @@ fn print_table(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniSe
         "P50",
         "P99",
         "EVICT i/u/c",
+        "EJ",
         "BACKOFF"
     ));
     let now = Instant::now();
@@ -433,7 +452,7 @@ fn print_table(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniSe
         };
         let ev = *lane.evictions.lock().unwrap();
         out.push_str(&format!(
-            "{:<8} {:<16} {:<12} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>13} {:>8}\n",
+            "{:<8} {:<16} {:<12} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>13} {:>3} {:>8}\n",
             lane.role,
             lane.addr.as_str(),
             state,
@@ -444,6 +463,7 @@ fn print_table(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniSe
             ms(percentile(&latencies, 0.50)),
             ms(percentile(&latencies, 0.99)),
             format!("{}/{}/{}", ev.idle, ev.unhealthy, ev.closed),
+            pool.ejection_count(&lane.addr),
             backoff.map_or("-".into(), |b| format!(
                 "{:.1}s",
                 b.saturating_duration_since(now).as_secs_f64()
@@ -495,8 +515,8 @@ fn summary(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniServer
     }
     let e = stats.evictions;
     println!(
-        "pool evictions: idle {} unhealthy {} closed {} replaced {} manual {}",
-        e.idle, e.unhealthy, e.closed, e.replaced, e.manual
+        "pool evictions: idle {} unhealthy {} closed {} replaced {} manual {} make room {}",
+        e.idle, e.unhealthy, e.closed, e.replaced, e.manual, e.make_room
     );
     let c = stats.connects;
     println!(
@@ -511,6 +531,8 @@ fn summary(pool: &Pool, lanes: &[Lane], journal: &Journal, servers: &[MiniServer
         ("unhealthy", "health eviction"),
         ("closed", "closed-transport eviction"),
         ("backoff", "backoff"),
+        ("growing", "backoff growing"),
+        ("decay", "ejection count decaying"),
         ("reconnect", "reconnect"),
     ] {
         let n = seen.get(kind).copied().unwrap_or(0);
