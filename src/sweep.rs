@@ -174,23 +174,44 @@ where
 
     /// Forgets the addresses that hold nothing any more: no connection, no connect in flight, and
     /// an ejection count decayed to zero (I18). The cleanup task runs it every round; addresses
-    /// whose state empties during an operation leave at once without it. Returns how many it
-    /// forgot.
+    /// whose state empties during an operation leave at once without it. Also lets go of the
+    /// result channels of connects whose waiters have all had their connection. Returns how many
+    /// addresses it forgot.
     ///
     /// # Cancel safety
     /// Each removal is atomic; dropping the future part-way leaves the rest for the next sweep.
     pub async fn prune_addresses(&self) -> usize {
         let now = self.inner.offset(Instant::now());
         let policy = self.inner.config.ejection;
-        let mut candidates: Vec<CheetahString> = self
-            .inner
-            .map
-            .iter()
-            .filter(|e| e.value().is_vacant(now, &policy))
-            .map(|e| e.key().clone())
-            .collect();
-        candidates.sort_unstable();
-        in_chunks(&candidates, |chunk| {
+        let mut vacant = Vec::new();
+        let mut handed_off = Vec::new();
+        for e in self.inner.map.iter() {
+            if e.value().is_vacant(now, &policy) {
+                vacant.push(e.key().clone());
+            } else if e
+                .value()
+                .conn
+                .as_ref()
+                .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
+            {
+                handed_off.push(e.key().clone());
+            }
+        }
+        vacant.sort_unstable();
+        handed_off.sort_unstable();
+        in_chunks(&handed_off, |chunk| {
+            for addr in chunk {
+                if let Some(mut slot) = self.inner.map.get_mut(addr)
+                    && let Some(pooled) = slot.conn.as_mut()
+                    && !pooled.in_handoff()
+                {
+                    pooled.handoff = None;
+                }
+            }
+            0
+        })
+        .await;
+        in_chunks(&vacant, |chunk| {
             chunk
                 .iter()
                 .filter(|addr| {
