@@ -34,12 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyed_pool::core::EjectionPolicy;
-use keyed_pool::remoting::codec::code;
-use keyed_pool::remoting::{
+use keyed_pool::{CheetahString, ConnectionPool, PoolError, PooledConnection};
+use keyed_pool_remoting::codec::code;
+use keyed_pool_remoting::{
     CallError, ClientConfig, MiniServer, RemotingClient, RemotingCommand, RemotingConnector,
     ServerBehaviour, pool_request,
 };
-use keyed_pool::{CheetahString, ConnectionPool, PoolError, PooledConnection};
 use tokio::time::Instant;
 
 type Pool = ConnectionPool<RemotingClient, RemotingConnector>;

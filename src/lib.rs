@@ -10,10 +10,10 @@ pub mod core;
 mod error;
 mod metrics;
 mod pool;
-pub mod remoting;
 mod slot;
 mod sweep;
 mod sync;
+#[cfg(feature = "tcp")]
 pub mod tcp;
 
 pub use cheetah_string::CheetahString;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use cheetah_string::CheetahString;
 use keyed_pool::ConnectionPool;
-use keyed_pool::remoting::codec::code;
-use keyed_pool::remoting::{
+use keyed_pool_benches::Percentiles;
+use keyed_pool_remoting::codec::code;
+use keyed_pool_remoting::{
     ClientConfig, MiniServer, RemotingClient, RemotingCommand, RemotingConnector, pool_request,
 };
-use keyed_pool_benches::Percentiles;
 
 const CALLERS: [usize; 3] = [1, 16, 256];
 /// Each scenario runs this long (and at most `MAX_REQUESTS` requests).

@@ -4,7 +4,7 @@
 //! whether the bytes arrive at once or in pieces, must never buffer more than it was given, and
 //! every command it decodes must survive an encode/decode round trip.
 
-use keyed_pool::remoting::codec::{FrameDecoder, RemotingCommand, encode};
+use keyed_pool_remoting::codec::{FrameDecoder, RemotingCommand, encode};
 
 /// The frame cap of the check: small, so oversized declared lengths are common.
 pub const MAX_FRAME: usize = 64 * 1024;

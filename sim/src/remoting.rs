@@ -7,12 +7,12 @@
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use keyed_pool::remoting::codec::code;
-use keyed_pool::remoting::{
+use keyed_pool::{CheetahString, ConnectionPool, PoolError, WhenFull};
+use keyed_pool_remoting::codec::code;
+use keyed_pool_remoting::{
     ClientConfig, MiniServer, RemotingClient, RemotingCommand, RemotingConnector, ServerBehaviour,
     ServerStats, is_server_failure,
 };
-use keyed_pool::{CheetahString, ConnectionPool, PoolError, WhenFull};
 use tokio::madsim::net::NetSim;
 use tokio::madsim::runtime::Handle;
 use tokio::madsim::task::NodeId;

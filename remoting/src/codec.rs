@@ -291,7 +291,7 @@ fn decode_frame(frame: &[u8]) -> Result<RemotingCommand, CodecError> {
 /// so a peer cannot make the decoder buffer (or allocate) more than `max_frame` plus one read.
 ///
 /// ```
-/// use keyed_pool::remoting::codec::{encode, FrameDecoder, RemotingCommand, DEFAULT_MAX_FRAME};
+/// use keyed_pool_remoting::codec::{encode, FrameDecoder, RemotingCommand, DEFAULT_MAX_FRAME};
 /// let cmd = RemotingCommand::request(319).with_field("k", "v");
 /// let mut wire = Vec::new();
 /// encode(&cmd, DEFAULT_MAX_FRAME, &mut wire).unwrap();

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::codec::{
+use crate::codec::{
     CodecError, DEFAULT_MAX_FRAME, FLAG_ONEWAY, FrameDecoder, RemotingCommand, code, encode,
 };
 
@@ -209,8 +209,8 @@ impl Drop for Handle {
 /// flight at once, matched to their responses by `opaque`.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), keyed_pool::remoting::RemotingError> {
-/// use keyed_pool::remoting::{ClientConfig, RemotingClient, RemotingCommand, codec::code};
+/// # async fn demo() -> Result<(), keyed_pool_remoting::RemotingError> {
+/// use keyed_pool_remoting::{ClientConfig, RemotingClient, RemotingCommand, codec::code};
 /// let client = RemotingClient::connect("127.0.0.1:9876", ClientConfig::default()).await?;
 /// let put = RemotingCommand::request(code::PUT_KV_CONFIG)
 ///     .with_field("namespace", "demo")
@@ -352,7 +352,7 @@ impl RemotingClient {
     ) -> Result<RemotingCommand, RemotingError> {
         let opaque = self.next_opaque();
         cmd.opaque = opaque;
-        cmd.flag &= !(super::codec::FLAG_RESPONSE | FLAG_ONEWAY);
+        cmd.flag &= !(crate::codec::FLAG_RESPONSE | FLAG_ONEWAY);
         let mut frame = Vec::new();
         encode(&cmd, self.handle.config.max_frame, &mut frame)?;
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -384,7 +384,7 @@ impl RemotingClient {
             return Err(self.handle.core.closed_error());
         }
         cmd.opaque = self.next_opaque();
-        cmd.flag = (cmd.flag & !super::codec::FLAG_RESPONSE) | FLAG_ONEWAY;
+        cmd.flag = (cmd.flag & !crate::codec::FLAG_RESPONSE) | FLAG_ONEWAY;
         let mut frame = Vec::new();
         encode(&cmd, self.handle.config.max_frame, &mut frame)?;
         self.handle

@@ -1,5 +1,5 @@
 //! [`MiniServer`]: a tiny remoting server for tests, simulations and the demo. It speaks the frame
-//! format of [`codec`](super::codec), answers a handful of name-server codes, and can be made slow,
+//! format of [`codec`](crate::codec), answers a handful of name-server codes, and can be made slow,
 //! failing, silent or connection-dropping at run time. It also counts the connections it has
 //! seen, so a test can check the pool's behaviour from the server's side.
 //!
@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::codec::{DEFAULT_MAX_FRAME, FrameDecoder, RemotingCommand, code, encode};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameDecoder, RemotingCommand, code, encode};
 
 /// How a [`MiniServer`] treats requests; switchable at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,7 +89,7 @@ struct State {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use keyed_pool::remoting::{ClientConfig, MiniServer, RemotingClient, RemotingCommand};
+/// use keyed_pool_remoting::{ClientConfig, MiniServer, RemotingClient, RemotingCommand};
 /// let server = MiniServer::start("127.0.0.1:0").await.unwrap();
 /// let client = RemotingClient::connect(&server.addr().to_string(), ClientConfig::default())
 ///     .await

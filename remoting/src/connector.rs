@@ -3,18 +3,18 @@
 
 use cheetah_string::CheetahString;
 
-use super::client::{ClientConfig, RemotingClient, RemotingError};
-use super::codec::{RemotingCommand, code};
-use crate::connector::Connector;
-use crate::error::PoolError;
-use crate::pool::ConnectionPool;
+use crate::client::{ClientConfig, RemotingClient, RemotingError};
+use crate::codec::{RemotingCommand, code};
+use keyed_pool::ConnectionPool;
+use keyed_pool::Connector;
+use keyed_pool::PoolError;
 
 /// Connects [`RemotingClient`]s for a [`ConnectionPool`].
 ///
 /// ```
 /// use std::time::Duration;
 /// use keyed_pool::ConnectionPool;
-/// use keyed_pool::remoting::{ClientConfig, RemotingClient, RemotingConnector};
+/// use keyed_pool_remoting::{ClientConfig, RemotingClient, RemotingConnector};
 /// let pool = ConnectionPool::builder()
 ///     .max_connections(16)
 ///     .connector(RemotingConnector::new(
@@ -49,7 +49,7 @@ impl Connector<RemotingClient> for RemotingConnector {
     }
 
     fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        crate::tcp::validate_addr(addr.as_str())
+        keyed_pool::tcp::validate_addr(addr.as_str())
     }
 
     fn is_open(&self, conn: &RemotingClient) -> bool {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use keyed_pool::remoting::codec::{CodecError, FrameDecoder, RemotingCommand, encode};
+use keyed_pool_remoting::codec::{CodecError, FrameDecoder, RemotingCommand, encode};
 use proptest::prelude::*;
 
 /// Feeds `bytes` in chunks of the given sizes, draining after each; returns the commands and the

@@ -4,15 +4,15 @@
 
 use std::time::Duration;
 
-use keyed_pool::remoting::codec::{
+use keyed_pool::{CheetahString, ConnectionPool, PoolError};
+use keyed_pool_remoting::codec::{
     CodecError, DEFAULT_MAX_FRAME, FLAG_ONEWAY, FLAG_RESPONSE, FrameDecoder, RemotingCommand, code,
     encode,
 };
-use keyed_pool::remoting::{
+use keyed_pool_remoting::{
     CallError, ClientConfig, MiniServer, RemotingClient, RemotingConnector, RemotingError,
     ServerBehaviour, pool_request,
 };
-use keyed_pool::{CheetahString, ConnectionPool, PoolError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;

@@ -1,11 +1,12 @@
-//! A RocketMQ remoting transport for the pool: the frame [`codec`], a multiplexed
-//! [`RemotingClient`], the pool's [`RemotingConnector`], and a small [`server`] for tests and demos.
+//! A RocketMQ remoting transport for [keyed-pool](keyed_pool): the frame [`codec`], a multiplexed
+//! [`RemotingClient`], the pool's [`RemotingConnector`], and, with the `test-util` feature, a small
+//! `server` for tests and demos.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), keyed_pool::remoting::CallError> {
+//! # async fn demo() -> Result<(), keyed_pool_remoting::CallError> {
 //! use keyed_pool::ConnectionPool;
-//! use keyed_pool::remoting::{pool_request, RemotingClient, RemotingCommand, RemotingConnector};
-//! use keyed_pool::remoting::codec::code;
+//! use keyed_pool_remoting::{pool_request, RemotingClient, RemotingCommand, RemotingConnector};
+//! use keyed_pool_remoting::codec::code;
 //!
 //! let pool = ConnectionPool::builder()
 //!     .connector(RemotingConnector::default())
@@ -20,12 +21,16 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod codec;
 pub mod connector;
+#[cfg(feature = "test-util")]
 pub mod server;
 
 pub use client::{ClientConfig, RemotingClient, RemotingError};
 pub use codec::{CodecError, FrameDecoder, RemotingCommand};
 pub use connector::{CallError, RemotingConnector, is_server_failure, pool_request};
+#[cfg(feature = "test-util")]
 pub use server::{MiniServer, ServerBehaviour, ServerStats};
