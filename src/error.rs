@@ -14,26 +14,32 @@ pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 pub enum PoolError {
     /// Every slot is taken by a live connection or a connect in flight, and the pool's
     /// [`WhenFull`](crate::WhenFull) policy found nothing to make room with.
-    #[error("pool is at capacity ({max} connections)")]
+    #[error("pool is at capacity ({})", count(*max as u64, "connection"))]
     AtCapacity {
         /// The configured maximum.
         max: usize,
     },
     /// The address failed recently and is backing off (I12): no connect is made before
     /// `retry_after` has passed.
-    #[error("{addr} is backing off after {failures} failure(s); retry in {retry_after:?}: {cause}")]
+    #[error(
+        "{addr} is backing off after {}; retry in {}",
+        count(u64::from(*failures), "failure"),
+        human(*retry_after)
+    )]
     Backoff {
         /// The address.
         addr: CheetahString,
         /// Time left until the next connect may be attempted.
         retry_after: Duration,
-        /// Consecutive failures of the address so far.
+        /// The address's ejection count (see
+        /// [`ConnectionPool::ejection_count`](crate::ConnectionPool::ejection_count)).
         failures: u32,
-        /// The last failure.
+        /// The last failure (also the error's `source()`).
+        #[source]
         cause: Cause,
     },
     /// The connector failed to connect.
-    #[error("connect to {addr} failed: {cause}")]
+    #[error("connect to {addr} failed")]
     Connect {
         /// The address.
         addr: CheetahString,
@@ -42,7 +48,7 @@ pub enum PoolError {
         cause: Cause,
     },
     /// The connector did not finish within the connect timeout (I16).
-    #[error("connect to {addr} timed out after {timeout:?}")]
+    #[error("connect to {addr} timed out after {}", human(*timeout))]
     ConnectTimeout {
         /// The address.
         addr: CheetahString,
@@ -60,6 +66,67 @@ pub enum PoolError {
     /// The pool was closed with [`ConnectionPool::close`](crate::ConnectionPool::close).
     #[error("the pool is closed")]
     Closed,
+}
+
+impl PoolError {
+    /// The error behind this one, if there is one: the connector's error for
+    /// [`Connect`](Self::Connect), the last failure for [`Backoff`](Self::Backoff).
+    pub fn cause(&self) -> Option<&Cause> {
+        match self {
+            Self::Connect { cause, .. } | Self::Backoff { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+
+    /// The connector's own error, typed, if this error (or the failure behind a backoff) carries
+    /// one of type `E`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keyed_pool::PoolError;
+    /// let err = PoolError::Connect {
+    ///     addr: "127.0.0.1:1".into(),
+    ///     cause: Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+    /// };
+    /// let io = err.connector_error::<std::io::Error>().expect("an io::Error");
+    /// assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+    /// assert_eq!(err.to_string(), "connect to 127.0.0.1:1 failed");
+    /// ```
+    pub fn connector_error<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        let cause: &(dyn std::error::Error + 'static) = self.cause()?.as_ref();
+        cause.downcast_ref::<E>()
+    }
+}
+
+/// `n` and the noun, singular or plural: "1 connection", "3 connections".
+pub(crate) fn count(n: u64, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// A duration for people: "750 µs", "828 ms", "1.2 s", "2 min 5 s".
+pub(crate) fn human(d: Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 1_000 {
+        format!("{micros} µs")
+    } else if micros < 1_000_000 {
+        format!("{} ms", (micros + 500) / 1_000)
+    } else if d < Duration::from_secs(60) {
+        let tenths = (micros + 50_000) / 100_000;
+        if tenths % 10 == 0 {
+            format!("{} s", tenths / 10)
+        } else {
+            format!("{}.{} s", tenths / 10, tenths % 10)
+        }
+    } else {
+        let secs = d.as_secs();
+        match secs % 60 {
+            0 => format!("{} min", secs / 60),
+            s => format!("{} min {s} s", secs / 60),
+        }
+    }
 }
 
 /// A configuration that makes no sense. Returned by
@@ -132,4 +199,58 @@ pub enum ConfigError {
         /// The value given.
         shards: usize,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let ms = Duration::from_millis;
+        assert_eq!(human(Duration::from_micros(750)), "750 µs");
+        assert_eq!(human(Duration::from_nanos(827_749_772)), "828 ms");
+        assert_eq!(human(ms(1_000)), "1 s");
+        assert_eq!(human(ms(1_249)), "1.2 s");
+        assert_eq!(human(ms(59_960)), "60 s");
+        assert_eq!(human(Duration::from_secs(125)), "2 min 5 s");
+        assert_eq!(human(Duration::from_secs(120)), "2 min");
+    }
+
+    #[test]
+    fn counts_are_singular_or_plural() {
+        assert_eq!(count(1, "failure"), "1 failure");
+        assert_eq!(count(3, "failure"), "3 failures");
+        assert_eq!(count(0, "connection"), "0 connections");
+    }
+
+    #[test]
+    fn the_cause_appears_once_in_the_chain() {
+        use std::error::Error;
+        let io = std::io::Error::other("Connection refused (os error 111)");
+        let connect = PoolError::Connect {
+            addr: "a:1".into(),
+            cause: Arc::new(io),
+        };
+        let backoff = PoolError::Backoff {
+            addr: "a:1".into(),
+            retry_after: Duration::from_millis(827),
+            failures: 1,
+            cause: Arc::new(connect.clone()),
+        };
+        let mut chain = vec![backoff.to_string()];
+        let mut next = backoff.source();
+        while let Some(err) = next {
+            chain.push(err.to_string());
+            next = err.source();
+        }
+        assert_eq!(
+            chain,
+            [
+                "a:1 is backing off after 1 failure; retry in 827 ms",
+                "connect to a:1 failed",
+                "Connection refused (os error 111)"
+            ]
+        );
+    }
 }
