@@ -15,7 +15,7 @@ use loom::thread;
 use tokio::time::Instant;
 
 use crate::ConnectionMetrics;
-use crate::core::{CallClaim, CallRecord, CapacityLedger, HealthPolicy, Verdict};
+use crate::core::{CallClaim, CallRecord, CapacityLedger, HealthPolicy, Permit, Verdict};
 
 /// Runs `f` under loom and prints how many executions it explored and how long it took (also when
 /// it fails: the line then says at which execution).
@@ -130,6 +130,61 @@ fn loom_reserve_vs_release_cap2_three_threads() {
 fn loom_reserve_vs_release_cap2_two_threads() {
     model("reserve_vs_release_cap2_two_threads", || {
         reserve_release(2, 2)
+    });
+}
+
+/// I1 with the permits kept: the ledger is full (`max` permits held); one thread drops one of
+/// them while two takers try to take a slot and keep what they get. One slot was freed, so at most
+/// one taker is served, whatever the interleaving; and once every permit is dropped, nothing is
+/// counted (I3).
+fn one_freed_slot_two_takers(max: usize) {
+    let ledger = Arc::new(CapacityLedger::new(max));
+    let mut permits: Vec<_> = (0..max)
+        .map(|_| ledger.try_acquire().expect("the ledger starts empty"))
+        .collect();
+    let freer = {
+        let permit = permits.pop().unwrap();
+        thread::spawn(move || drop(permit))
+    };
+    let takers: Vec<_> = (0..2)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            thread::spawn(move || ledger.try_acquire())
+        })
+        .collect();
+    freer.join().unwrap();
+    let taken: Vec<Permit> = takers
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        taken.len() <= 1,
+        "I1 violated: one slot freed under max = {max}, {} takers served",
+        taken.len()
+    );
+    assert_eq!(
+        ledger.used(),
+        permits.len() + taken.len(),
+        "I1 violated: the count is not the permits alive"
+    );
+    drop(taken);
+    drop(permits);
+    assert_eq!(ledger.used(), 0, "I3 violated: a slot leaked");
+}
+
+/// I1, I3: cap 1, a release racing two takes that keep their permits.
+#[test]
+fn loom_one_freed_slot_two_takers_cap1() {
+    model("one_freed_slot_two_takers_cap1", || {
+        one_freed_slot_two_takers(1)
+    });
+}
+
+/// I1, I3: cap 2, a release racing two takes that keep their permits.
+#[test]
+fn loom_one_freed_slot_two_takers_cap2() {
+    model("one_freed_slot_two_takers_cap2", || {
+        one_freed_slot_two_takers(2)
     });
 }
 
