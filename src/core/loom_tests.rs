@@ -510,9 +510,10 @@ fn serial_orders(threads: &[Vec<Op>], policy: &HealthPolicy, at: Duration) -> Ve
 /// connection reports (counts, the failure run, the latch and its reason, and the verdict each
 /// failure returned) is what some serial order of those operations gives:
 /// - I13: no count lost (successes and failures equal every serial order's);
-/// - I10: `consecutive_errors` equals the trailing failure run of a serial order;
+/// - I10: `consecutive_errors` equals the trailing failure run of the serial order the record took
+///   (an order whose replay gives exactly the record);
 /// - I9: the latch, its stored reason, `is_healthy`, `unusable_reason` and every verdict returned
-///   agree with one serial order (the same one as the run).
+///   agree with that same serial order.
 fn record_vs_record(name: &str, threads: Vec<Vec<Op>>, policy: HealthPolicy) {
     let t0 = Instant::now();
     let at = 5 * MS;
@@ -547,18 +548,32 @@ fn record_vs_record(name: &str, threads: Vec<Vec<Op>>, policy: HealthPolicy) {
             !counted.is_empty(),
             "I13 violated: counted {successes} successes and {failures} failures of {threads:?}"
         );
+        // The serial orders whose replay gives exactly this record: the order the lock took.
+        let taken: Vec<_> = counted.iter().filter(|s| s.record == record).collect();
+        if taken.is_empty() {
+            let run = record.consecutive_failures();
+            assert!(
+                counted
+                    .iter()
+                    .any(|s| s.record.consecutive_failures() == run),
+                "I10 violated: the record's failure run is {run}, the trailing run of no serial order of {threads:?}"
+            );
+            panic!(
+                "I9 violated: the record {record:?} is the replay of no serial order of {threads:?}"
+            );
+        }
         let run = m.consecutive_errors();
-        let runs: Vec<_> = counted
-            .iter()
-            .filter(|s| s.record.consecutive_failures() == run)
-            .collect();
-        assert!(
-            !runs.is_empty(),
-            "I10 violated: consecutive_errors = {run}, but the serial orders of {threads:?} end with runs {:?}",
-            counted
+        let runs_of = |serials: &[&&Serial]| {
+            serials
                 .iter()
-                .map(|s| (&s.order, s.record.consecutive_failures()))
+                .map(|s| (s.order.clone(), s.record.consecutive_failures()))
                 .collect::<Vec<_>>()
+        };
+        assert!(
+            taken.iter().any(|s| s.record.consecutive_failures() == run),
+            "I10 violated: consecutive_errors = {run}, but the serial orders of {threads:?} that give the record end with runs {:?} (all orders: {:?})",
+            runs_of(&taken),
+            runs_of(&counted.iter().collect::<Vec<_>>())
         );
         let reason = m.unusable_reason();
         assert_eq!(
@@ -568,11 +583,12 @@ fn record_vs_record(name: &str, threads: Vec<Vec<Op>>, policy: HealthPolicy) {
             m.is_healthy()
         );
         assert!(
-            runs.iter().any(|s| s.record == record
-                && s.verdicts == verdicts
-                && s.record.unhealthy() == reason),
+            taken
+                .iter()
+                .any(|s| s.verdicts == verdicts && s.record.unhealthy() == reason),
             "I9 violated: record {record:?}, verdicts {verdicts:?}, reason {reason:?} match no serial order of {threads:?}: {:?}",
-            runs.iter()
+            counted
+                .iter()
                 .map(|s| (&s.order, s.record.unhealthy(), &s.verdicts))
                 .collect::<Vec<_>>()
         );
