@@ -700,7 +700,7 @@ where
             stats.total_errors += record.failures();
         }
         let c = &self.inner.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let load = |a: &crate::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         stats.evictions = EvictionStats {
             idle: load(&c.evicted_idle),
             unhealthy: load(&c.evicted_unhealthy),

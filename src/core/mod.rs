@@ -17,6 +17,8 @@ mod conn;
 mod ejection;
 mod health;
 mod idle;
+#[cfg(all(test, loom))]
+mod loom_tests;
 
 pub use backoff::BackoffPolicy;
 pub use capacity::{CapacityLedger, Permit};
