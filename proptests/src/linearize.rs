@@ -1,0 +1,931 @@
+//! Histories of the threaded tier (`tests/threaded.rs`) and a linearizability checker for the
+//! operations that do not depend on time.
+//!
+//! A history is a list of [`Event`]s: an operation, its result, and the ticks of a global logical
+//! clock (an `AtomicU64`, ticked at invocation and at response) taken by the thread that ran it.
+//! Event `a` precedes event `b` in real time iff `a.ret < b.inv`.
+//!
+//! [`linearizable`] decides whether some serial order of the events, consistent with real time,
+//! lets a sequential [`Spec`] produce exactly the recorded results (Wing & Gong's search, with
+//! Lowe's memoization of `(events done per thread, model state)`). The sequential model is a map
+//! address → connection serial, a cap counting pooled addresses, and a closed flag:
+//! - `insert`/`try_insert` into a present address replaces its connection and never fails for
+//!   capacity (I2); into a new address at the cap it is refused (`AtCapacity`) under
+//!   `WhenFull::Reject`, and under `WhenFull::EvictLeastRecentlyUsed` it evicts the connection of
+//!   some other address (any: which one is least recently used depends on time, not checked here)
+//!   and is refused only if there is none. Making room and placing are two steps inside the
+//!   insert's interval (they touch two addresses), so the eviction may be seen before the new
+//!   connection is; an insert that evicted and is then refused is still a violation;
+//! - `get` returns the pooled connection, `remove` takes it, `remove_connection` takes it only if it
+//!   is still that connection (I14);
+//! - `close` is not one atomic step: inside its interval it first refuses new work (inserts return
+//!   `Closed`), then removes the pooled connections one at a time (any of them may be gone while it
+//!   runs), and when it returns the pool is empty; from then on every operation returns `Closed` /
+//!   `None` / `false` (I17). A caller racing `close` may still get a connection that the close then
+//!   closes (issue 11: "close() is a cut"); once `close` has returned, nothing may.
+//!
+//! [`minimize`] shrinks a non-linearizable history to a shorter one that is still not
+//! linearizable, dropping only events whose removal can never make a linearizable history
+//! non-linearizable (so the short history is a proof on its own, not an artefact of shrinking).
+
+use std::collections::HashSet;
+use std::fmt;
+
+/// Connection serials are the books' serials (`BookConn::serial`).
+pub type Serial = u64;
+
+/// An operation of a history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `try_insert(addr, conn #serial)`.
+    TryInsert {
+        /// Address index.
+        addr: u8,
+        /// The hand-made connection.
+        serial: Serial,
+    },
+    /// `insert(addr, conn #serial)` (the `bool` API).
+    Insert {
+        /// Address index.
+        addr: u8,
+        /// The hand-made connection.
+        serial: Serial,
+    },
+    /// `get(addr)`.
+    Get {
+        /// Address index.
+        addr: u8,
+    },
+    /// `remove(addr)`.
+    Remove {
+        /// Address index.
+        addr: u8,
+    },
+    /// `remove_connection(handle of #serial)`.
+    RemoveConnection {
+        /// Address index.
+        addr: u8,
+        /// The connection the handle is for.
+        serial: Serial,
+    },
+    /// `close().await`.
+    Close,
+    /// `get_or_connect(addr).await`.
+    GetOrConnect {
+        /// Address index.
+        addr: u8,
+    },
+    /// `get(addr)`, then a call on it, finished as a success or a failure.
+    Call {
+        /// Address index.
+        addr: u8,
+        /// Finished as a success.
+        ok: bool,
+    },
+    /// `evict_idle().await`.
+    EvictIdle,
+    /// `evict_unhealthy().await`.
+    EvictUnhealthy,
+    /// The transport of a held connection dies (`BookConn::kill`).
+    Kill {
+        /// Address index.
+        addr: u8,
+        /// The connection.
+        serial: Serial,
+    },
+}
+
+/// The result of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Res {
+    /// `try_insert` / `get_or_connect` returned this connection.
+    Conn(Serial),
+    /// `try_insert` / `get_or_connect` returned `AtCapacity`.
+    AtCapacity,
+    /// `try_insert` / `get_or_connect` returned `Closed`.
+    Closed,
+    /// `get_or_connect` returned another error (its text, shortened).
+    Error(String),
+    /// `insert` returned this.
+    Inserted(bool),
+    /// `get` / `remove` / the `get` of a call returned this.
+    Found(Option<Serial>),
+    /// `remove_connection` returned this.
+    Removed(bool),
+    /// A sweep evicted this many.
+    Evicted(usize),
+    /// Nothing to report (`close`, `kill`).
+    Done,
+}
+
+/// One operation of a history, with its result and its interval on the logical clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The thread that ran it.
+    pub thread: usize,
+    /// Tick taken just before the call.
+    pub inv: u64,
+    /// Tick taken just after it returned.
+    pub ret: u64,
+    /// What was called.
+    pub op: Op,
+    /// What it returned.
+    pub res: Res,
+}
+
+impl Event {
+    /// The address index the event is about, if any.
+    pub fn addr(&self) -> Option<u8> {
+        match self.op {
+            Op::TryInsert { addr, .. }
+            | Op::Insert { addr, .. }
+            | Op::Get { addr }
+            | Op::Remove { addr }
+            | Op::RemoveConnection { addr, .. }
+            | Op::GetOrConnect { addr }
+            | Op::Call { addr, .. }
+            | Op::Kill { addr, .. } => Some(addr),
+            Op::Close | Op::EvictIdle | Op::EvictUnhealthy => None,
+        }
+    }
+
+    /// `self` overlaps `other` in real time (neither ended before the other began).
+    pub fn overlaps(&self, other: &Event) -> bool {
+        self.inv < other.ret && other.inv < self.ret
+    }
+
+    /// Whether the event, with its result, changes the model state in no linearization: dropping
+    /// such an event from a linearizable history leaves it linearizable.
+    fn effect_free(&self) -> bool {
+        match (&self.op, &self.res) {
+            (Op::Get { .. }, _) => true,
+            (Op::TryInsert { .. }, res) => !matches!(res, Res::Conn(_)),
+            (Op::Insert { .. }, res) => *res == Res::Inserted(false),
+            (Op::Remove { .. }, res) => *res == Res::Found(None),
+            (Op::RemoveConnection { .. }, res) => *res == Res::Removed(false),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Op::TryInsert { addr, serial } => write!(f, "try_insert(a{addr}, #{serial})"),
+            Op::Insert { addr, serial } => write!(f, "insert(a{addr}, #{serial})"),
+            Op::Get { addr } => write!(f, "get(a{addr})"),
+            Op::Remove { addr } => write!(f, "remove(a{addr})"),
+            Op::RemoveConnection { addr, serial } => {
+                write!(f, "remove_connection(a{addr} #{serial})")
+            }
+            Op::Close => f.write_str("close()"),
+            Op::GetOrConnect { addr } => write!(f, "get_or_connect(a{addr})"),
+            Op::Call { addr, ok } => {
+                write!(
+                    f,
+                    "get(a{addr}) + call {}",
+                    if ok { "ok" } else { "failed" }
+                )
+            }
+            Op::EvictIdle => f.write_str("evict_idle()"),
+            Op::EvictUnhealthy => f.write_str("evict_unhealthy()"),
+            Op::Kill { addr, serial } => write!(f, "kill transport (a{addr} #{serial})"),
+        }
+    }
+}
+
+impl fmt::Display for Res {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Res::Conn(s) => write!(f, "Ok(#{s})"),
+            Res::AtCapacity => f.write_str("Err(AtCapacity)"),
+            Res::Closed => f.write_str("Err(Closed)"),
+            Res::Error(e) => write!(f, "Err({e})"),
+            Res::Inserted(b) => write!(f, "{b}"),
+            Res::Found(Some(s)) => write!(f, "Some(#{s})"),
+            Res::Found(None) => f.write_str("None"),
+            Res::Removed(b) => write!(f, "{b}"),
+            Res::Evicted(n) => write!(f, "{n}"),
+            Res::Done => f.write_str("()"),
+        }
+    }
+}
+
+/// The history as lines, in invocation order: `t<thread> [inv, ret] op -> result`.
+pub fn render(events: &[Event]) -> String {
+    let mut sorted: Vec<&Event> = events.iter().collect();
+    sorted.sort_by_key(|e| e.inv);
+    let mut out = String::new();
+    for e in sorted {
+        out.push_str(&format!(
+            "    t{} [{:>4}, {:>4}] {} -> {}\n",
+            e.thread, e.inv, e.ret, e.op, e.res
+        ));
+    }
+    out
+}
+
+/// The sequential specification: the pool's configuration as the model needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    /// `max_connections` (`0` = unlimited).
+    pub cap: usize,
+    /// `WhenFull::EvictLeastRecentlyUsed` (else `Reject`).
+    pub lru: bool,
+}
+
+/// Address indices the model handles.
+pub const MODEL_ADDRS: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct State {
+    /// `close` has begun: new work is refused.
+    refusing: bool,
+    /// `close` has begun and not yet ended: it removes the pooled connections one at a time, so
+    /// any of them may already be gone.
+    draining: bool,
+    map: [Option<Serial>; MODEL_ADDRS],
+}
+
+impl State {
+    fn count(&self) -> usize {
+        self.map.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+/// A step of a history as the checker sees it: `close` is two steps.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Op(usize),
+    /// Under LRU, the eviction an insert of a new address may make before it places.
+    MakeRoom(usize),
+    CloseRefuse(usize),
+    CloseEmpty(usize),
+}
+
+impl Step {
+    fn event(self) -> usize {
+        match self {
+            Step::Op(i) | Step::MakeRoom(i) | Step::CloseRefuse(i) | Step::CloseEmpty(i) => i,
+        }
+    }
+}
+
+/// The states `s` may move to when `step` returns what `events` recorded (none: the result is
+/// impossible in `s`).
+fn next_states(spec: Spec, s: State, step: Step, events: &[Event]) -> Vec<State> {
+    match step {
+        Step::CloseRefuse(_) => vec![State {
+            refusing: true,
+            draining: true,
+            ..s
+        }],
+        Step::CloseEmpty(_) => vec![State {
+            refusing: true,
+            draining: false,
+            map: [None; MODEL_ADDRS],
+        }],
+        Step::Op(_) | Step::MakeRoom(_) if s.draining => {
+            // While close() drains, any connection still pooled may already have been removed.
+            let pooled: Vec<usize> = (0..MODEL_ADDRS).filter(|&a| s.map[a].is_some()).collect();
+            let mut out = Vec::new();
+            for mask in 0..1u32 << pooled.len() {
+                let mut d = s;
+                for (bit, &a) in pooled.iter().enumerate() {
+                    if mask & (1 << bit) != 0 {
+                        d.map[a] = None;
+                    }
+                }
+                for n in step_states(spec, d, step, events) {
+                    if !out.contains(&n) {
+                        out.push(n);
+                    }
+                }
+            }
+            out
+        }
+        Step::Op(_) | Step::MakeRoom(_) => step_states(spec, s, step, events),
+    }
+}
+
+fn step_states(spec: Spec, s: State, step: Step, events: &[Event]) -> Vec<State> {
+    match step {
+        Step::MakeRoom(i) => make_room_states(spec, s, &events[i]),
+        _ => op_states(spec, s, &events[step.event()]),
+    }
+}
+
+/// Under LRU, an insert of a new address finding the pool full evicts some other address's
+/// connection, then places its own: two steps (two addresses), so the eviction may be seen
+/// before the new connection is. It may also find room after all, and evict nothing.
+fn make_room_states(spec: Spec, s: State, e: &Event) -> Vec<State> {
+    let mut out = vec![s];
+    let (Op::TryInsert { addr, .. } | Op::Insert { addr, .. }) = e.op else {
+        return out;
+    };
+    let a = usize::from(addr);
+    if s.map[a].is_none() && spec.cap != 0 && s.count() >= spec.cap {
+        for b in 0..MODEL_ADDRS {
+            if b != a && s.map[b].is_some() {
+                let mut n = s;
+                n.map[b] = None;
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+/// The states an operation may move `s` to, given its recorded result.
+fn op_states(spec: Spec, s: State, e: &Event) -> Vec<State> {
+    let mut out = Vec::new();
+    {
+        match (e.op, &e.res) {
+            (Op::TryInsert { addr, serial } | Op::Insert { addr, serial }, res) => {
+                let a = usize::from(addr);
+                let bool_api = matches!(e.op, Op::Insert { .. });
+                let ok = if bool_api {
+                    *res == Res::Inserted(true)
+                } else {
+                    *res == Res::Conn(serial)
+                };
+                let refused_closed = if bool_api {
+                    *res == Res::Inserted(false)
+                } else {
+                    *res == Res::Closed
+                };
+                let refused_full = if bool_api {
+                    *res == Res::Inserted(false)
+                } else {
+                    *res == Res::AtCapacity
+                };
+                if s.refusing {
+                    if refused_closed {
+                        out.push(s);
+                    }
+                } else if s.map[a].is_some() || spec.cap == 0 || s.count() < spec.cap {
+                    // I2: a present address is replaced, never refused for capacity.
+                    if ok {
+                        let mut n = s;
+                        n.map[a] = Some(serial);
+                        out.push(n);
+                    }
+                } else if spec.lru {
+                    if ok {
+                        for b in 0..MODEL_ADDRS {
+                            if b != a && s.map[b].is_some() {
+                                let mut n = s;
+                                n.map[b] = None;
+                                n.map[a] = Some(serial);
+                                out.push(n);
+                            }
+                        }
+                    }
+                    if refused_full && s.map.iter().enumerate().all(|(b, c)| b == a || c.is_none())
+                    {
+                        out.push(s);
+                    }
+                } else if refused_full {
+                    out.push(s);
+                }
+            }
+            (Op::Get { addr }, Res::Found(got)) => {
+                if *got == s.map[usize::from(addr)] {
+                    out.push(s);
+                }
+            }
+            (Op::Remove { addr }, Res::Found(got)) => {
+                let a = usize::from(addr);
+                if *got == s.map[a] {
+                    let mut n = s;
+                    n.map[a] = None;
+                    out.push(n);
+                }
+            }
+            (Op::RemoveConnection { addr, serial }, Res::Removed(got)) => {
+                let a = usize::from(addr);
+                let present = s.map[a] == Some(serial);
+                if *got == present {
+                    let mut n = s;
+                    if present {
+                        n.map[a] = None;
+                    }
+                    out.push(n);
+                }
+            }
+            (op, res) => panic!("the linearizability model has no {op} -> {res}"),
+        }
+    }
+    out
+}
+
+fn steps_per_thread(spec: Spec, events: &[Event]) -> Vec<Vec<Step>> {
+    let threads = events.iter().map(|e| e.thread + 1).max().unwrap_or(0);
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|&i| events[i].inv);
+    let mut per = vec![Vec::new(); threads];
+    for i in order {
+        let e = &events[i];
+        if e.op == Op::Close {
+            per[e.thread].push(Step::CloseRefuse(i));
+            per[e.thread].push(Step::CloseEmpty(i));
+        } else {
+            if spec.lru && matches!(e.op, Op::TryInsert { .. } | Op::Insert { .. }) {
+                per[e.thread].push(Step::MakeRoom(i));
+            }
+            per[e.thread].push(Step::Op(i));
+        }
+    }
+    per
+}
+
+/// Whether `events` (complete operations, each thread's in order) is linearizable against `spec`,
+/// starting from an empty open pool.
+pub fn linearizable(spec: Spec, events: &[Event]) -> bool {
+    for e in events {
+        if let Some(a) = e.addr() {
+            assert!(
+                usize::from(a) < MODEL_ADDRS,
+                "address a{a} beyond the model"
+            );
+        }
+    }
+    let per = steps_per_thread(spec, events);
+    let mut done = vec![0usize; per.len()];
+    let mut seen = HashSet::new();
+    let start = State {
+        refusing: false,
+        draining: false,
+        map: [None; MODEL_ADDRS],
+    };
+    search(spec, events, &per, &mut done, start, &mut seen)
+}
+
+fn search(
+    spec: Spec,
+    events: &[Event],
+    per: &[Vec<Step>],
+    done: &mut Vec<usize>,
+    s: State,
+    seen: &mut HashSet<(Vec<usize>, State)>,
+) -> bool {
+    // The earliest response among the next step of every thread: a step may be linearized next
+    // only if it was invoked before that (no pending operation ended before it began).
+    let mut min_ret = u64::MAX;
+    let mut all_done = true;
+    for (t, steps) in per.iter().enumerate() {
+        if let Some(step) = steps.get(done[t]) {
+            all_done = false;
+            min_ret = min_ret.min(events[step.event()].ret);
+        }
+    }
+    if all_done {
+        return true;
+    }
+    if !seen.insert((done.clone(), s)) {
+        return false;
+    }
+    for t in 0..per.len() {
+        let Some(&step) = per[t].get(done[t]) else {
+            continue;
+        };
+        if events[step.event()].inv > min_ret {
+            continue;
+        }
+        for n in next_states(spec, s, step, events) {
+            done[t] += 1;
+            let ok = search(spec, events, per, done, n, seen);
+            done[t] -= 1;
+            if ok {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A shorter non-linearizable history inside `events` (which must not be linearizable), made
+/// only of cuts that can never turn a linearizable history into a non-linearizable one, so that
+/// what remains is a violation on its own:
+/// - a prefix ending at a quiescent instant (no operation in progress): every operation kept
+///   precedes every one dropped in any serial order consistent with real time;
+/// - under `Reject`, every event of one address, when every refusal for capacity kept ended before
+///   the first of them began (the dropped address was absent at each refusal, and fewer pooled
+///   addresses never make a granted insert impossible);
+/// - one by one, events that change the model in no serial order (reads, removals that found
+///   nothing, refused inserts); reads first, so that a refusal that is a violation by itself stays
+///   in the history that is shown.
+pub fn minimize(spec: Spec, events: &[Event]) -> Vec<Event> {
+    debug_assert!(!linearizable(spec, events));
+    let mut cur: Vec<Event> = events.to_vec();
+    cur.sort_by_key(|e| e.inv);
+    loop {
+        let before = cur.len();
+        // Quiescent prefixes, shortest first.
+        let mut max_ret = 0;
+        for k in 1..cur.len() {
+            max_ret = max_ret.max(cur[k - 1].ret);
+            if max_ret < cur[k].inv && !linearizable(spec, &cur[..k]) {
+                cur.truncate(k);
+                break;
+            }
+        }
+        if !spec.lru {
+            let mut addrs: Vec<u8> = cur.iter().filter_map(Event::addr).collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            for a in addrs {
+                let first = cur
+                    .iter()
+                    .filter(|e| e.addr() == Some(a))
+                    .map(|e| e.inv)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                let refusals_before = cur
+                    .iter()
+                    .filter(|e| refused_for_capacity(e) && e.addr() != Some(a))
+                    .all(|e| e.ret < first);
+                if !refusals_before {
+                    continue;
+                }
+                let without: Vec<Event> = cur
+                    .iter()
+                    .filter(|e| e.addr() != Some(a))
+                    .cloned()
+                    .collect();
+                if !without.is_empty() && !linearizable(spec, &without) {
+                    cur = without;
+                }
+            }
+        }
+        for reads_only in [true, false] {
+            let mut i = 0;
+            while i < cur.len() {
+                let droppable = cur[i].effect_free()
+                    && !(reads_only
+                        && matches!(cur[i].op, Op::TryInsert { .. } | Op::Insert { .. }));
+                if droppable {
+                    let mut without = cur.clone();
+                    without.remove(i);
+                    if !linearizable(spec, &without) {
+                        cur = without;
+                        continue;
+                    }
+                }
+                i += 1;
+            }
+        }
+        if cur.len() == before {
+            return cur;
+        }
+    }
+}
+
+fn refused_for_capacity(e: &Event) -> bool {
+    match e.op {
+        Op::TryInsert { .. } => e.res == Res::AtCapacity,
+        Op::Insert { .. } => e.res == Res::Inserted(false),
+        _ => false,
+    }
+}
+
+/// The invariant and the defect a (minimized) non-linearizable history most likely shows: a tag
+/// (short, groups rounds) and a message starting with `I<n> violated:`.
+pub fn diagnose(spec: Spec, events: &[Event]) -> (String, String) {
+    let close = events.iter().find(|e| e.op == Op::Close);
+    if let Some(close) = close {
+        let late: Vec<&Event> = events
+            .iter()
+            .filter(|e| e.inv > close.ret)
+            .filter(|e| {
+                matches!(
+                    e.res,
+                    Res::Conn(_) | Res::Found(Some(_)) | Res::Removed(true) | Res::Inserted(true)
+                )
+            })
+            .collect();
+        if let Some(late) = late.first() {
+            let racer = events.iter().find(|e| {
+                matches!(e.op, Op::TryInsert { .. } | Op::Insert { .. })
+                    && matches!(e.res, Res::Conn(_) | Res::Inserted(true))
+                    && e.overlaps(close)
+            });
+            let why = match racer {
+                Some(r) => format!(
+                    "{} -> {} raced close() and left its connection pooled (issue 11 #1: \
+                     try_insert checks is_closed() once, before placing)",
+                    r.op, r.res
+                ),
+                None => "the pool still held a connection".to_string(),
+            };
+            return (
+                "I17: a connection pooled after close() returned (try_insert racing close: issue 11 #1)"
+                    .to_string(),
+                format!(
+                    "I17 violated: {} invoked after close() returned gave {}; {why}",
+                    late.op, late.res
+                ),
+            );
+        }
+    }
+    if let Some(close) = close {
+        // An insert racing close() whose connection is seen after close() began: placed after
+        // close() had emptied its address.
+        let observes = |e: &Event, s: Serial| match (e.op, &e.res) {
+            (_, Res::Found(Some(x))) => *x == s,
+            (Op::RemoveConnection { serial, .. }, Res::Removed(true)) => serial == s,
+            _ => false,
+        };
+        for racer in events.iter().filter(|e| e.overlaps(close)) {
+            let serial = match (racer.op, &racer.res) {
+                (Op::TryInsert { serial, .. }, Res::Conn(_))
+                | (Op::Insert { serial, .. }, Res::Inserted(true)) => serial,
+                _ => continue,
+            };
+            if let Some(seen) = events
+                .iter()
+                .find(|e| e.ret > close.inv && observes(e, serial))
+            {
+                return (
+                    "I17: a connection pooled after close() returned (try_insert racing close: issue 11 #1)"
+                        .to_string(),
+                    format!(
+                        "I17 violated: {} -> {} saw #{serial}, which {} -> {} placed while close() \
+                         ran, after close() had emptied its address (issue 11 #1: try_insert checks \
+                         is_closed() once, before placing)",
+                        seen.op, seen.res, racer.op, racer.res
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(close) = close
+        && let Some(refused) = events
+            .iter()
+            .find(|e| refused_for_capacity(e) && e.overlaps(close))
+        && spec.lru
+    {
+        return (
+            "I17: an insert racing close() refused for capacity instead of Closed".to_string(),
+            format!(
+                "I17 violated: {} -> {} racing close() with max_connections = {} under \
+                 EvictLeastRecentlyUsed: no serial order has the pool full with nothing to evict \
+                 (close() emptied the pool under the insert's eviction attempt); a caller racing \
+                 close() must get Closed or a connection that the close then closes",
+                refused.op, refused.res, spec.cap
+            ),
+        );
+    }
+    if let Some(refused) = events
+        .iter()
+        .find(|e| refused_for_capacity(e) && close.is_none_or(|c| e.ret <= c.inv))
+    {
+        let a = refused.addr();
+        let remover = events.iter().find(|e| {
+            matches!(e.op, Op::Remove { .. } | Op::RemoveConnection { .. })
+                && e.addr() == a
+                && e.overlaps(refused)
+        });
+        if spec.lru {
+            return (
+                "I1: under EvictLeastRecentlyUsed an insert refused although a connection of another address could be evicted".to_string(),
+                format!(
+                    "I1 violated: {} -> {} with max_connections = {} under EvictLeastRecentlyUsed, \
+                     in a state where another address's connection could have been evicted (no \
+                     serial order explains the refusal: try_insert makes one attempt to make room, \
+                     and gives up when a racing insert evicts the same victim or takes the slot it \
+                     freed)",
+                    refused.op, refused.res, spec.cap
+                ),
+            );
+        }
+        if let Some(remover) = remover {
+            return (
+                "I2: try_insert racing remove of the same address refused at capacity (issue 11 #5)".to_string(),
+                format!(
+                    "I2 violated: {} -> {} while {} -> {} ran on the same address, max_connections \
+                     = {}: in every serial order the address is present (replaced, never refused) or \
+                     its slot is free (issue 11 #5: remove() releases the slot after dropping the \
+                     shard lock)",
+                    refused.op, refused.res, remover.op, remover.res, spec.cap
+                ),
+            );
+        }
+        return (
+            "I1: an insert refused for capacity below the cap".to_string(),
+            format!(
+                "I1 violated: {} -> {} although no serial order has the pool full \
+                 (max_connections = {})",
+                refused.op, refused.res, spec.cap
+            ),
+        );
+    }
+    if let Some(close) = close
+        && let Some(racer) = events.iter().find(|e| {
+            e.overlaps(close)
+                && matches!(
+                    (e.op, &e.res),
+                    (Op::TryInsert { .. }, Res::Conn(_)) | (Op::Insert { .. }, Res::Inserted(true))
+                )
+        })
+    {
+        return (
+            "I17: a connection pooled after close() returned (try_insert racing close: issue 11 #1)"
+                .to_string(),
+            format!(
+                "I17 violated: no serial order explains these results, and {} -> {} raced close(): \
+                 its connection was placed after close() had emptied the pool (issue 11 #1: \
+                 try_insert checks is_closed() once, before placing)",
+                racer.op, racer.res
+            ),
+        );
+    }
+    let granted = |e: &Event| {
+        matches!(
+            (e.op, &e.res),
+            (Op::TryInsert { .. }, Res::Conn(_)) | (Op::Insert { .. }, Res::Inserted(true))
+        )
+    };
+    if spec.lru
+        && let Some((x, y)) = events.iter().enumerate().find_map(|(i, x)| {
+            events[i + 1..]
+                .iter()
+                .find(|y| granted(x) && granted(y) && x.addr() == y.addr() && x.overlaps(y))
+                .map(|y| (x, y))
+        })
+    {
+        return (
+            "I1: under EvictLeastRecentlyUsed racing inserts of one new address each evicted a connection".to_string(),
+            format!(
+                "I1 violated: {} -> {} and {} -> {} raced under EvictLeastRecentlyUsed with \
+                 max_connections = {}, and more connections of other addresses are gone than any \
+                 serial order evicts: each insert made room on its own before placing, so a \
+                 connection was evicted for nothing",
+                x.op, x.res, y.op, y.res, spec.cap
+            ),
+        );
+    }
+    (
+        "I14: results no serial order explains".to_string(),
+        "I14 violated: no serial order of these operations, consistent with real time, gives \
+         these results (a get, remove or remove_connection saw a connection that was not, or no \
+         longer, the pooled one)"
+            .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(thread: usize, inv: u64, ret: u64, op: Op, res: Res) -> Event {
+        Event {
+            thread,
+            inv,
+            ret,
+            op,
+            res,
+        }
+    }
+
+    const REJECT1: Spec = Spec { cap: 1, lru: false };
+
+    #[test]
+    fn sequential_histories() {
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(
+                0,
+                2,
+                3,
+                Op::TryInsert { addr: 1, serial: 2 },
+                Res::AtCapacity,
+            ),
+            ev(0, 4, 5, Op::TryInsert { addr: 0, serial: 3 }, Res::Conn(3)),
+            ev(0, 6, 7, Op::Get { addr: 0 }, Res::Found(Some(3))),
+            ev(
+                0,
+                8,
+                9,
+                Op::RemoveConnection { addr: 0, serial: 1 },
+                Res::Removed(false),
+            ),
+            ev(0, 10, 11, Op::Remove { addr: 0 }, Res::Found(Some(3))),
+            ev(0, 12, 13, Op::Close, Res::Done),
+            ev(0, 14, 15, Op::Get { addr: 0 }, Res::Found(None)),
+            ev(0, 16, 17, Op::TryInsert { addr: 0, serial: 4 }, Res::Closed),
+        ];
+        assert!(linearizable(REJECT1, &h));
+        let mut bad = h.clone();
+        bad[1].res = Res::Conn(2);
+        assert!(!linearizable(REJECT1, &bad), "beyond the cap");
+        let mut bad = h.clone();
+        bad[2].res = Res::AtCapacity;
+        assert!(!linearizable(REJECT1, &bad), "I2");
+        let mut bad = h;
+        bad[7].res = Res::Found(Some(3));
+        assert!(!linearizable(REJECT1, &bad), "after close");
+    }
+
+    #[test]
+    fn overlapping_ops_may_take_either_order() {
+        // remove racing try_insert of the same address: either order gives Ok.
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 5, Op::Remove { addr: 0 }, Res::Found(Some(1))),
+            ev(1, 3, 6, Op::TryInsert { addr: 0, serial: 2 }, Res::Conn(2)),
+            ev(1, 7, 8, Op::Get { addr: 0 }, Res::Found(Some(2))),
+        ];
+        assert!(linearizable(REJECT1, &h));
+        let mut bad = h.clone();
+        bad[2].res = Res::AtCapacity;
+        bad[3].res = Res::Found(None);
+        assert!(!linearizable(REJECT1, &bad));
+        let small = minimize(REJECT1, &bad);
+        assert_eq!(small.len(), 3, "the get is dropped: {small:?}");
+        assert!(diagnose(REJECT1, &small).1.starts_with("I2 violated:"));
+    }
+
+    #[test]
+    fn a_get_racing_close_may_see_the_connection_but_not_after_it() {
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 9, Op::Close, Res::Done),
+            ev(1, 3, 4, Op::TryInsert { addr: 1, serial: 2 }, Res::Closed),
+            ev(1, 5, 6, Op::Get { addr: 0 }, Res::Found(Some(1))),
+            ev(1, 10, 11, Op::Get { addr: 0 }, Res::Found(None)),
+        ];
+        assert!(linearizable(REJECT1, &h));
+        let mut bad = h.clone();
+        bad[4].res = Res::Found(Some(1));
+        assert!(!linearizable(REJECT1, &bad));
+        // An insert racing close that lands after it: seen after close returned.
+        let late = vec![
+            ev(0, 0, 5, Op::Close, Res::Done),
+            ev(1, 1, 6, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(1, 7, 8, Op::Get { addr: 0 }, Res::Found(Some(1))),
+        ];
+        assert!(!linearizable(REJECT1, &late));
+        assert!(diagnose(REJECT1, &late).1.starts_with("I17 violated:"));
+    }
+
+    #[test]
+    fn close_drains_one_address_at_a_time() {
+        let reject2 = Spec { cap: 2, lru: false };
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 3, Op::TryInsert { addr: 1, serial: 2 }, Res::Conn(2)),
+            ev(0, 4, 20, Op::Close, Res::Done),
+            ev(1, 5, 6, Op::Get { addr: 0 }, Res::Found(None)),
+            ev(1, 7, 8, Op::Get { addr: 1 }, Res::Found(Some(2))),
+        ];
+        assert!(
+            linearizable(reject2, &h),
+            "a get racing close sees a0 gone, a1 not yet"
+        );
+        let mut bad = h;
+        bad.push(ev(1, 9, 10, Op::Get { addr: 0 }, Res::Found(Some(1))));
+        assert!(!linearizable(reject2, &bad), "a0 came back");
+    }
+
+    #[test]
+    fn lru_makes_room_before_it_places_but_only_once() {
+        let lru = Spec { cap: 1, lru: true };
+        // The eviction of a0 is seen before a1 is placed.
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 9, Op::TryInsert { addr: 1, serial: 2 }, Res::Conn(2)),
+            ev(1, 3, 4, Op::Get { addr: 0 }, Res::Found(None)),
+            ev(1, 5, 6, Op::Get { addr: 1 }, Res::Found(None)),
+            ev(1, 10, 11, Op::Get { addr: 1 }, Res::Found(Some(2))),
+        ];
+        assert!(linearizable(lru, &h));
+        // Two racing inserts of a2 at cap 2 may evict only one of a0, a1.
+        let lru2 = Spec { cap: 2, lru: true };
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 3, Op::TryInsert { addr: 1, serial: 2 }, Res::Conn(2)),
+            ev(0, 4, 8, Op::TryInsert { addr: 2, serial: 3 }, Res::Conn(3)),
+            ev(1, 5, 9, Op::TryInsert { addr: 2, serial: 4 }, Res::Conn(4)),
+            ev(0, 10, 11, Op::Get { addr: 0 }, Res::Found(None)),
+            ev(0, 12, 13, Op::Get { addr: 1 }, Res::Found(None)),
+        ];
+        assert!(!linearizable(lru2, &h));
+        assert!(diagnose(lru2, &h).1.starts_with("I1 violated:"));
+    }
+
+    #[test]
+    fn lru_evicts_some_other_address() {
+        let lru = Spec { cap: 1, lru: true };
+        let h = vec![
+            ev(0, 0, 1, Op::TryInsert { addr: 0, serial: 1 }, Res::Conn(1)),
+            ev(0, 2, 3, Op::TryInsert { addr: 1, serial: 2 }, Res::Conn(2)),
+            ev(0, 4, 5, Op::Get { addr: 0 }, Res::Found(None)),
+        ];
+        assert!(linearizable(lru, &h));
+        let mut bad = h;
+        bad[1].res = Res::AtCapacity;
+        bad[2].res = Res::Found(Some(1));
+        assert!(!linearizable(lru, &bad));
+    }
+}
