@@ -211,11 +211,21 @@ impl fmt::Display for Res {
     }
 }
 
-/// The history as lines, in invocation order: `t<thread> [inv, ret] op -> result`.
+/// The history as lines, in invocation order: `t<thread> [inv, ret] op -> result` (at most 80:
+/// the first and last 40 of a longer one).
 pub fn render(events: &[Event]) -> String {
     let mut sorted: Vec<&Event> = events.iter().collect();
     sorted.sort_by_key(|e| e.inv);
     let mut out = String::new();
+    if sorted.len() > 80 {
+        let n = sorted.len();
+        let tail = sorted.split_off(n - 40);
+        sorted.truncate(40);
+        out = render(&sorted.into_iter().cloned().collect::<Vec<_>>());
+        out.push_str(&format!("    ... {} more ...\n", n - 80));
+        out.push_str(&render(&tail.into_iter().cloned().collect::<Vec<_>>()));
+        return out;
+    }
     for e in sorted {
         out.push_str(&format!(
             "    t{} [{:>4}, {:>4}] {} -> {}\n",
@@ -593,10 +603,11 @@ impl Witness {
 /// A short violation inside `events` (which must not be linearizable), made only of cuts that can
 /// never turn a linearizable history into a non-linearizable one, so that what remains is a
 /// violation on its own:
-/// - a prefix ending at a quiescent instant (no operation in progress): every operation kept
-///   precedes every one dropped in any serial order consistent with real time;
-/// - the operations before a quiescent instant, when what follows is not linearizable from any
-///   state they may leave the pool in (they are replaced by those states);
+/// - what follows a quiescent instant (no operation in progress), when what precedes it is not
+///   linearizable: every operation before precedes every one after in any serial order
+///   consistent with real time;
+/// - what precedes a quiescent instant, when what follows is not linearizable from any state it
+///   may leave the pool in (it is replaced by those states);
 /// - under `Reject`, every event of one address absent from those states, when every refusal for
 ///   capacity kept ended before the first of them began (the dropped address was absent at each
 ///   refusal, and fewer pooled addresses never make a granted insert impossible);
@@ -612,42 +623,25 @@ pub fn minimize(spec: Spec, events: &[Event]) -> Witness {
     let mut skipped = 0;
     loop {
         let before = (cur.len(), skipped);
-        // The shortest quiescent prefix that is not linearizable (a longer quiescent prefix of a
-        // non-linearizable one is not either, so a binary search finds it).
-        let cuts = quiescent_cuts(&cur);
-        let (mut lo, mut hi) = (0, cuts.len());
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if check(rules, &cur[..cuts[mid]], &starts) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
+        // Forward over the stretches between quiescent instants, carrying the states the pool may
+        // be in at each instant, up to the first stretch with no linearization from them: that
+        // stretch, from those states, is the violation (what follows it is dropped, what precedes
+        // it is replaced by the states it leaves).
+        let mut bounds = vec![0];
+        bounds.extend(quiescent_cuts(&cur));
+        bounds.push(cur.len());
+        let mut states = starts.clone();
+        for w in bounds.windows(2) {
+            let next = finals(rules, &cur[w[0]..w[1]], &states);
+            if next.is_empty() {
+                if w[0] > 0 {
+                    skipped += w[0];
+                    starts = states;
+                }
+                cur = cur[w[0]..w[1]].to_vec();
+                break;
             }
-        }
-        if lo < cuts.len() {
-            cur.truncate(cuts[lo]);
-        }
-        // The latest quiescent instant whose past can be replaced by the states it leaves (if
-        // that works at an instant, it works at every earlier one: a binary search again).
-        let cuts = quiescent_cuts(&cur);
-        let works = |k: usize| {
-            let left = finals(rules, &cur[..k], &starts);
-            !left.is_empty() && !check(rules, &cur[k..], &left)
-        };
-        let (mut lo, mut hi) = (0, cuts.len());
-        while lo < hi {
-            let mid = (lo + hi).div_ceil(2);
-            if works(cuts[mid - 1]) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        if lo > 0 {
-            let k = cuts[lo - 1];
-            starts = finals(rules, &cur[..k], &starts);
-            skipped += k;
-            cur.drain(..k);
+            states = next;
         }
         if !spec.lru {
             let mut addrs: Vec<u8> = cur.iter().filter_map(Event::addr).collect();
@@ -680,24 +674,31 @@ pub fn minimize(spec: Spec, events: &[Event]) -> Witness {
                 }
             }
         }
-        // One by one is quadratic: only once the history is short.
-        if cur.len() <= 200 {
-            for reads_only in [true, false] {
+        // Events with no effect, in ever smaller chunks (one by one would be quadratic in long
+        // windows); reads first, so that a refusal that is a violation by itself stays.
+        for reads_only in [true, false] {
+            let droppable = |e: &Event| {
+                e.effect_free()
+                    && !(reads_only && matches!(e.op, Op::TryInsert { .. } | Op::Insert { .. }))
+            };
+            let mut chunk = cur.len().next_power_of_two();
+            while chunk >= 1 {
                 let mut i = 0;
                 while i < cur.len() {
-                    let droppable = cur[i].effect_free()
-                        && !(reads_only
-                            && matches!(cur[i].op, Op::TryInsert { .. } | Op::Insert { .. }));
-                    if droppable {
-                        let mut without = cur.clone();
-                        without.remove(i);
-                        if !check(rules, &without, &starts) {
-                            cur = without;
-                            continue;
-                        }
+                    let end = (i + chunk).min(cur.len());
+                    let keep: Vec<Event> = cur
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, e)| !(i <= j && j < end && droppable(e)))
+                        .map(|(_, e)| e.clone())
+                        .collect();
+                    if keep.len() < cur.len() && !check(rules, &keep, &starts) {
+                        cur = keep;
+                    } else {
+                        i = end;
                     }
-                    i += 1;
                 }
+                chunk /= 2;
             }
         }
         if (cur.len(), skipped) == before {
