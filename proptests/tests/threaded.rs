@@ -550,18 +550,18 @@ fn drive(
         }
         report.push_str(&format!(
             "{}\n  caught in {} of {} rounds ({range}); first at seed {} after {:.2} s\n  \
-             replay: THREADED_SEED={} cargo test -p keyed-pool-proptests --test threaded {name}\n  \
-             shortest violating history found (seed {}, {} operations; {}):\n{}",
+             shortest violating history found (seed {}, {} operations; {}):\n{}  \
+             replay: THREADED_SEED={} cargo test -p keyed-pool-proptests --test threaded {name}\n",
             c.shortest.message,
             c.rounds,
             seeds.len(),
             c.first_seed,
             c.first_after.as_secs_f64(),
             c.shortest_seed,
-            c.shortest_seed,
             c.shortest.size,
             c.config,
             c.shortest.history,
+            c.shortest_seed,
         ));
     }
     panic!("{report}");
@@ -1018,11 +1018,11 @@ fn linearizability_failures(spec: Spec, events: &[Event]) -> Vec<Failure> {
     }]
 }
 
-/// I2 where it is narrowest: with `max_connections = 1` and one address, two threads insert and
+/// I2 where it is narrowest: with `max_connections = 1` and one address, four threads insert and
 /// remove that address without pause (a few thousand operations each per round). In every state
 /// an insert must succeed (the address is present and is replaced, or absent and the only slot is
-/// free), so a refusal for capacity is a violation; its round is then checked for linearizability
-/// to cut out the witness (issue 11 #5: `remove()` releases the slot after dropping the shard lock,
+/// free), so a refusal for capacity is a violation, shown with the operations that overlapped it
+/// (issue 11 #5: `remove()` releases the slot after dropping the shard lock,
 /// and an insert in between finds the address absent and the slot taken).
 #[test]
 fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
@@ -1037,9 +1037,11 @@ fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
                 lru: rng.below(2) == 1,
             };
             let weights = [(Kind::TryInsert, 4), (Kind::Insert, 1), (Kind::Remove, 4)];
-            let programs = (0..2)
+            // More threads than cores: a thread preempted inside `remove()` holds the window
+            // open for the others.
+            let programs = (0..4)
                 .map(|_| {
-                    let len = rng.range(4000, 8000);
+                    let len = rng.range(2000, 4000);
                     program(&mut rng, len, 1, &weights)
                 })
                 .collect();
@@ -1055,19 +1057,46 @@ fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
             };
             let played = play(&rt, &round);
             let mut failures = played.failures.clone();
-            let refused = played.events.iter().any(|e| {
+            // Any refusal is a violation here, no search needed: its witness is the refusal and
+            // what overlapped it (a search of four long threads could take minutes).
+            let events = &played.events;
+            if let Some(r) = events.iter().find(|e| {
                 matches!(
                     (e.op, &e.res),
                     (Op::TryInsert { .. }, Res::AtCapacity | Res::Closed)
                         | (Op::Insert { .. }, Res::Inserted(false))
                 )
-            });
-            if refused {
-                failures.extend(linearizability_failures(spec, &played.events));
-                assert!(
-                    !failures.is_empty(),
-                    "a refusal the checker explains: a test bug"
-                );
+            }) {
+                let around: Vec<Event> = events
+                    .iter()
+                    .filter(|e| e.overlaps(r) || *e == r)
+                    .cloned()
+                    .collect();
+                let remover = around.iter().find(|e| {
+                    matches!(e.op, Op::Remove { .. }) && matches!(e.res, Res::Found(Some(_)))
+                });
+                failures.push(Failure {
+                    tag: "I2: try_insert racing remove of the same address refused at capacity \
+                          (issue 11 #5)"
+                        .to_string(),
+                    message: format!(
+                        "I2 violated: {} -> {} with max_connections = 1 and a0 the only address: \
+                         in every state an insert succeeds (a0 present: replaced, never refused; \
+                         a0 absent: the only slot is free){} (issue 11 #5: remove() releases the \
+                         slot after dropping the shard lock)",
+                        r.op,
+                        r.res,
+                        remover
+                            .map(|m| format!(", and {} -> {} overlapped it", m.op, m.res))
+                            .unwrap_or_default()
+                    ),
+                    history: format!(
+                        "    the refused insert and the {} operation(s) that overlapped it:\n{}",
+                        around.len() - 1,
+                        linearize::render(&around)
+                    ),
+                    size: around.len(),
+                });
             }
             failures.extend(books_failures(&played));
             (round.describe(), played.events, failures)
