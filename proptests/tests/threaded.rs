@@ -14,8 +14,14 @@
 //! the seed (its programs, `THREADED_REPEAT` times), how many rounds failed, how long the first took
 //! to appear, and the shortest violating history found.
 //!
-//! Environment: `THREADED_ROUNDS` (rounds per test, default per test), `THREADED_SEED` (run that
-//! seed only), `THREADED_REPEAT` (times a replayed seed runs, default 20).
+//! Environment: `THREADED_ROUNDS` (rounds of every test), `THREADED_SCALE` (a factor on each
+//! test's default rounds, for a longer search), `THREADED_SEED` (run that seed only),
+//! `THREADED_REPEAT` (times a replayed seed runs, default 100).
+//!
+//! The tests: `i1_open_at_the_connector_never_exceeds_the_cap`,
+//! `i2_insert_racing_remove_of_its_address_never_fails_for_capacity`,
+//! `i4_one_connect_in_flight_per_address_and_its_waiters_get_its_result`,
+//! `i17_nothing_open_or_handed_out_after_close`, `linearizable_insert_get_remove_close`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -486,8 +492,20 @@ fn drive(
 ) {
     let replay = env_u64("THREADED_SEED");
     let seeds: Vec<u64> = match replay {
-        Some(seed) => vec![seed; env_u64("THREADED_REPEAT").unwrap_or(20) as usize],
-        None => (1..=env_u64("THREADED_ROUNDS").unwrap_or(default_rounds)).collect(),
+        Some(seed) => vec![seed; env_u64("THREADED_REPEAT").unwrap_or(100) as usize],
+        None => {
+            let scaled = std::env::var("THREADED_SCALE").ok().map(|v| {
+                let x: f64 = v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("THREADED_SCALE={v:?} is not a number"));
+                (default_rounds as f64 * x).round() as u64
+            });
+            let rounds = env_u64("THREADED_ROUNDS")
+                .or(scaled)
+                .unwrap_or(default_rounds);
+            (1..=rounds).collect()
+        }
     };
     let start = Instant::now();
     let mut caught: BTreeMap<String, Caught> = BTreeMap::new();
@@ -1029,7 +1047,7 @@ fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
     let rt = runtime();
     drive(
         "i2_insert_racing_remove_of_its_address_never_fails_for_capacity",
-        40,
+        60,
         |seed| {
             let mut rng = XorShift::new(seed);
             let spec = Spec {
@@ -1113,7 +1131,7 @@ fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
 #[test]
 fn linearizable_insert_get_remove_close() {
     let rt = runtime();
-    drive("linearizable_insert_get_remove_close", 2000, |seed| {
+    drive("linearizable_insert_get_remove_close", 3000, |seed| {
         let mut rng = XorShift::new(seed);
         let hot = seed % 8 == 0;
         let (spec, addrs, threads, lens, weights, close) = if hot {
