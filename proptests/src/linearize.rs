@@ -621,6 +621,17 @@ pub fn minimize(spec: Spec, events: &[Event]) -> Witness {
     let mut cur: Vec<Event> = events.to_vec();
     cur.sort_by_key(|e| e.inv);
     let mut skipped = 0;
+    // When only an over-eviction explains the results (see `diagnose`), the evicting insert may be
+    // anywhere before the stretch that shows it: keep what precedes the stretch.
+    let over_eviction = spec.lru
+        && check(
+            Rules {
+                spec,
+                lenient_lru: true,
+            },
+            events,
+            &starts,
+        );
     loop {
         let before = (cur.len(), skipped);
         // Forward over the stretches between quiescent instants, carrying the states the pool may
@@ -634,11 +645,13 @@ pub fn minimize(spec: Spec, events: &[Event]) -> Witness {
         for w in bounds.windows(2) {
             let next = finals(rules, &cur[w[0]..w[1]], &states);
             if next.is_empty() {
-                if w[0] > 0 {
+                if w[0] > 0 && !over_eviction {
                     skipped += w[0];
                     starts = states;
+                    cur = cur[w[0]..w[1]].to_vec();
+                } else {
+                    cur.truncate(w[1]);
                 }
-                cur = cur[w[0]..w[1]].to_vec();
                 break;
             }
             states = next;
