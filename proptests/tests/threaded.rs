@@ -297,36 +297,40 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
             Step::TryInsert(a) | Step::Insert(a) | Step::InsertIfEmpty(a) => {
                 let conn = books.by_hand(&addr(a));
                 let serial = conn.serial();
-                let bool_api = matches!(step, Step::Insert(_));
                 let inv = tick();
-                let (op, got) = if bool_api {
+                // `insert` (the bool API) answers yes or no; `try_insert` gives the connection, or
+                // why not.
+                type Got = Result<Option<PooledConnection<BookConn>>, Option<PoolError>>;
+                let (op, got): (Op, Got) = if matches!(step, Step::Insert(_)) {
                     let ok = pool.insert(addr(a), conn);
-                    (Op::Insert { addr: a, serial }, Err(ok))
+                    (
+                        Op::Insert { addr: a, serial },
+                        if ok { Ok(None) } else { Err(None) },
+                    )
                 } else {
                     let got = pool.try_insert(addr(a), conn);
-                    (Op::TryInsert { addr: a, serial }, Ok(got))
+                    (
+                        Op::TryInsert { addr: a, serial },
+                        got.map(Some).map_err(Some),
+                    )
                 };
                 let ret = tick();
                 let res = match got {
-                    Ok(Ok(c)) => {
+                    Ok(pooled) => {
                         books.accepted(serial);
-                        hold(&mut held, c);
-                        Res::Conn(serial)
-                    }
-                    Ok(Err(e)) => {
-                        books.refused(serial);
-                        error_text(&e)
-                    }
-                    Err(true) => {
-                        books.accepted(serial);
-                        if let Some(c) = pool.peek(&addr(a)).filter(|c| serial_of(c) == serial) {
+                        let handle = pooled
+                            .or_else(|| pool.peek(&addr(a)).filter(|c| serial_of(c) == serial));
+                        if let Some(c) = handle {
                             hold(&mut held, c);
                         }
-                        Res::Inserted(true)
+                        match op {
+                            Op::Insert { .. } => Res::Inserted(true),
+                            _ => Res::Conn(serial),
+                        }
                     }
-                    Err(false) => {
+                    Err(e) => {
                         books.refused(serial);
-                        Res::Inserted(false)
+                        e.as_ref().map_or(Res::Inserted(false), error_text)
                     }
                 };
                 (inv, op, res, ret)
