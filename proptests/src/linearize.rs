@@ -15,7 +15,8 @@
 //!   some other address (any: which one is least recently used depends on time, not checked here)
 //!   and is refused only if there is none. Making room and placing are two steps inside the
 //!   insert's interval (they touch two addresses), so the eviction may be seen before the new
-//!   connection is; an insert that evicted and is then refused is still a violation;
+//!   connection is; an insert that evicted and is then refused, or that evicts when the pool is no
+//!   longer full, is still a violation;
 //! - `get` returns the pooled connection, `remove` takes it, `remove_connection` takes it only if it
 //!   is still that connection (I14);
 //! - `close` is not one atomic step: inside its interval it first refuses new work (inserts return
@@ -24,9 +25,10 @@
 //!   `None` / `false` (I17). A caller racing `close` may still get a connection that the close then
 //!   closes (issue 11: "close() is a cut"); once `close` has returned, nothing may.
 //!
-//! [`minimize`] shrinks a non-linearizable history to a shorter one that is still not
-//! linearizable, dropping only events whose removal can never make a linearizable history
-//! non-linearizable (so the short history is a proof on its own, not an artefact of shrinking).
+//! [`minimize`] cuts a [`Witness`] out of a non-linearizable history: a short part of it, with
+//! the state(s) the pool may be in before it, that is not linearizable on its own. Every cut is
+//! one that can never make a linearizable history non-linearizable, so the witness is a proof on
+//! its own, not an artefact of shrinking. [`diagnose`] names the invariant and the defect.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -611,9 +613,12 @@ impl Witness {
 /// - under `Reject`, every event of one address absent from those states, when every refusal for
 ///   capacity kept ended before the first of them began (the dropped address was absent at each
 ///   refusal, and fewer pooled addresses never make a granted insert impossible);
-/// - one by one, events that change the model in no serial order (reads, removals that found
-///   nothing, refused inserts); reads first, so that a refusal that is a violation by itself stays
-///   in the history that is shown.
+/// - events that change the model in no serial order (reads, removals that found nothing,
+///   refused inserts), in halving chunks down to one by one; reads first, so that a refusal that
+///   is a violation by itself stays in the history that is shown.
+///
+/// When only an over-eviction explains the results (LRU evicting though the pool was no longer
+/// full), what precedes the stretch is kept: the evicting insert may be there.
 pub fn minimize(spec: Spec, events: &[Event]) -> Witness {
     let rules = rules(spec);
     let mut starts = vec![State::EMPTY];
