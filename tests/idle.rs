@@ -156,12 +156,19 @@ async fn a_large_sweep_yields_part_way() {
     advance(MAX_IDLE + MS).await;
     let mut sweep = std::pin::pin!(pool.evict_idle());
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(sweep.as_mut().poll(cx))).await;
-    assert!(first.is_pending(), "the sweep of 1000 ran to the end in one poll: it never yields");
+    assert!(
+        first.is_pending(),
+        "the sweep of 1000 ran to the end in one poll: it never yields"
+    );
     let left_mid_sweep = pool.len();
     assert!(
         0 < left_mid_sweep && left_mid_sweep < 1000,
         "the sweep yielded before evicting anything or after evicting everything (left {left_mid_sweep})"
     );
-    assert_eq!(sweep.await, 1000, "I6: every idle connection is gone once the sweep ends");
+    assert_eq!(
+        sweep.await,
+        1000,
+        "I6: every idle connection is gone once the sweep ends"
+    );
     assert!(pool.is_empty(), "I6");
 }
