@@ -714,6 +714,54 @@ fn closed_pool_failures(played: &Played, which: &str) -> Vec<Failure> {
     failures
 }
 
+/// The books at the instant `close` returned, rebuilt from their ticks: every connection the pool
+/// accepted was closed by then (its close had begun) unless `remove()` handed it back, and no
+/// connect returned one afterwards. (Connections still pooled at the end are reported by
+/// [`closed_pool_failures`].)
+fn open_when_close_returned(played: &Played, close: &Event) -> Vec<Failure> {
+    let pool = &played.pool;
+    let mut failures = Vec::new();
+    for e in pool.connector().entries() {
+        if e.standing != Standing::Accepted || e.closed_by_owner {
+            continue;
+        }
+        let still_pooled = pool
+            .peek(&e.addr)
+            .is_some_and(|c| serial_of(&c) == e.serial);
+        if e.origin == Origin::Connected && e.made_at > close.ret {
+            failures.push(Failure::new(
+                "I17: a connect returned a connection after close() returned",
+                format!(
+                    "I17 violated: {} was returned by the connector at tick {}, after close() \
+                     returned (tick {}): close() does not wait for the connects in flight, so the \
+                     pool still opens connections after the cut",
+                    describe_entry(&e, &played.events),
+                    e.made_at,
+                    close.ret
+                ),
+            ));
+        } else if e.made_at < close.ret
+            && e.closed_at.is_none_or(|c| c > close.ret)
+            && !still_pooled
+        {
+            failures.push(Failure::new(
+                "I17: a connection open at the connector when close() returned",
+                format!(
+                    "I17 violated: {} was open when close() returned (tick {}){}: close() empties \
+                     the map but does not wait for the removals already under way (an eviction, a \
+                     replacement, a connect being pooled) to close their connections",
+                    describe_entry(&e, &played.events),
+                    close.ret,
+                    e.closed_at
+                        .map(|c| format!(" and closed only at tick {c}"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    failures
+}
+
 /// The connections that `ev`, a `get_or_connect(a)` that failed although a connect succeeded,
 /// may have waited for: those the connector made for `a` before `ev` returned, from the last one
 /// made before `ev` began on (its flight's connection is one of them: one connect in flight per
@@ -1015,6 +1063,7 @@ fn i17_nothing_open_or_handed_out_after_close() {
                 }
             }
         }
+        failures.extend(open_when_close_returned(&played, &close));
         failures.extend(closed_pool_failures(&played, "close()"));
         failures.extend(books_failures(&played));
         (round.describe(), played.events, failures)
