@@ -7,6 +7,8 @@
 //! - [`harness`]: runs a scenario against a real pool and the model on paused virtual time and
 //!   checks the invariants by number (I1–I17) after every op.
 //! - [`targets`]: the fuzz targets' bodies, one per input kind.
+//! - [`books`] and [`linearize`]: the threaded tier's connector that keeps its own books, and its
+//!   histories with a linearizability checker (`tests/threaded.rs`).
 
 pub mod harness;
 pub mod model;
@@ -17,5 +19,7 @@ pub use harness::{FakeConn, Pool, ScriptedConnector, run};
 pub use model::{Model, Settings};
 pub use ops::{ConnectScript, Edge, Finish, Knobs, Op, Scenario, Step, addr};
 pub mod addr_check;
+pub mod books;
 pub mod config_check;
 pub mod frames_check;
+pub mod linearize;
