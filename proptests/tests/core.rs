@@ -290,6 +290,8 @@ fn raw_config() -> impl Strategy<Value = RawConfig> {
                 Just(1),
                 Just(3),
                 Just(64),
+                Just(4096),
+                Just(8192),
                 any::<u64>()
             ],
         ),
