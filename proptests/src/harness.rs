@@ -12,7 +12,7 @@ use keyed_pool::{
 };
 use tokio::time::Instant;
 
-use crate::model::{ConnectPlan, HealthEviction, InsertPlan, Model, Settings, Tripped};
+use crate::model::{ConnectPlan, HealthEviction, InsertPlan, MCause, Model, Settings, Tripped};
 use crate::ops::{ADDRS, ConnectScript, Finish, Op, Scenario, Step, addr};
 
 /// Sequences longer than this are cut (fuzz inputs can be long; the checks are O(n) per op).
@@ -833,29 +833,43 @@ impl Harness {
                 ConnectPlan::Backoff {
                     retry_after,
                     failures,
+                    cause,
                 },
                 Err(PoolError::Backoff {
                     retry_after: r,
                     failures: f,
+                    cause: c,
                     ..
                 }),
-            ) => ensure(r == retry_after && f == failures, || {
-                format!(
-                    "I12 violated: backoff says retry in {r:?} at count {f}; model {retry_after:?} at count {failures}"
-                )
-            }),
+            ) => ensure(
+                r == retry_after && f == failures && same_cause(&c, cause),
+                || {
+                    format!(
+                        "I12 violated: backoff says retry in {r:?} at count {f} ({c}); model {retry_after:?} at count {failures} ({cause:?})"
+                    )
+                },
+            ),
             (
-                ConnectPlan::FreshBackoff { failures, lo, hi },
+                ConnectPlan::FreshBackoff {
+                    failures,
+                    cause,
+                    lo,
+                    hi,
+                },
                 Err(PoolError::Backoff {
                     retry_after: r,
                     failures: f,
+                    cause: c,
                     ..
                 }),
-            ) => ensure(lo <= r && r <= hi && f == failures, || {
-                format!(
-                    "I12 violated: evicting an unfit connection backed off {r:?} at count {f}; model [{lo:?}, {hi:?}] at count {failures}"
-                )
-            }),
+            ) => ensure(
+                lo <= r && r <= hi && f == failures && same_cause(&c, cause),
+                || {
+                    format!(
+                        "I12 violated: evicting an unfit connection backed off {r:?} at count {f} ({c}); model [{lo:?}, {hi:?}] at count {failures} ({cause:?})"
+                    )
+                },
+            ),
             (ConnectPlan::AtCapacity, Err(PoolError::AtCapacity { max })) if max == s.max => Ok(()),
             (ConnectPlan::Connected, Ok(conn)) => {
                 ensure(self.idx(&conn).is_none(), || {
@@ -1147,6 +1161,25 @@ impl Harness {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Whether the cause a `PoolError::Backoff` reports is the model's cause of the last rise.
+fn same_cause(got: &keyed_pool::Cause, want: MCause) -> bool {
+    let reason = got.downcast_ref::<UnhealthyReason>();
+    match want {
+        MCause::Refused => got.downcast_ref::<ScriptedError>() == Some(&ScriptedError::Refused),
+        MCause::TimedOut => matches!(
+            got.downcast_ref::<PoolError>(),
+            Some(PoolError::ConnectTimeout { .. })
+        ),
+        MCause::Closed => reason == Some(&UnhealthyReason::Closed),
+        MCause::Tripped(Tripped::Run(count)) => {
+            reason == Some(&UnhealthyReason::ConsecutiveFailures { count })
+        }
+        MCause::Tripped(Tripped::Ratio(failures, total)) => {
+            reason == Some(&UnhealthyReason::FailureRatio { failures, total })
+        }
     }
 }
 

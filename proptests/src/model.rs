@@ -225,6 +225,19 @@ pub enum Tripped {
     Ratio(u64, u64),
 }
 
+/// The failure behind an address's current backoff, which `PoolError::Backoff` reports (I12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MCause {
+    /// A connect failed (the connector's error).
+    Refused,
+    /// A connect timed out.
+    TimedOut,
+    /// An unhealthy connection was evicted; the reason its latch closed on.
+    Tripped(Tripped),
+    /// A connection closed while short-lived.
+    Closed,
+}
+
 /// The ejection state of an address (I12), stored only as of its last rise: the decay since then
 /// is computed, never stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,6 +288,17 @@ pub struct Rise {
     pub hi: Duration,
     /// What rose it.
     pub why: &'static str,
+}
+
+impl MCause {
+    fn describe(self) -> &'static str {
+        match self {
+            MCause::Refused => "a failed connect",
+            MCause::TimedOut => "a timed-out connect",
+            MCause::Tripped(_) => "an unhealthy eviction",
+            MCause::Closed => "a connection closed while short-lived",
+        }
+    }
 }
 
 /// Counters the pool's `stats()` must agree with.
@@ -341,6 +365,8 @@ pub enum ConnectPlan {
     FreshBackoff {
         /// The count after this rise.
         failures: u32,
+        /// The eviction's cause.
+        cause: MCause,
         /// Shortest delay allowed.
         lo: Duration,
         /// Longest delay allowed.
@@ -352,6 +378,8 @@ pub enum ConnectPlan {
         retry_after: Duration,
         /// The ejection count now.
         failures: u32,
+        /// The cause of the last rise.
+        cause: MCause,
     },
     /// `PoolError::AtCapacity`.
     AtCapacity,
@@ -380,6 +408,8 @@ pub struct Model {
     pub live: BTreeMap<u8, usize>,
     /// Address index → ejection state (absent: count 0, not backing off).
     pub ejection: BTreeMap<u8, MEjection>,
+    /// Address index → the cause of its last rise (absent after `mark_up`, or never risen).
+    pub causes: BTreeMap<u8, MCause>,
     /// The addresses the pool keeps a slot for (I18): after every op, each one the op looked at is
     /// kept exactly when it holds something (a connection, or an unsettled ejection state); the
     /// others stay until `prune_addresses` (or an op on them) finds them settled.
@@ -400,6 +430,7 @@ impl Model {
             conns: Vec::new(),
             live: BTreeMap::new(),
             ejection: BTreeMap::new(),
+            causes: BTreeMap::new(),
             slots: BTreeSet::new(),
             rises: Vec::new(),
             counters: Counters::default(),
@@ -440,13 +471,14 @@ impl Model {
         } else {
             self.slots.remove(&addr);
             self.ejection.remove(&addr);
+            self.causes.remove(&addr);
         }
     }
 
     /// One more failure of `addr` now (I12): the decay due is applied, the count rises by one, and
     /// a backoff of `delay(count)` starts; the pool's draw of it is set with
     /// [`set_backoff_until`](Self::set_backoff_until) (the placeholder deadline is now).
-    fn rise(&mut self, addr: u8, why: &'static str) -> Rise {
+    fn rise(&mut self, addr: u8, cause: MCause) -> Rise {
         let count = self.count(addr).saturating_add(1);
         self.ejection.insert(
             addr,
@@ -455,13 +487,14 @@ impl Model {
                 until: self.now,
             },
         );
+        self.causes.insert(addr, cause);
         let (lo, hi) = self.s.backoff_bounds(count);
         let rise = Rise {
             addr,
             count,
             lo,
             hi,
-            why,
+            why: cause.describe(),
         };
         self.rises.push(rise);
         rise
@@ -515,26 +548,20 @@ impl Model {
         self.retire(i);
         let c = &self.conns[i];
         let (addr, young) = (c.addr, self.now - c.created < self.s.short_lived);
-        let fails = match why {
+        let cause = match why {
             HealthEviction::Closed => {
                 self.counters.closed += 1;
-                young
+                young.then_some(MCause::Closed)
             }
             HealthEviction::Unhealthy => {
                 self.counters.unhealthy += 1;
-                true
+                c.tripped.map(MCause::Tripped)
             }
         };
-        if fails {
-            self.rise(
-                addr,
-                match why {
-                    HealthEviction::Closed => "a connection closed while short-lived",
-                    HealthEviction::Unhealthy => "an unhealthy eviction",
-                },
-            );
+        if let Some(cause) = cause {
+            self.rise(addr, cause);
         }
-        fails
+        cause.is_some()
     }
 
     /// Why connection `i` is unfit, if it is (after [`usable`](Self::usable) marked a dead
@@ -747,6 +774,7 @@ impl Model {
     pub fn mark_up(&mut self, addr: u8) {
         if self.slots.contains(&addr) {
             self.ejection.remove(&addr);
+            self.causes.remove(&addr);
             self.looked_at(addr);
         }
     }
@@ -784,6 +812,7 @@ impl Model {
                 let (lo, hi) = self.s.backoff_bounds(e.count);
                 return ConnectPlan::FreshBackoff {
                     failures: e.count,
+                    cause: self.causes[&addr],
                     lo,
                     hi,
                 };
@@ -795,6 +824,7 @@ impl Model {
             return ConnectPlan::Backoff {
                 retry_after: e.until - self.now,
                 failures: e.count_at(self.s.decay, self.now),
+                cause: self.causes[&addr],
             };
         }
         // I3: a slot first.
@@ -823,13 +853,13 @@ impl Model {
             }
             ConnectScript::Fail => {
                 self.counters.failed += 1;
-                self.rise(addr, "a failed connect");
+                self.rise(addr, MCause::Refused);
                 ConnectPlan::Failed
             }
             ConnectScript::Hang => {
                 self.now = after_timer(self.now, self.s.timeout);
                 self.counters.timed_out += 1;
-                self.rise(addr, "a timed-out connect");
+                self.rise(addr, MCause::TimedOut);
                 ConnectPlan::TimedOut
             }
         }
@@ -854,5 +884,6 @@ impl Model {
         }
         self.slots.clear();
         self.ejection.clear();
+        self.causes.clear();
     }
 }
