@@ -565,7 +565,11 @@ impl Model {
     }
 
     /// Why connection `i` is unfit, if it is (after [`usable`](Self::usable) marked a dead
-    /// transport): a closed transport first, then the latched verdict.
+    /// transport): the `mark_closed` flag first, then the latched verdict, then a dead transport
+    /// (which `usable` marks only on a connection still healthy). This is the pool's order; it
+    /// makes an unhealthy connection closed by `mark_closed` leave as `Closed` (no failure if not
+    /// short-lived) and one whose `is_open` turned false leave as `Unhealthy` (a failure): an open
+    /// question for the pool's owner, see the README.
     fn unfit(&self, i: usize) -> Option<HealthEviction> {
         let c = &self.conns[i];
         if c.marked_closed {
