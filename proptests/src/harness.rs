@@ -6,12 +6,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use keyed_pool::core::UnhealthyReason;
 use keyed_pool::{
     CallGuard, CheetahString, ConnectionPool, Connector, PoolError, PooledConnection,
 };
 use tokio::time::Instant;
 
-use crate::model::{ConnectPlan, HealthEviction, InsertPlan, Model, Settings};
+use crate::model::{ConnectPlan, HealthEviction, InsertPlan, MCause, Model, Settings, Tripped};
 use crate::ops::{ADDRS, ConnectScript, Finish, Op, Scenario, Step, addr};
 
 /// Sequences longer than this are cut (fuzz inputs can be long; the checks are O(n) per op).
@@ -60,13 +61,31 @@ impl std::fmt::Display for ScriptedError {
 
 impl std::error::Error for ScriptedError {}
 
-/// A connector whose next connect does what the test scripted, and which counts connects.
+/// A connector whose next connect does what the test scripted, and which counts connects (made,
+/// and still running: a connect future the pool dropped is no longer running).
 #[derive(Debug)]
 pub struct ScriptedConnector {
     next: Mutex<Option<ConnectScript>>,
     connects: AtomicU64,
+    running: AtomicU64,
     serial: AtomicU64,
     slow: Duration,
+}
+
+/// Counts a connect as running from its first poll until its future completes or is dropped.
+struct Running<'a>(&'a AtomicU64);
+
+impl<'a> Running<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ScriptedConnector {
@@ -75,6 +94,7 @@ impl ScriptedConnector {
         Self {
             next: Mutex::new(None),
             connects: AtomicU64::new(0),
+            running: AtomicU64::new(0),
             serial: AtomicU64::new(1 << 32),
             slow,
         }
@@ -89,6 +109,11 @@ impl ScriptedConnector {
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::SeqCst)
     }
+
+    /// Connects running now: begun, neither finished nor dropped by the pool.
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::SeqCst)
+    }
 }
 
 impl Connector<FakeConn> for ScriptedConnector {
@@ -96,6 +121,7 @@ impl Connector<FakeConn> for ScriptedConnector {
 
     async fn connect(&self, _addr: &CheetahString) -> Result<FakeConn, ScriptedError> {
         self.connects.fetch_add(1, Ordering::SeqCst);
+        let _running = Running::new(&self.running);
         let script = self.next.lock().expect("script lock").take();
         let conn = FakeConn::new(self.serial.fetch_add(1, Ordering::Relaxed));
         match script {
@@ -221,23 +247,65 @@ impl Harness {
         Err("I16 violated: a connect is still in flight after its caller returned".into())
     }
 
-    /// The pool's backoff deadline of `a`, as read now, checked against the model's bounds (I12).
-    fn adopt_backoff(&mut self, a: u8) -> Result<(), String> {
-        let (k, lo, hi) = self.m.backoff_failure(a);
-        let until = self.pool.backoff_until(&addr(a));
+    /// The rises of ejection counts the model made in this op (I12): each address now backs off
+    /// for a delay the pool drew within the model's bounds for its count; the model adopts the
+    /// draw.
+    fn check_rises(&mut self) -> Result<(), String> {
         let now = self.m.now;
-        let Some(until) = until.map(|t| self.since_start(t)) else {
-            return Err(format!(
-                "I12 violated: failure {k} of {} left no backoff",
-                addr(a)
-            ));
-        };
-        let delay = until - now;
-        ensure(lo <= delay && delay <= hi, || {
-            format!("I12 violated: backoff after failure {k} is {delay:?}, not in [{lo:?}, {hi:?}]")
-        })?;
-        self.m.set_backoff_until(a, until);
+        for rise in std::mem::take(&mut self.m.rises) {
+            let a = rise.addr;
+            let Some(until) = self
+                .pool
+                .backoff_until(&addr(a))
+                .map(|t| self.since_start(t))
+            else {
+                return Err(format!(
+                    "I12 violated: {} of {} (count {}) left no backoff",
+                    rise.why,
+                    addr(a),
+                    rise.count
+                ));
+            };
+            let delay = until - now;
+            ensure(rise.lo <= delay && delay <= rise.hi, || {
+                format!(
+                    "I12 violated: the backoff after {} of {} (count {}) is {delay:?}, not in [{:?}, {:?}]",
+                    rise.why,
+                    addr(a),
+                    rise.count,
+                    rise.lo,
+                    rise.hi
+                )
+            })?;
+            self.m.set_backoff_until(a, until);
+        }
         Ok(())
+    }
+
+    /// `close()` with a cleanup task running: the task ends (I17); the model closes too.
+    async fn close(&mut self) -> Result<(), String> {
+        self.m.close();
+        let task = self.pool.start_cleanup_task(Duration::from_secs(1));
+        self.pool.close().await;
+        for _ in 0..100 {
+            if task.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        ensure(task.is_finished(), || {
+            "I17 violated: the cleanup task still runs after close()".into()
+        })?;
+        let (len, used, tracked) = (
+            self.pool.len(),
+            self.pool.used_slots(),
+            self.pool.tracked_addresses(),
+        );
+        ensure(len == 0 && used == 0 && tracked == 0, || {
+            format!(
+                "I17 violated: after close() the pool holds {len} connection(s), {used} slot(s), {tracked} address(es)"
+            )
+        })
     }
 
     async fn apply(&mut self, op: Op) -> Result<(), String> {
@@ -276,7 +344,17 @@ impl Harness {
                         ));
                     }
                     (plan, got) => {
-                        return Err(format!("insert: model says {plan:?}, pool gave {got:?}"));
+                        let n = if plan == InsertPlan::Closed
+                            || matches!(got, Err(PoolError::Closed))
+                        {
+                            17
+                        } else {
+                            1
+                        };
+                        return Err(format!(
+                            "I{n} violated: insert({}): model says {plan:?}, pool gave {got:?}",
+                            addr(a)
+                        ));
                     }
                 }
             }
@@ -312,7 +390,7 @@ impl Harness {
                         )
                     } else {
                         format!(
-                            "remove_connection(#{}) refused to remove the pooled connection",
+                            "I14 violated: remove_connection(#{}) refused to remove the pooled connection",
                             self.conns[i].id()
                         )
                     }
@@ -456,15 +534,10 @@ impl Harness {
                         want.len()
                     )
                 })?;
-                for &(i, why) in &want {
-                    if why == HealthEviction::Unhealthy {
-                        self.adopt_backoff(self.m.conns[i].addr)?;
-                    }
-                }
             }
             Op::GetOrConnect { addr: a, script } => {
                 let a = a % ADDRS;
-                let plan = self.m.get_or_connect(a, script);
+                let plan = self.m.get_or_connect(a, script, false);
                 self.pool.connector().script(Some(script));
                 let got = self.pool.get_or_connect(&addr(a)).await;
                 self.settle().await?;
@@ -487,7 +560,7 @@ impl Harness {
                 self.pool.connector().script(None);
                 // The model, in the order the two calls ran: the first to its first await, then
                 // the second, which joins the first's flight if it started one.
-                let plan = self.m.get_or_connect(a, script);
+                let plan = self.m.get_or_connect(a, script, false);
                 if matches!(
                     plan,
                     ConnectPlan::Connected | ConnectPlan::Failed | ConnectPlan::TimedOut
@@ -501,7 +574,8 @@ impl Harness {
                     self.compare_connect(a, plan, first)?;
                 } else {
                     self.compare_connect(a, plan, first)?;
-                    let plan = self.m.get_or_connect(a, script);
+                    self.check_rises()?;
+                    let plan = self.m.get_or_connect(a, script, false);
                     self.compare_connect(a, plan, second)?;
                 }
                 let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
@@ -513,22 +587,88 @@ impl Harness {
                 self.m.clear();
                 self.pool.clear();
             }
-            Op::Close => {
-                self.m.close();
-                let task = self.pool.start_cleanup_task(Duration::from_secs(1));
-                self.pool.close().await;
-                for _ in 0..100 {
-                    if task.is_finished() {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
-                ensure(task.is_finished(), || {
-                    "I17 violated: the cleanup task still runs after close()".into()
+            Op::Close => self.close().await?,
+            Op::PruneAddresses => {
+                let want = self.m.prune();
+                let got = self.pool.prune_addresses().await;
+                ensure(got == want, || {
+                    format!("I18 violated: prune_addresses forgot {got} address(es), model {want}")
+                })?;
+                // After a prune the bound is exact: what holds a connection or an unsettled ejection
+                // state, nothing else.
+                let holding: Vec<u8> = (0..ADDRS).filter(|&a| self.m.holds(a)).collect();
+                let tracked = self.pool.tracked_addresses();
+                ensure(tracked == holding.len(), || {
+                    format!(
+                        "I18 violated: after prune_addresses the pool tracks {tracked} address(es); {} hold a connection or an unsettled ejection state ({holding:?})",
+                        holding.len()
+                    )
                 })?;
             }
+            Op::MarkUp { addr: a } => {
+                let a = a % ADDRS;
+                self.m.mark_up(a);
+                self.pool.mark_up(&addr(a));
+            }
+            Op::CloseWhileConnecting { addr: a, script } => {
+                self.close_while_connecting(a % ADDRS, script).await?;
+            }
         }
-        Ok(())
+        self.check_rises()
+    }
+
+    /// `get_or_connect(a)` runs until it returns or its connect is under way at the connector;
+    /// then `close()` cuts it (I17): the connect is dropped, the caller gets `Closed`, nothing was
+    /// made.
+    async fn close_while_connecting(&mut self, a: u8, script: ConnectScript) -> Result<(), String> {
+        let plan = self.m.get_or_connect(a, script, true);
+        self.pool.connector().script(Some(script));
+        let (pool, key) = (self.pool.clone(), addr(a));
+        let call = tokio::spawn(async move { pool.get_or_connect(&key).await });
+        for _ in 0..1_000 {
+            if call.is_finished() || self.pool.connector().running() > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if call.is_finished() {
+            let got = call
+                .await
+                .map_err(|e| format!("get_or_connect panicked: {e}"))?;
+            self.pool.connector().script(None);
+            self.compare_connect(a, plan, got)?;
+            self.check_rises()?;
+            self.close().await?;
+        } else {
+            self.close().await?;
+            let got = call
+                .await
+                .map_err(|e| format!("get_or_connect panicked: {e}"))?;
+            self.pool.connector().script(None);
+            match (plan, got) {
+                (ConnectPlan::Abandoned, Err(PoolError::Closed)) => {}
+                (ConnectPlan::Abandoned, got) => {
+                    return Err(format!(
+                        "I17 violated: get_or_connect whose connect close() cut got {got:?}, not Closed"
+                    ));
+                }
+                (plan, got) => {
+                    return Err(format!(
+                        "I17 violated: get_or_connect racing close(): model {plan:?} before the close, pool still waiting then gave {got:?}"
+                    ));
+                }
+            }
+            let running = self.pool.connector().running();
+            ensure(running == 0, || {
+                format!(
+                    "I17 violated: {running} connect(s) still running at the connector after close()"
+                )
+            })?;
+        }
+        let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
+        ensure(want == made, || {
+            format!("I4 violated: {made} connects made, model expects {want}")
+        })
     }
 
     fn step(&self, step: Step) -> Duration {
@@ -538,10 +678,35 @@ impl Harness {
             Step::MaxIdle(edge) => s.max_idle.map_or(Duration::ZERO, |d| edge.apply(d)),
             Step::ConnectTimeout => s.timeout,
             Step::WindowBucket => s.window / 8,
-            Step::Backoff { addr: a, edge } => match self.m.backoff.get(&(a % ADDRS)) {
-                Some(b) if b.until > self.m.now => edge.apply(b.until - self.m.now),
-                _ => Duration::ZERO,
-            },
+            Step::Backoff { addr: a, edge } => {
+                let e = self.m.ejection(a % ADDRS);
+                if e.backing_off(self.m.now) {
+                    edge.apply(e.until - self.m.now)
+                } else {
+                    Duration::ZERO
+                }
+            }
+            Step::Decay { addr: a, edge } => {
+                let (e, now) = (self.m.ejection(a % ADDRS), self.m.now);
+                if e.count_at(s.decay, now) == 0 {
+                    return Duration::ZERO;
+                }
+                // The next whole decay interval after the end of the backoff.
+                let steps = now.saturating_sub(e.until).as_nanos() / s.decay.as_nanos();
+                let next = e.until.as_nanos() + s.decay.as_nanos() * (steps + 1);
+                edge.apply(Duration::from_nanos(next as u64) - now)
+            }
+            Step::ShortLived { handle, edge } => {
+                let Some(i) = self.handle(handle) else {
+                    return Duration::ZERO;
+                };
+                let grown_up = self.m.conns[i].created + s.short_lived;
+                if grown_up > self.m.now {
+                    edge.apply(grown_up - self.m.now)
+                } else {
+                    Duration::ZERO
+                }
+            }
         }
     }
 
@@ -605,13 +770,16 @@ impl Harness {
         }
         let Some(conn) = got else {
             return Err(format!(
-                "get({}) gave nothing; model: the usable #{}",
+                "I14 violated: get({}) gave nothing; model: the usable #{}",
                 addr(a),
                 self.m.conns[want.unwrap_or_default()].id
             ));
         };
         let Some(i) = got_idx else {
-            return Err(format!("get gave #{} the run never saw", conn.id()));
+            return Err(format!(
+                "I14 violated: get gave #{} the run never saw",
+                conn.id()
+            ));
         };
         let c = &self.m.conns[i];
         Err(if c.marked_closed || c.transport_dead {
@@ -623,7 +791,11 @@ impl Harness {
         } else if c.unhealthy {
             format!("I9 violated: get({}) returned unhealthy #{}", addr(a), c.id)
         } else {
-            format!("get({}) returned #{}; model {want:?}", addr(a), c.id)
+            format!(
+                "I14 violated: get({}) returned #{}; model {want:?}",
+                addr(a),
+                c.id
+            )
         })
     }
 
@@ -651,7 +823,7 @@ impl Harness {
                     ))
                 } else {
                     Err(format!(
-                        "get_or_connect gave #{}, model #{}",
+                        "I14 violated: get_or_connect gave #{}, model #{}",
                         conn.id(),
                         self.m.conns[i].id
                     ))
@@ -661,48 +833,58 @@ impl Harness {
                 ConnectPlan::Backoff {
                     retry_after,
                     failures,
+                    cause,
                 },
                 Err(PoolError::Backoff {
                     retry_after: r,
                     failures: f,
+                    cause: c,
                     ..
                 }),
-            ) => ensure(r == retry_after && f == failures, || {
-                format!(
-                    "I12 violated: backoff says retry in {r:?} after {f} failure(s); model {retry_after:?} after {failures}"
-                )
-            }),
+            ) => ensure(
+                r == retry_after && f == failures && same_cause(&c, cause),
+                || {
+                    format!(
+                        "I12 violated: backoff says retry in {r:?} at count {f} ({c}); model {retry_after:?} at count {failures} ({cause:?})"
+                    )
+                },
+            ),
             (
-                ConnectPlan::FreshBackoff { failures, lo, hi },
+                ConnectPlan::FreshBackoff {
+                    failures,
+                    cause,
+                    lo,
+                    hi,
+                },
                 Err(PoolError::Backoff {
                     retry_after: r,
                     failures: f,
+                    cause: c,
                     ..
                 }),
-            ) => {
-                ensure(lo <= r && r <= hi && f == failures, || {
+            ) => ensure(
+                lo <= r && r <= hi && f == failures && same_cause(&c, cause),
+                || {
                     format!(
-                        "I12 violated: evicting an unhealthy connection backed off {r:?} after {f} failure(s); model [{lo:?}, {hi:?}] after {failures}"
+                        "I12 violated: evicting an unfit connection backed off {r:?} at count {f} ({c}); model [{lo:?}, {hi:?}] at count {failures} ({cause:?})"
                     )
-                })?;
-                self.m.set_backoff_until(a, self.m.now + r);
-                Ok(())
-            }
+                },
+            ),
             (ConnectPlan::AtCapacity, Err(PoolError::AtCapacity { max })) if max == s.max => Ok(()),
             (ConnectPlan::Connected, Ok(conn)) => {
                 ensure(self.idx(&conn).is_none(), || {
                     format!(
-                        "get_or_connect returned the old #{} instead of a new connection",
+                        "I4 violated: get_or_connect returned the old #{} instead of a new connection",
                         conn.id()
                     )
                 })?;
                 self.adopt(a, conn)
             }
-            (ConnectPlan::Failed, Err(PoolError::Connect { .. })) => self.adopt_backoff(a),
+            (ConnectPlan::Failed, Err(PoolError::Connect { .. })) => Ok(()),
             (ConnectPlan::TimedOut, Err(PoolError::ConnectTimeout { timeout, .. }))
                 if timeout == s.timeout =>
             {
-                self.adopt_backoff(a)
+                Ok(())
             }
             (ConnectPlan::Backoff { .. } | ConnectPlan::FreshBackoff { .. }, got) => Err(format!(
                 "I12 violated: get_or_connect during backoff gave {got:?}"
@@ -711,10 +893,23 @@ impl Harness {
                 "I12 violated: get_or_connect refused by backoff ({e}); model {plan:?}"
             )),
             (ConnectPlan::AtCapacity, Ok(_)) => Err(format!(
-                "I1/I3 violated: get_or_connect connected beyond max_connections = {}",
+                "I1 violated: get_or_connect connected beyond max_connections = {}",
                 s.max
             )),
-            (plan, got) => Err(format!("get_or_connect: model {plan:?}, pool {got:?}")),
+            (plan, got) => {
+                // Named by what went wrong: a close, the cap, a wait, or the connect itself.
+                let n = match (&plan, &got) {
+                    (ConnectPlan::Closed | ConnectPlan::Abandoned, _)
+                    | (_, Err(PoolError::Closed)) => 17,
+                    (ConnectPlan::AtCapacity, _) | (_, Err(PoolError::AtCapacity { .. })) => 1,
+                    (ConnectPlan::TimedOut, _) | (_, Err(PoolError::ConnectTimeout { .. })) => 16,
+                    _ => 4,
+                };
+                Err(format!(
+                    "I{n} violated: get_or_connect({}): model {plan:?}, pool {got:?}",
+                    addr(a)
+                ))
+            }
         }
     }
 
@@ -737,7 +932,7 @@ impl Harness {
         }
         ensure(len == m.live.len(), || {
             format!(
-                "I1/I2 violated: {len} live connections, model {}",
+                "I1 violated: {len} live connections, model {} (I2: a replacement keeps the count)",
                 m.live.len()
             )
         })?;
@@ -754,19 +949,24 @@ impl Harness {
             ensure(got == want, || {
                 format!("I14 violated: {} holds {got:?}, model {want:?}", addr(a))
             })?;
-            let b = m.backoff.get(&a);
-            let failures = self.pool.backoff_failures(&addr(a));
-            ensure(failures == b.map_or(0, |b| b.failures), || {
+            let e = m.ejection(a);
+            let (count, failures) = (
+                self.pool.ejection_count(&addr(a)),
+                self.pool.backoff_failures(&addr(a)),
+            );
+            let want = m.count(a);
+            ensure(count == want && failures == want, || {
                 format!(
-                    "I12 violated: {} counts {failures} failure(s), model {b:?}",
-                    addr(a)
+                    "I12 violated: {} has ejection count {count} (backoff_failures {failures}), model {want} ({e:?}, decay {:?})",
+                    addr(a),
+                    s.decay
                 )
             })?;
             let until = self
                 .pool
                 .backoff_until(&addr(a))
                 .map(|t| self.since_start(t));
-            let want_until = b.filter(|b| b.until > m.now).map(|b| b.until);
+            let want_until = e.backing_off(m.now).then_some(e.until);
             ensure(until == want_until, || {
                 format!(
                     "I12 violated: {} backs off until {until:?}, model {want_until:?}",
@@ -774,6 +974,20 @@ impl Harness {
                 )
             })?;
         }
+        // I18: the pool keeps exactly the addresses the model does: every one holding a connection
+        // or an unsettled ejection state, plus those that settled since the pool last looked.
+        let tracked = self.pool.tracked_addresses();
+        ensure(tracked == m.slots.len(), || {
+            let holding: Vec<u8> = (0..ADDRS).filter(|&a| m.holds(a)).collect();
+            format!(
+                "I18 violated: the pool tracks {tracked} address(es), model {:?} (holding state: {holding:?})",
+                m.slots
+            )
+        })?;
+        let running = self.pool.connector().running();
+        ensure(running == 0, || {
+            format!("I16 violated: {running} connect(s) still running after their callers returned")
+        })?;
         for (i, conn) in self.conns.iter().enumerate() {
             let c = &m.conns[i];
             let mx = conn.metrics();
@@ -818,6 +1032,23 @@ impl Harness {
                     c.id, c.marked_closed
                 )
             })?;
+            let reason = mx.unusable_reason();
+            let want_reason = if c.marked_closed {
+                Some(UnhealthyReason::Closed)
+            } else {
+                c.tripped.map(|t| match t {
+                    Tripped::Run(count) => UnhealthyReason::ConsecutiveFailures { count },
+                    Tripped::Ratio(failures, total) => {
+                        UnhealthyReason::FailureRatio { failures, total }
+                    }
+                })
+            };
+            ensure(reason == want_reason, || {
+                format!(
+                    "I9 violated: {whose} #{} is unusable for {reason:?}, model {want_reason:?} (the latch stores the reason it closed on)",
+                    c.id
+                )
+            })?;
             let healthy = conn.is_healthy();
             ensure(healthy == c.healthy(), || {
                 self.verdict_msg(i, !c.healthy(), !healthy)
@@ -832,7 +1063,7 @@ impl Harness {
             let closes = conn.client().closes.load(Ordering::SeqCst);
             ensure(closes == u32::from(c.closed_by_pool), || {
                 format!(
-                    "I9/I17 violated: {whose} #{} closed {closes} time(s) by the pool, model {}",
+                    "I17 violated: {whose} #{} closed {closes} time(s) by the pool, model {} (every connection the pool lets go of is closed once, I9)",
                     c.id,
                     u32::from(c.closed_by_pool)
                 )
@@ -847,7 +1078,7 @@ impl Harness {
                 == (len, idle, healthy, in_flight),
             || {
                 format!(
-                    "stats (total, idle, healthy, in flight) = {:?}, model {:?}",
+                    "I13 violated: stats (total, idle, healthy, in flight) = {:?}, model {:?}",
                     (stats.total, stats.idle, stats.healthy, stats.in_flight),
                     (len, idle, healthy, in_flight)
                 )
@@ -861,6 +1092,7 @@ impl Harness {
             e.closed,
             e.replaced,
             e.manual,
+            e.make_room,
             stats.rejected_capacity,
         ];
         let want = [
@@ -869,11 +1101,12 @@ impl Harness {
             c.closed,
             c.replaced,
             c.manual,
+            c.make_room,
             c.rejected,
         ];
         ensure(got == want, || {
             format!(
-                "stats: evictions (idle, unhealthy, closed, replaced, manual, rejected) = {got:?}, model {want:?}"
+                "I13 violated: stats: evictions (idle, unhealthy, closed, replaced, manual, make room, rejected) = {got:?}, model {want:?}"
             )
         })?;
         let k = &stats.connects;
@@ -895,7 +1128,7 @@ impl Harness {
         ];
         ensure(got == want, || {
             format!(
-                "stats: connects (attempted, ok, failed, timed out, shared, backoff) = {got:?}, model {want:?}"
+                "I13 violated: stats: connects (attempted, ok, failed, timed out, shared, backoff) = {got:?}, model {want:?}"
             )
         })?;
         Ok(())
@@ -928,6 +1161,25 @@ impl Harness {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Whether the cause a `PoolError::Backoff` reports is the model's cause of the last rise.
+fn same_cause(got: &keyed_pool::Cause, want: MCause) -> bool {
+    let reason = got.downcast_ref::<UnhealthyReason>();
+    match want {
+        MCause::Refused => got.downcast_ref::<ScriptedError>() == Some(&ScriptedError::Refused),
+        MCause::TimedOut => matches!(
+            got.downcast_ref::<PoolError>(),
+            Some(PoolError::ConnectTimeout { .. })
+        ),
+        MCause::Closed => reason == Some(&UnhealthyReason::Closed),
+        MCause::Tripped(Tripped::Run(count)) => {
+            reason == Some(&UnhealthyReason::ConsecutiveFailures { count })
+        }
+        MCause::Tripped(Tripped::Ratio(failures, total)) => {
+            reason == Some(&UnhealthyReason::FailureRatio { failures, total })
+        }
     }
 }
 

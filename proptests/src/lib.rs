@@ -5,7 +5,7 @@
 //! - [`ops`]: the inputs ([`Scenario`], [`Op`]) with `Arbitrary` impls and proptest strategies.
 //! - [`model`]: the reference model, restating from DESIGN.md what the pool must do.
 //! - [`harness`]: runs a scenario against a real pool and the model on paused virtual time and
-//!   checks the invariants by number (I1–I17) after every op.
+//!   checks the invariants by number (I1–I18) after every op.
 //! - [`targets`]: the fuzz targets' bodies, one per input kind.
 //! - [`books`] and [`linearize`]: the threaded tier's connector that keeps its own books, and its
 //!   histories with a linearizability checker (`tests/threaded.rs`).

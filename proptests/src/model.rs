@@ -1,8 +1,9 @@
 //! The reference model: what the pool must do, stated with plain maps and counters on a virtual
 //! clock that starts at zero. It shares no code with the pool: the health verdict, the sliding
-//! window, the idle predicate and the backoff schedule are restated here from DESIGN.md.
+//! window, the idle predicate, the backoff schedule, the ejection count that learns and decays,
+//! and the rule for which addresses the pool keeps are restated here (issue 11 and DESIGN.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use keyed_pool::{PoolConfig, WhenFull};
@@ -17,6 +18,14 @@ pub fn after_timer(now: Duration, d: Duration) -> Duration {
     let when = (now + d).as_nanos().div_ceil(1_000_000);
     let current = now.as_nanos() / 1_000_000;
     now + Duration::from_millis(when.saturating_sub(current) as u64)
+}
+
+/// I12 restated: the un-jittered backoff at ejection count `k` (0 counts as 1), in nanoseconds,
+/// `min(base · multiplier^(k−1), max)`. In floating point: the power overflows to infinity for large
+/// `k`, which the cap absorbs.
+pub fn grown_ns(base: Duration, max: Duration, multiplier: f64, k: u32) -> f64 {
+    let grown = base.as_nanos() as f64 * multiplier.powf(f64::from(k.max(1) - 1));
+    grown.min(max.as_nanos() as f64)
 }
 
 /// The configuration a [`Knobs`] stands for, as plain values.
@@ -44,6 +53,12 @@ pub struct Settings {
     pub cap: Duration,
     /// Connect timeout.
     pub timeout: Duration,
+    /// Backoff growth per ejection.
+    pub multiplier: f64,
+    /// A connection closed younger than this counts as a failure of its address.
+    pub short_lived: Duration,
+    /// Quiet time that takes one step off an ejection count.
+    pub decay: Duration,
 }
 
 fn pick<T: Copy>(values: &[T], i: u8) -> T {
@@ -69,6 +84,9 @@ impl From<Knobs> for Settings {
             base,
             cap: base * pick(&[120, 1, 4], k.cap),
             timeout: pick(&[ms(3_000), ms(1), ms(50)], k.timeout),
+            multiplier: pick(&[1.6, 2.0, 1.0, 16.0], k.multiplier),
+            short_lived: pick(&[ms(5_000), ms(0), ms(100)], k.short_lived),
+            decay: pick(&[ms(30_000), ms(1_000), ms(50), ms(1)], k.decay),
         }
     }
 }
@@ -86,6 +104,9 @@ impl Settings {
         c.backoff.base = self.base;
         c.backoff.max = self.cap;
         c.backoff.jitter = self.jitter;
+        c.backoff.multiplier = self.multiplier;
+        c.ejection.short_lived = self.short_lived;
+        c.ejection.decay_interval = self.decay;
         c.connect_timeout = self.timeout;
         c.when_full = if self.lru {
             WhenFull::EvictLeastRecentlyUsed
@@ -105,22 +126,14 @@ impl Settings {
                 && failures as f64 >= self.ratio * total as f64)
     }
 
-    /// I12 restated: the un-jittered delay after the `k`-th failure, `min(base·2^(k−1), cap)`.
+    /// I12 restated: the un-jittered delay at ejection count `k` ([`grown_ns`]).
     pub fn backoff(&self, k: u32) -> Duration {
-        let exp = k.max(1) - 1;
-        let grown = if exp >= 64 {
-            None
-        } else {
-            self.base.as_nanos().checked_mul(1u128 << exp)
-        };
-        match grown {
-            Some(ns) if ns < self.cap.as_nanos() => Duration::from_nanos(ns as u64),
-            _ => self.cap,
-        }
+        Duration::from_nanos(grown_ns(self.base, self.cap, self.multiplier, k) as u64)
     }
 
-    /// The bounds the jittered delay must fall in: `[d·(1−j), d·(1+j)]`, at least 1 ms, widened by
-    /// 1 µs for float rounding.
+    /// The bounds the jittered delay at count `k` must fall in: `delay(k, unit) = max(1 ms,
+    /// d · (1 + j·(2·unit − 1)))` for a draw `unit ∈ [0, 1]`, so within `[d·(1−j), d·(1+j)]`, at
+    /// least 1 ms; widened by 1 µs for float rounding.
     pub fn backoff_bounds(&self, k: u32) -> (Duration, Duration) {
         let d = self.backoff(k).as_secs_f64();
         let floor = Duration::from_millis(1);
@@ -163,6 +176,8 @@ pub struct MConn {
     pub outcomes: Vec<(u64, bool)>,
     /// A failure tripped the health policy (latched, I9).
     pub unhealthy: bool,
+    /// What tripped it, stored when the latch closed.
+    pub tripped: Option<Tripped>,
     /// Marked closed (by `mark_closed`, or by the pool on finding its transport dead).
     pub marked_closed: bool,
     /// Its transport died (the connector's `is_open` is false).
@@ -201,13 +216,89 @@ impl MConn {
     }
 }
 
-/// Backoff state of an address.
+/// The evidence an unhealthy latch closed on (I9), stored then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MBackoff {
-    /// Consecutive failures.
-    pub failures: u32,
-    /// No connect before this.
+pub enum Tripped {
+    /// The trailing run of failures reached the threshold; its length then.
+    Run(u32),
+    /// The failure ratio fired: `(failures, calls)` in the window then.
+    Ratio(u64, u64),
+}
+
+/// The failure behind an address's current backoff, which `PoolError::Backoff` reports (I12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MCause {
+    /// A connect failed (the connector's error).
+    Refused,
+    /// A connect timed out.
+    TimedOut,
+    /// An unhealthy connection was evicted; the reason its latch closed on.
+    Tripped(Tripped),
+    /// A connection closed while short-lived.
+    Closed,
+}
+
+/// The ejection state of an address (I12), stored only as of its last rise: the decay since then
+/// is computed, never stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MEjection {
+    /// The count right after the last rise.
+    pub count: u32,
+    /// The end of the backoff of the last rise (what the pool drew); the address is quiet from
+    /// then on.
     pub until: Duration,
+}
+
+impl MEjection {
+    /// The count at `now`: one step less for every whole decay interval elapsed since the backoff
+    /// ended, never below zero.
+    pub fn count_at(&self, decay: Duration, now: Duration) -> u32 {
+        if now <= self.until {
+            return self.count;
+        }
+        let steps = (now - self.until).as_nanos() / decay.as_nanos().max(1);
+        match u32::try_from(steps) {
+            Ok(steps) => self.count.saturating_sub(steps),
+            Err(_) => 0,
+        }
+    }
+
+    /// Backing off at `now`.
+    pub fn backing_off(&self, now: Duration) -> bool {
+        self.until > now
+    }
+
+    /// Nothing left to remember at `now`: not backing off, and the count decayed to zero.
+    pub fn settled(&self, decay: Duration, now: Duration) -> bool {
+        !self.backing_off(now) && self.count_at(decay, now) == 0
+    }
+}
+
+/// A rise of an address's ejection count the model made in the current op: the pool drew the
+/// deadline (jitter), which the harness reads and checks against these bounds, relative to now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rise {
+    /// Address index.
+    pub addr: u8,
+    /// The count after the rise.
+    pub count: u32,
+    /// Shortest delay allowed.
+    pub lo: Duration,
+    /// Longest delay allowed.
+    pub hi: Duration,
+    /// What rose it.
+    pub why: &'static str,
+}
+
+impl MCause {
+    fn describe(self) -> &'static str {
+        match self {
+            MCause::Refused => "a failed connect",
+            MCause::TimedOut => "a timed-out connect",
+            MCause::Tripped(_) => "an unhealthy eviction",
+            MCause::Closed => "a connection closed while short-lived",
+        }
+    }
 }
 
 /// Counters the pool's `stats()` must agree with.
@@ -221,8 +312,10 @@ pub struct Counters {
     pub closed: u64,
     /// Replaced by an insert or a connect.
     pub replaced: u64,
-    /// Removed by hand, cleared, closed or evicted to make room.
+    /// Removed by hand, cleared or closed.
     pub manual: u64,
+    /// Evicted to make room for another address (`WhenFull::EvictLeastRecentlyUsed`).
+    pub make_room: u64,
     /// Refused for capacity.
     pub rejected: u64,
     /// Connects started.
@@ -242,9 +335,9 @@ pub struct Counters {
 /// Why the model evicts a connection in a health sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HealthEviction {
-    /// Transport closed: no backoff.
+    /// Transport closed: a failure of the address only if the connection was short-lived.
     Closed,
-    /// Tripped the health policy: the address backs off.
+    /// Tripped the health policy: a failure of the address.
     Unhealthy,
 }
 
@@ -267,11 +360,13 @@ pub enum ConnectPlan {
     /// The pooled connection with this index.
     Existing(usize),
     /// `PoolError::Backoff` of a backoff that began in this very call: the pooled connection was
-    /// unhealthy, so it was evicted first and the address started to back off (I12). The deadline
-    /// must fall `lo..=hi` from now.
+    /// unfit (unhealthy, or closed while short-lived), so it was evicted first and the address's
+    /// ejection count rose (I12). The deadline must fall `lo..=hi` from now.
     FreshBackoff {
-        /// Failures so far, this one included.
+        /// The count after this rise.
         failures: u32,
+        /// The eviction's cause.
+        cause: MCause,
         /// Shortest delay allowed.
         lo: Duration,
         /// Longest delay allowed.
@@ -281,17 +376,21 @@ pub enum ConnectPlan {
     Backoff {
         /// Time left.
         retry_after: Duration,
-        /// Failures so far.
+        /// The ejection count now.
         failures: u32,
+        /// The cause of the last rise.
+        cause: MCause,
     },
     /// `PoolError::AtCapacity`.
     AtCapacity,
     /// A new connection.
     Connected,
-    /// `PoolError::Connect`; the address backs off.
+    /// `PoolError::Connect`; the address's count rose.
     Failed,
-    /// `PoolError::ConnectTimeout`; the address backs off.
+    /// `PoolError::ConnectTimeout`; the address's count rose.
     TimedOut,
+    /// The connect was still running when `close()` began: abandoned, `PoolError::Closed`.
+    Abandoned,
 }
 
 /// The reference model of one pool.
@@ -307,8 +406,16 @@ pub struct Model {
     pub conns: Vec<MConn>,
     /// Address index → the connection pooled for it.
     pub live: BTreeMap<u8, usize>,
-    /// Address index → backoff state.
-    pub backoff: BTreeMap<u8, MBackoff>,
+    /// Address index → ejection state (absent: count 0, not backing off).
+    pub ejection: BTreeMap<u8, MEjection>,
+    /// Address index → the cause of its last rise (absent after `mark_up`, or never risen).
+    pub causes: BTreeMap<u8, MCause>,
+    /// The addresses the pool keeps a slot for (I18): after every op, each one the op looked at is
+    /// kept exactly when it holds something (a connection, or an unsettled ejection state); the
+    /// others stay until `prune_addresses` (or an op on them) finds them settled.
+    pub slots: BTreeSet<u8>,
+    /// The rises of the current op, for the harness to check against the pool's draws.
+    pub rises: Vec<Rise>,
     /// Expected counters.
     pub counters: Counters,
 }
@@ -322,7 +429,10 @@ impl Model {
             closed: false,
             conns: Vec::new(),
             live: BTreeMap::new(),
-            backoff: BTreeMap::new(),
+            ejection: BTreeMap::new(),
+            causes: BTreeMap::new(),
+            slots: BTreeSet::new(),
+            rises: Vec::new(),
             counters: Counters::default(),
         }
     }
@@ -335,6 +445,66 @@ impl Model {
 
     fn full(&self) -> bool {
         self.s.max > 0 && self.live.len() >= self.s.max
+    }
+
+    /// The ejection state of `addr`.
+    pub fn ejection(&self, addr: u8) -> MEjection {
+        self.ejection.get(&addr).copied().unwrap_or_default()
+    }
+
+    /// The ejection count of `addr` now.
+    pub fn count(&self, addr: u8) -> u32 {
+        self.ejection(addr).count_at(self.s.decay, self.now)
+    }
+
+    /// Whether `addr` holds anything worth a slot now (I18): a connection, or an ejection state
+    /// not settled.
+    pub fn holds(&self, addr: u8) -> bool {
+        self.live.contains_key(&addr) || !self.ejection(addr).settled(self.s.decay, self.now)
+    }
+
+    /// The pool looked at the slot of `addr` (under its entry lock) and left it as the model's
+    /// state now says: kept if it holds something, gone (state and all) otherwise.
+    fn looked_at(&mut self, addr: u8) {
+        if self.holds(addr) {
+            self.slots.insert(addr);
+        } else {
+            self.slots.remove(&addr);
+            self.ejection.remove(&addr);
+            self.causes.remove(&addr);
+        }
+    }
+
+    /// One more failure of `addr` now (I12): the decay due is applied, the count rises by one, and
+    /// a backoff of `delay(count)` starts; the pool's draw of it is set with
+    /// [`set_backoff_until`](Self::set_backoff_until) (the placeholder deadline is now).
+    fn rise(&mut self, addr: u8, cause: MCause) -> Rise {
+        let count = self.count(addr).saturating_add(1);
+        self.ejection.insert(
+            addr,
+            MEjection {
+                count,
+                until: self.now,
+            },
+        );
+        self.causes.insert(addr, cause);
+        let (lo, hi) = self.s.backoff_bounds(count);
+        let rise = Rise {
+            addr,
+            count,
+            lo,
+            hi,
+            why: cause.describe(),
+        };
+        self.rises.push(rise);
+        rise
+    }
+
+    /// Sets the deadline of `addr`'s current backoff to what the pool drew.
+    pub fn set_backoff_until(&mut self, addr: u8, until: Duration) {
+        if let Some(e) = self.ejection.get_mut(&addr) {
+            e.until = until;
+        }
     }
 
     /// A connection just pooled for `addr` under id `id`; returns its index.
@@ -353,11 +523,13 @@ impl Model {
             max_latency_us: 0,
             outcomes: Vec::new(),
             unhealthy: false,
+            tripped: None,
             marked_closed: false,
             transport_dead: false,
             closed_by_pool: false,
         });
         self.live.insert(addr, i);
+        self.slots.insert(addr);
         i
     }
 
@@ -367,6 +539,46 @@ impl Model {
             self.live.remove(&addr);
         }
         self.conns[i].closed_by_pool = true;
+    }
+
+    /// A connection leaves as unfit (a health sweep, or `get_or_connect` finding it so): counted
+    /// by why, and a failure of its address if unhealthy or closed while short-lived (I12).
+    /// Returns whether the address's count rose.
+    fn evict_unfit(&mut self, i: usize, why: HealthEviction) -> bool {
+        self.retire(i);
+        let c = &self.conns[i];
+        let (addr, young) = (c.addr, self.now - c.created < self.s.short_lived);
+        let cause = match why {
+            HealthEviction::Closed => {
+                self.counters.closed += 1;
+                young.then_some(MCause::Closed)
+            }
+            HealthEviction::Unhealthy => {
+                self.counters.unhealthy += 1;
+                c.tripped.map(MCause::Tripped)
+            }
+        };
+        if let Some(cause) = cause {
+            self.rise(addr, cause);
+        }
+        cause.is_some()
+    }
+
+    /// Why connection `i` is unfit, if it is (after [`usable`](Self::usable) marked a dead
+    /// transport): the `mark_closed` flag first, then the latched verdict, then a dead transport
+    /// (which `usable` marks only on a connection still healthy). This is the pool's order; it
+    /// makes an unhealthy connection closed by `mark_closed` leave as `Closed` (no failure if not
+    /// short-lived) and one whose `is_open` turned false leave as `Unhealthy` (a failure): an open
+    /// question for the pool's owner, see the README.
+    fn unfit(&self, i: usize) -> Option<HealthEviction> {
+        let c = &self.conns[i];
+        if c.marked_closed {
+            Some(HealthEviction::Closed)
+        } else if c.unhealthy {
+            Some(HealthEviction::Unhealthy)
+        } else {
+            None
+        }
     }
 
     /// `WhenFull::EvictLeastRecentlyUsed`: evict the least recently used connection of another
@@ -379,9 +591,10 @@ impl Model {
             .map(|(&a, &i)| (self.conns[i].last_used, a, self.conns[i].id, i))
             .min();
         match victim {
-            Some((_, _, _, i)) => {
+            Some((_, a, _, i)) => {
                 self.retire(i);
-                self.counters.manual += 1;
+                self.counters.make_room += 1;
+                self.looked_at(a);
                 true
             }
             None => false,
@@ -400,9 +613,13 @@ impl Model {
             self.counters.replaced += 1;
             return InsertPlan::Placed;
         }
-        if self.full() && !(self.s.lru && self.evict_lru_except(addr)) {
-            self.counters.rejected += 1;
-            return InsertPlan::Rejected;
+        if self.full() {
+            // The first attempt looked at the address's slot and found no room.
+            self.looked_at(addr);
+            if !(self.s.lru && self.evict_lru_except(addr)) {
+                self.counters.rejected += 1;
+                return InsertPlan::Rejected;
+            }
         }
         InsertPlan::Placed
     }
@@ -430,21 +647,27 @@ impl Model {
         true
     }
 
-    /// `remove(addr)`: hands the connection back unclosed.
+    /// `remove(addr)`: hands the connection back unclosed; its slot is free at once.
     pub fn remove(&mut self, addr: u8) -> Option<usize> {
-        let i = self.live.remove(&addr)?;
-        self.counters.manual += 1;
-        Some(i)
+        let i = self.live.remove(&addr);
+        if i.is_some() {
+            self.counters.manual += 1;
+        }
+        self.looked_at(addr);
+        i
     }
 
-    /// `remove_connection(conn i)`: only if it is still the one pooled for its address (I14).
+    /// `remove_connection(conn i)`: only if it is still the one pooled for its address (I14). The
+    /// address's slot is looked at either way.
     pub fn remove_connection(&mut self, i: usize) -> bool {
-        if self.live.get(&self.conns[i].addr) != Some(&i) {
-            return false;
+        let addr = self.conns[i].addr;
+        let removed = self.live.get(&addr) == Some(&i);
+        if removed {
+            self.retire(i);
+            self.counters.manual += 1;
         }
-        self.retire(i);
-        self.counters.manual += 1;
-        true
+        self.looked_at(addr);
+        removed
     }
 
     /// A call starts on connection `i`.
@@ -464,7 +687,8 @@ impl Model {
         self.touch(i);
     }
 
-    /// A call on `i` fails; returns the verdict of this failure (I9–I11), which latches.
+    /// A call on `i` fails; returns the verdict after it (I9–I11): the latch, closed by this
+    /// failure or an earlier one.
     pub fn failure(&mut self, i: usize) -> bool {
         let now = self.now;
         let s = self.s;
@@ -473,8 +697,18 @@ impl Model {
         c.errors += 1;
         c.run += 1;
         c.outcomes.push((at, false));
-        let verdict = s.unhealthy(c.run, c.window_counts(&s, now));
-        c.unhealthy |= verdict;
+        if !c.unhealthy {
+            let window = c.window_counts(&s, now);
+            if s.unhealthy(c.run, window) {
+                c.unhealthy = true;
+                c.tripped = Some(if s.threshold > 0 && c.run >= s.threshold {
+                    Tripped::Run(c.run)
+                } else {
+                    Tripped::Ratio(window.1, window.0 + window.1)
+                });
+            }
+        }
+        let verdict = c.unhealthy;
         self.touch(i);
         verdict
     }
@@ -502,132 +736,158 @@ impl Model {
         for &i in &gone {
             self.retire(i);
             self.counters.idle += 1;
+            self.looked_at(self.conns[i].addr);
         }
         gone
     }
 
-    /// `evict_unhealthy()`: the connections it must evict, and why (I8, I9). The caller records
-    /// the backoff of each `Unhealthy` address with [`backoff_failure`](Self::backoff_failure).
+    /// `evict_unhealthy()`: the connections it must evict, and why (I8, I9); the address of each
+    /// unhealthy one, and of each closed one younger than `short_lived`, rises (I12).
     pub fn evict_unhealthy(&mut self) -> Vec<(usize, HealthEviction)> {
         let live: Vec<usize> = self.live.values().copied().collect();
         let mut gone = Vec::new();
         for i in live {
             // The sweep's look phase: a healthy connection with a dead transport is marked closed.
             self.usable(i);
-            let c = &self.conns[i];
-            let why = if c.marked_closed {
-                HealthEviction::Closed
-            } else if c.unhealthy {
-                HealthEviction::Unhealthy
-            } else {
+            let Some(why) = self.unfit(i) else {
                 continue;
             };
-            self.retire(i);
-            match why {
-                HealthEviction::Closed => self.counters.closed += 1,
-                HealthEviction::Unhealthy => self.counters.unhealthy += 1,
-            }
+            self.evict_unfit(i, why);
+            self.looked_at(self.conns[i].addr);
             gone.push((i, why));
         }
         gone
     }
 
-    /// One more failure of `addr`: returns the bounds its new deadline must fall in, relative to
-    /// now. The caller then sets the deadline the pool drew (jitter) with
-    /// [`set_backoff_until`](Self::set_backoff_until).
-    pub fn backoff_failure(&mut self, addr: u8) -> (u32, Duration, Duration) {
-        let now = self.now;
-        let b = self.backoff.entry(addr).or_insert(MBackoff {
-            failures: 0,
-            until: now,
-        });
-        b.failures = b.failures.saturating_add(1);
-        let (lo, hi) = self.s.backoff_bounds(b.failures);
-        (b.failures, lo, hi)
+    /// `prune_addresses()`: forgets every address that holds nothing (I18); returns how many.
+    pub fn prune(&mut self) -> usize {
+        let settled: Vec<u8> = self
+            .slots
+            .iter()
+            .copied()
+            .filter(|&a| !self.holds(a))
+            .collect();
+        for &a in &settled {
+            self.looked_at(a);
+        }
+        settled.len()
     }
 
-    /// Sets the deadline of `addr` to what the pool drew.
-    pub fn set_backoff_until(&mut self, addr: u8, until: Duration) {
-        if let Some(b) = self.backoff.get_mut(&addr) {
-            b.until = until;
+    /// `mark_up(addr)`: the backoff ends and the count is forgotten (I12); the slot goes if
+    /// nothing else holds it (I18).
+    pub fn mark_up(&mut self, addr: u8) {
+        if self.slots.contains(&addr) {
+            self.ejection.remove(&addr);
+            self.causes.remove(&addr);
+            self.looked_at(addr);
         }
     }
 
     /// `get_or_connect(addr)` with the connect (if one is made) following `script`. Moves the
-    /// clock by the time the connect takes. On `Connected` the caller adds the connection; on
-    /// `Failed`/`TimedOut` it records the backoff.
-    pub fn get_or_connect(&mut self, addr: u8, script: ConnectScript) -> ConnectPlan {
+    /// clock by the time the connect takes. On `Connected` the caller adds the connection; every
+    /// rise of the address's count is in [`rises`](Self::rises). With `closing`, `close()` begins
+    /// while the call waits for its connect: a connect that has not finished by then (one that
+    /// hangs or takes time) is abandoned.
+    pub fn get_or_connect(
+        &mut self,
+        addr: u8,
+        script: ConnectScript,
+        closing: bool,
+    ) -> ConnectPlan {
         if self.closed {
             return ConnectPlan::Closed;
         }
         if let Some(i) = self.get(addr) {
             return ConnectPlan::Existing(i);
         }
+        let plan = self.join_or_start(addr, script, closing);
+        self.looked_at(addr);
+        plan
+    }
+
+    fn join_or_start(&mut self, addr: u8, script: ConnectScript, closing: bool) -> ConnectPlan {
         // A connection still pooled is unfit: it is evicted as a health sweep would, before any
-        // dialling, so an unhealthy one starts the backoff of its address (I12).
+        // dialling, so its failure backs the address off first (I12).
         if let Some(&stale) = self.live.get(&addr) {
-            self.retire(stale);
-            if self.conns[stale].marked_closed {
-                self.counters.closed += 1;
-            } else {
-                self.counters.unhealthy += 1;
-                let (failures, lo, hi) = self.backoff_failure(addr);
+            let why = self.unfit(stale).unwrap_or(HealthEviction::Closed);
+            if self.evict_unfit(stale, why) {
+                let e = self.ejection(addr);
                 self.counters.backoff_rejections += 1;
-                return ConnectPlan::FreshBackoff { failures, lo, hi };
+                let (lo, hi) = self.s.backoff_bounds(e.count);
+                return ConnectPlan::FreshBackoff {
+                    failures: e.count,
+                    cause: self.causes[&addr],
+                    lo,
+                    hi,
+                };
             }
         }
-        if let Some(b) = self.backoff.get(&addr)
-            && b.until > self.now
-        {
+        let e = self.ejection(addr);
+        if e.backing_off(self.now) {
             self.counters.backoff_rejections += 1;
             return ConnectPlan::Backoff {
-                retry_after: b.until - self.now,
-                failures: b.failures,
+                retry_after: e.until - self.now,
+                failures: e.count_at(self.s.decay, self.now),
+                cause: self.causes[&addr],
             };
         }
         // I3: a slot first.
-        if self.full() && !(self.s.lru && self.evict_lru_except(addr)) {
-            self.counters.rejected += 1;
-            return ConnectPlan::AtCapacity;
+        if self.full() {
+            self.looked_at(addr);
+            if !(self.s.lru && self.evict_lru_except(addr)) {
+                self.counters.rejected += 1;
+                return ConnectPlan::AtCapacity;
+            }
         }
         self.counters.attempted += 1;
+        let slow = self.s.timeout.saturating_sub(Duration::from_millis(1));
+        let takes_time =
+            script == ConnectScript::Hang || (script == ConnectScript::Slow && !slow.is_zero());
+        if closing && takes_time {
+            return ConnectPlan::Abandoned;
+        }
         match script {
             ConnectScript::Ok | ConnectScript::Slow => {
-                if script == ConnectScript::Slow {
-                    let slow = self.s.timeout.saturating_sub(Duration::from_millis(1));
-                    if !slow.is_zero() {
-                        self.now = after_timer(self.now, slow);
-                    }
+                if script == ConnectScript::Slow && !slow.is_zero() {
+                    self.now = after_timer(self.now, slow);
                 }
+                // A successful connect does not reset the count (I12).
                 self.counters.succeeded += 1;
-                self.backoff.remove(&addr);
                 ConnectPlan::Connected
             }
             ConnectScript::Fail => {
                 self.counters.failed += 1;
+                self.rise(addr, MCause::Refused);
                 ConnectPlan::Failed
             }
             ConnectScript::Hang => {
                 self.now = after_timer(self.now, self.s.timeout);
                 self.counters.timed_out += 1;
+                self.rise(addr, MCause::TimedOut);
                 ConnectPlan::TimedOut
             }
         }
     }
 
-    /// `clear()`.
+    /// `clear()`: every connection removed and closed; ejection states stay.
     pub fn clear(&mut self) {
-        let live: Vec<usize> = self.live.values().copied().collect();
-        for i in live {
+        let live: Vec<(u8, usize)> = self.live.iter().map(|(&a, &i)| (a, i)).collect();
+        for (a, i) in live {
             self.retire(i);
             self.counters.manual += 1;
+            self.looked_at(a);
         }
     }
 
-    /// `close()`: everything closed, backoff forgotten, new work refused.
+    /// `close()`, a cut: everything closed, every address forgotten, new work refused (I17).
     pub fn close(&mut self) {
         self.closed = true;
-        self.clear();
-        self.backoff.clear();
+        for i in self.live.values().copied().collect::<Vec<_>>() {
+            self.retire(i);
+            self.counters.manual += 1;
+        }
+        self.slots.clear();
+        self.ejection.clear();
+        self.causes.clear();
     }
 }

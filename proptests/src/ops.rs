@@ -62,6 +62,22 @@ pub enum Step {
         /// Which side of the deadline.
         edge: Edge,
     },
+    /// To the next step of the ejection count's decay of an address (about the edge); nothing if
+    /// its count is zero.
+    Decay {
+        /// Address index.
+        addr: u8,
+        /// Which side of the step.
+        edge: Edge,
+    },
+    /// To the instant a connection stops being short-lived (`ejection.short_lived` after it was
+    /// made, about the edge); nothing if that is past.
+    ShortLived {
+        /// Handle index.
+        handle: u8,
+        /// Which side of the edge.
+        edge: Edge,
+    },
 }
 
 /// How a call begun with [`Op::Begin`] ends.
@@ -171,6 +187,22 @@ pub enum Op {
     Clear,
     /// `close().await`, with a cleanup task running (I17).
     Close,
+    /// `prune_addresses().await`: forgets the addresses that hold nothing any more (I18).
+    PruneAddresses,
+    /// `mark_up(addr)`: ends the backoff of the address and forgets its ejection count (I12).
+    MarkUp {
+        /// Address index.
+        addr: u8,
+    },
+    /// `close().await` while a `get_or_connect(addr)` is waiting for its connect: a connect still
+    /// running is abandoned at once (its future dropped, nothing made) and the caller gets
+    /// `PoolError::Closed` (I17).
+    CloseWhileConnecting {
+        /// Address index.
+        addr: u8,
+        /// What the connector does.
+        script: ConnectScript,
+    },
 }
 
 /// The pool's configuration as small choices, each an index into a list of values that matter
@@ -199,6 +231,12 @@ pub struct Knobs {
     pub cap: u8,
     /// Connect timeout: 3 s, 1 ms, 50 ms.
     pub timeout: u8,
+    /// Backoff multiplier: 1.6, 2, 1, 16.
+    pub multiplier: u8,
+    /// `ejection.short_lived`: 5 s, 0 (off), 100 ms.
+    pub short_lived: u8,
+    /// `ejection.decay_interval`: 30 s, 1 s, 50 ms, 1 ms.
+    pub decay: u8,
 }
 
 /// A whole input: the configuration, then the ops. The ops come last so that
@@ -216,11 +254,13 @@ pub fn knobs() -> impl Strategy<Value = Knobs> {
     (
         (0u8..5, 0u8..4, 0u8..5, 0u8..3, 0u8..3, 0u8..3),
         (any::<bool>(), 0u8..2, 0u8..3, 0u8..3, 0u8..3),
+        (0u8..4, 0u8..3, 0u8..4),
     )
         .prop_map(
             |(
                 (max, idle, threshold, ratio, min_requests, window),
                 (lru, jitter, base, cap, timeout),
+                (multiplier, short_lived, decay),
             )| Knobs {
                 max,
                 idle,
@@ -233,6 +273,9 @@ pub fn knobs() -> impl Strategy<Value = Knobs> {
                 base,
                 cap,
                 timeout,
+                multiplier,
+                short_lived,
+                decay,
             },
         )
 }
@@ -250,6 +293,8 @@ pub fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::ConnectTimeout),
         2 => Just(Step::WindowBucket),
         2 => (0..ADDRS, edge()).prop_map(|(addr, edge)| Step::Backoff { addr, edge }),
+        1 => (0..ADDRS, edge()).prop_map(|(addr, edge)| Step::Decay { addr, edge }),
+        1 => (any::<u8>(), edge()).prop_map(|(handle, edge)| Step::ShortLived { handle, edge }),
     ]
 }
 
@@ -292,21 +337,30 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => h().prop_map(|handle| Op::MarkClosed { handle }),
         1 => h().prop_map(|handle| Op::DropTransport { handle }),
         1 => Just(Op::Clear),
+        2 => Just(Op::PruneAddresses),
+        1 => a().prop_map(|addr| Op::MarkUp { addr }),
     ]
 }
 
-/// Strategy for a [`Scenario`] of up to `max_ops` ops. `close` is appended at the end of some
-/// sequences rather than drawn in the middle, where it would make the rest of a sequence moot.
+/// How a sequence ends: a [`Op::Close`], or a close racing a connect, appended at the end of
+/// some sequences rather than drawn in the middle, where they would make the rest moot.
+fn ending() -> impl Strategy<Value = Option<Op>> {
+    prop_oneof![
+        8 => Just(None),
+        1 => Just(Some(Op::Close)),
+        1 => (0..ADDRS, script()).prop_map(|(addr, script)| Some(Op::CloseWhileConnecting { addr, script })),
+    ]
+}
+
+/// Strategy for a [`Scenario`] of up to `max_ops` ops, some ending with a close.
 pub fn scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
     (
         knobs(),
         proptest::collection::vec(op(), 0..=max_ops),
-        proptest::bool::weighted(0.2),
+        ending(),
     )
-        .prop_map(|(knobs, mut ops, close)| {
-            if close {
-                ops.push(Op::Close);
-            }
+        .prop_map(|(knobs, mut ops, end)| {
+            ops.extend(end);
             Scenario { knobs, ops }
         })
 }

@@ -4,9 +4,12 @@
 use std::time::Duration;
 
 use keyed_pool::ConnectionMetrics;
-use keyed_pool::core::{BackoffPolicy, HealthPolicy, HealthWindow, is_idle};
+use keyed_pool::core::{
+    BackoffPolicy, Ejection, EjectionPolicy, HealthPolicy, HealthWindow, is_idle,
+};
 use keyed_pool::{ConnectionPool, PoolConfig};
 use keyed_pool_proptests::config_check::{self, RawConfig, RawDuration};
+use keyed_pool_proptests::model::{MEjection, grown_ns};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -23,43 +26,44 @@ fn duration() -> impl Strategy<Value = Duration> {
     ]
 }
 
-fn valid_backoff() -> impl Strategy<Value = BackoffPolicy> {
-    (duration(), duration(), 0.0f64..1.0).prop_map(|(a, b, jitter)| {
-        let base = a.max(MS);
-        BackoffPolicy {
-            base,
-            max: b.max(base),
-            jitter,
-        }
-    })
+fn valid_multiplier() -> impl Strategy<Value = f64> {
+    prop_oneof![1.0f64..=16.0, Just(1.0), Just(1.6), Just(2.0), Just(16.0)]
 }
 
-/// `min(base·2^(k−1), max)` in exact integer arithmetic (k = 0 counts as 1).
-fn grown(p: &BackoffPolicy, k: u32) -> u128 {
-    let exp = k.max(1) - 1;
-    let cap = p.max.as_nanos();
-    if exp >= 100 {
-        return cap;
-    }
-    p.base
-        .as_nanos()
-        .checked_mul(1u128 << exp)
-        .map_or(cap, |g| g.min(cap))
+fn valid_backoff() -> impl Strategy<Value = BackoffPolicy> {
+    (duration(), duration(), valid_multiplier(), 0.0f64..1.0).prop_map(
+        |(a, b, multiplier, jitter)| {
+            let base = a.max(MS);
+            BackoffPolicy {
+                base,
+                max: b.max(base),
+                multiplier,
+                jitter,
+            }
+        },
+    )
+}
+
+/// The un-jittered schedule at `k` for a policy, in nanoseconds (the model's restatement).
+fn grown(p: &BackoffPolicy, k: u32) -> f64 {
+    grown_ns(p.base, p.max, p.multiplier, k)
 }
 
 proptest! {
-    /// I12: for every k and draw the delay is within `[g·(1−j), g·(1+j)]` (g the un-jittered
-    /// schedule, up to float rounding, saturating at u64 nanoseconds) and at least 1 ms.
+    /// I12: for every k and draw the delay is `max(1 ms, g·(1 + j·(2·unit − 1)))` (g the
+    /// un-jittered schedule `min(base·multiplier^(k−1), max)`), up to float rounding and saturating
+    /// at u64 nanoseconds; so within `[g·(1−j), g·(1+j)]` and at least 1 ms.
     #[test]
-    fn i12_backoff_within_its_bounds_for_every_k(p in valid_backoff(), k in any::<u32>(), unit in 0.0f64..=1.0) {
+    fn i12_backoff_follows_the_schedule_for_every_k(p in valid_backoff(), k in any::<u32>(), unit in 0.0f64..=1.0) {
         let d = p.delay(k, unit);
         prop_assert!(d >= MS, "I12 violated: delay({k}) = {d:?} < 1 ms");
-        let g = grown(&p, k) as f64;
-        let (lo, hi) = (g * (1.0 - p.jitter), g * (1.0 + p.jitter));
+        let g = grown(&p, k);
+        let want = (g * (1.0 + p.jitter * (2.0 * unit - 1.0))).min(u64::MAX as f64).max(MS.as_nanos() as f64);
         let ns = d.as_nanos() as f64;
-        let slack = 1e-9 * hi + 1.0;
-        let ceiling = u64::MAX as f64;
-        prop_assert!(ns >= lo.min(ceiling) - slack || d == MS, "I12 violated: delay({k}) = {d:?} below {lo} ns");
+        let slack = 1e-9 * want + 1.0;
+        prop_assert!((ns - want).abs() <= slack, "I12 violated: delay({k}, {unit}) = {d:?}, schedule {want} ns for {p:?}");
+        let (lo, hi) = (g * (1.0 - p.jitter), g * (1.0 + p.jitter));
+        prop_assert!(ns >= lo.min(u64::MAX as f64) - slack || d == MS, "I12 violated: delay({k}) = {d:?} below {lo} ns");
         prop_assert!(ns <= hi.max(MS.as_nanos() as f64) + slack, "I12 violated: delay({k}) = {d:?} above {hi} ns");
     }
 
@@ -74,12 +78,67 @@ proptest! {
         }
     }
 
-    /// I12: total on any policy at all (zero base, cap below base, NaN or infinite jitter) and any
-    /// draw (NaN, out of range): never panics, never zero.
+    /// I12: total on any policy at all (zero base, cap below base, NaN, infinite or out-of-range
+    /// multiplier and jitter) and any draw (NaN, out of range): never panics, never zero.
     #[test]
-    fn i12_backoff_total_on_any_policy(base in duration(), max in duration(), jitter in any::<f64>(), k in any::<u32>(), unit in any::<f64>()) {
-        let p = BackoffPolicy { base, max, jitter };
+    fn i12_backoff_total_on_any_policy(base in duration(), max in duration(), multiplier in any::<f64>(), jitter in any::<f64>(), k in any::<u32>(), unit in any::<f64>()) {
+        let p = BackoffPolicy { base, max, multiplier, jitter };
         prop_assert!(p.delay(k, unit) >= MS);
+    }
+
+    /// I12: the ejection state of the core equals the model's restatement (`MEjection`) through
+    /// any sequence of rises, resets (`mark_up`) and reads, at the edges of backoffs and decay
+    /// steps: the count rises by one per failure after the decay due, falls by one per whole
+    /// quiet `decay_interval` after the backoff ends, the backoff is `delay(count)` from the rise,
+    /// and the state is settled exactly when not backing off with a count of zero.
+    #[test]
+    fn i12_ejection_rises_decays_and_resets_as_restated(
+        p in valid_backoff().prop_filter("backoffs short enough to see decay", |p| p.max <= Duration::from_secs(600)),
+        decay in prop_oneof![(1u64..100).prop_map(Duration::from_millis), (1u64..60).prop_map(Duration::from_secs), Just(MS)],
+        steps in proptest::collection::vec((0u8..8, 0u64..5_000, 0.0f64..=1.0), 0..60),
+    ) {
+        let policy = EjectionPolicy { decay_interval: decay, ..EjectionPolicy::default() };
+        let (mut e, mut m, mut now) = (Ejection::default(), MEjection::default(), Duration::ZERO);
+        let ns = Duration::from_nanos(1);
+        for (action, n, unit) in steps {
+            // Where the clock goes: an arbitrary step, or onto (or 1 ns about) the end of the
+            // backoff or the next decay step.
+            let next_decay = {
+                let quiet = now.saturating_sub(m.until).as_nanos() / decay.as_nanos();
+                m.until + Duration::from_nanos((decay.as_nanos() * (quiet + 1)) as u64)
+            };
+            let target = match action {
+                0 | 1 => now + Duration::from_millis(n),
+                2 => m.until,
+                3 => m.until + ns,
+                4 => next_decay - ns,
+                5 => next_decay,
+                _ => now,
+            };
+            now = now.max(target);
+            match action % 3 {
+                0 => {
+                    let count = m.count_at(decay, now) + 1;
+                    let delay = e.eject(now, &p, &policy, unit);
+                    let g = grown(&p, count);
+                    let want = (g * (1.0 + p.jitter * (2.0 * unit - 1.0))).max(MS.as_nanos() as f64);
+                    prop_assert!((delay.as_nanos() as f64 - want).abs() <= 1e-9 * want + 1.0,
+                        "I12 violated: rise to {count} at {now:?} backs off {delay:?}, schedule {want} ns");
+                    m = MEjection { count, until: now + delay };
+                }
+                1 if n % 7 == 0 => {
+                    e.reset();
+                    m = MEjection::default();
+                }
+                _ => {}
+            }
+            for at in [now, now + ns, m.until, m.until + ns, next_decay - ns, next_decay] {
+                let at = at.max(now);
+                prop_assert_eq!(e.count_at(at, &policy), m.count_at(decay, at), "I12 violated: count at {:?} ({:?})", at, m);
+                prop_assert_eq!(e.retry_after(at), m.backing_off(at).then(|| m.until - at), "I12 violated: backoff at {:?} ({:?})", at, m);
+                prop_assert_eq!(e.is_settled(at, &policy), m.settled(decay, at), "I18 violated: settled at {:?} ({:?})", at, m);
+            }
+        }
     }
 
     /// I10/I11 on the verdict alone: the consecutive detector fires exactly at the threshold, the
@@ -97,20 +156,53 @@ proptest! {
         }
     }
 
-    /// The sliding window counts exactly the outcomes of the last 8 buckets (`window / 8` each).
+    /// I9/I11: the sliding window is exact. Read at or after its newest record, it counts exactly
+    /// the outcomes, from the full history, whose bucket (`window / 8` wide) is one of the eight
+    /// ending at the read's; whatever the gaps between records (up to 2^40 bucket widths, where a
+    /// tag of the epoch modulo 2^24 once let old failures come back) and in whatever order they
+    /// arrive (a late record never erases newer outcomes). Read before its newest record, it counts
+    /// those buckets that are also within a window of the newest (older outcomes have slid out).
     #[test]
-    fn health_window_counts_the_last_eight_buckets(window_ms in 1u64..20_000, steps in proptest::collection::vec((0u64..3_000_000, any::<bool>()), 0..80)) {
+    fn health_window_equals_the_full_history(
+        window_ms in prop_oneof![Just(1u64), Just(8), 1u64..20_000],
+        records in proptest::collection::vec((0u8..6, any::<u64>(), 0u8..4, any::<bool>()), 0..80),
+    ) {
         let window = Duration::from_millis(window_ms);
         let w = (window.as_micros() as u64 / 8).max(1);
-        let hw = HealthWindow::default();
-        let mut now = 0u64;
-        let mut seen: Vec<(u64, bool)> = Vec::new();
-        for (advance, success) in steps {
-            now += advance % (window.as_micros() as u64 * 2 + 1);
-            hw.record(window, now, success);
-            seen.push((now, success));
-            let expect = seen.iter().filter(|(t, _)| now / w - t / w < 8).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
-            prop_assert_eq!(hw.counts(window, now), expect);
+        let mut hw = HealthWindow::default();
+        let mut history: Vec<(u64, bool)> = Vec::new();
+        let mut t = 0u64;
+        for (gap, r, late, success) in records {
+            t = t.saturating_add(match gap {
+                0 => 0,
+                1 => r % w,
+                2 => r % (16 * w),
+                3 => (w << (r % 41)).saturating_add(r % w),
+                4 => w.saturating_mul(r % (1 << 40)),
+                _ => w,
+            });
+            // A quarter arrive late: up to two windows before the newest.
+            let at = if late == 0 { t.saturating_sub(r % (16 * w)) } else { t };
+            hw.record(window, at, success);
+            history.push((at, success));
+            let newest = history.iter().map(|&(at, _)| at / w).max().unwrap_or(0);
+            let reads = [
+                newest * w,
+                t,
+                t.saturating_add(w - 1),
+                t.saturating_add(7 * w),
+                t.saturating_add(8 * w),
+                t.saturating_add(r % (1 << 20)),
+                t.saturating_sub(r % (4 * w)),
+            ];
+            for read in reads {
+                let epoch = read / w;
+                // The eight buckets ending at the read's, and, for a read in the past, only those
+                // within a window of the newest record.
+                let oldest = epoch.saturating_sub(7).max(newest.saturating_sub(7));
+                let want = history.iter().filter(|&&(at, _)| (oldest..=epoch).contains(&(at / w))).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
+                prop_assert_eq!(hw.counts(window, read), want, "I9 violated: window {:?} read at {} (bucket {}, newest {}) after {:?}", window, read, epoch, newest, history);
+            }
         }
     }
 
@@ -198,6 +290,8 @@ fn raw_config() -> impl Strategy<Value = RawConfig> {
                 Just(1),
                 Just(3),
                 Just(64),
+                Just(4096),
+                Just(8192),
                 any::<u64>()
             ],
         ),
@@ -205,6 +299,16 @@ fn raw_config() -> impl Strategy<Value = RawConfig> {
             any::<u32>(),
             float(),
             (any::<u32>(), any::<u64>(), any::<u64>()),
+        ),
+        (
+            proptest::option::of(prop_oneof![
+                valid_multiplier(),
+                float(),
+                Just(0.5),
+                Just(17.0)
+            ]),
+            proptest::option::of(raw_duration()),
+            proptest::option::of(raw_duration()),
         ),
     )
         .prop_map(
@@ -219,6 +323,7 @@ fn raw_config() -> impl Strategy<Value = RawConfig> {
                 ),
                 (base, cap, jitter, connect_timeout, lru, shard_amount),
                 (k, unit, verdict),
+                (multiplier, short_lived, decay_interval),
             )| RawConfig {
                 max_connections,
                 max_idle,
@@ -235,6 +340,9 @@ fn raw_config() -> impl Strategy<Value = RawConfig> {
                 k,
                 unit,
                 verdict,
+                multiplier,
+                short_lived,
+                decay_interval,
             },
         )
 }
@@ -259,5 +367,29 @@ fn named_nonsense_is_a_typed_error() {
     c.backoff.jitter = f64::NAN;
     let built = ConnectionPool::builder().config(c).build::<u32>();
     assert!(matches!(built, Err(ConfigError::JitterOutOfRange { .. })));
+    for multiplier in [0.5, 16.5, f64::NAN, f64::INFINITY] {
+        let mut c = PoolConfig::default();
+        c.backoff.multiplier = multiplier;
+        assert!(matches!(
+            ConnectionPool::builder().config(c).build::<u32>(),
+            Err(ConfigError::MultiplierOutOfRange { .. })
+        ));
+    }
+    let mut c = PoolConfig::default();
+    c.ejection.decay_interval = Duration::from_micros(999);
+    assert!(matches!(
+        c.validate(),
+        Err(ConfigError::DecayIntervalTooShort { .. })
+    ));
+    // The builder's `backoff(base, max, jitter)` keeps the multiplier.
+    let pool = ConnectionPool::builder()
+        .backoff_policy(BackoffPolicy {
+            multiplier: 3.0,
+            ..BackoffPolicy::default()
+        })
+        .backoff(MS, Duration::from_secs(1), 0.1)
+        .build::<u32>()
+        .expect("valid");
+    assert_eq!(pool.config().backoff.multiplier, 3.0);
     assert!(PoolConfig::default().validate().is_ok());
 }

@@ -86,3 +86,25 @@ fn ops_seeds_still_decode_to_scenarios() {
         files.len()
     );
 }
+
+/// A regression stays a regression only while its bytes still decode to the input that found the
+/// bug: fields added to `RawConfig` since must decode as their defaults from it.
+#[test]
+fn config_regression_still_decodes_to_its_bug() {
+    use arbitrary::{Arbitrary, Unstructured};
+    use keyed_pool_proptests::config_check::RawConfig;
+    let path = fuzz_dir().join("regressions/config/connect-timeout-duration-max");
+    let data = std::fs::read(&path).expect("the regression is committed");
+    let raw = RawConfig::arbitrary_take_rest(Unstructured::new(&data)).expect("decodes");
+    let config = raw.config();
+    assert!(
+        std::time::Instant::now()
+            .checked_add(config.connect_timeout)
+            .is_none(),
+        "the regression's connect timeout must overflow `Instant + timeout`: {raw:?}"
+    );
+    assert!(
+        config.validate().is_ok(),
+        "the regression must build a pool (its bug was in get_or_connect): {raw:?}"
+    );
+}

@@ -4,11 +4,16 @@
 //!
 //! Cases: 1024 short and 64 long sequences by default; `PROPTEST_CASES=N` sets both.
 
-use keyed_pool_proptests::ops::{self, Edge, Knobs, Op, Scenario, Step};
-use keyed_pool_proptests::run;
-use proptest::prelude::*;
-use proptest::test_runner::Config;
+use std::time::Duration;
 
+use keyed_pool::{ConnectionPool, PoolError};
+use keyed_pool_proptests::ops::{self, ConnectScript, Edge, Knobs, Op, Scenario, Step};
+use keyed_pool_proptests::{FakeConn, Pool, ScriptedConnector, addr, run};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+
+/// The config of both properties: `PROPTEST_CASES` or `default` cases; everything else, the RNG
+/// seed CI fixes with `PROPTEST_RNG_SEED` included, from proptest's environment-aware default.
 fn cases(default: u32) -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -24,7 +29,7 @@ fn cases(default: u32) -> Config {
 proptest! {
     #![proptest_config(cases(1024))]
 
-    /// Every invariant the serial model checks (I1–I3, I5–I14, I16, I17), on sequences of up to
+    /// Every invariant the serial model checks (I1–I3, I5–I14, I16–I18), on sequences of up to
     /// 80 ops over every configuration the knobs offer.
     #[test]
     fn pool_matches_model(scenario in ops::scenario(80)) {
@@ -133,6 +138,132 @@ fn edges_of_idle_health_and_backoff() {
             Op::RemoveConnection { handle: 0 },
             Op::RemoveConnection { handle: 1 },
         ],
+        // I12: a server that accepts and closes at once backs off like one that refuses, and a
+        // successful connect does not reset the count: 1 s, 1.6 s, 2.56 s ...
+        vec![
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Ok,
+            },
+            Op::DropTransport { handle: 0 },
+            Op::EvictUnhealthy,
+            Op::Advance(Step::Backoff {
+                addr: a,
+                edge: Edge::At,
+            }),
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Ok,
+            },
+            Op::DropTransport { handle: 1 },
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Ok,
+            },
+            Op::Advance(Step::Backoff {
+                addr: a,
+                edge: Edge::After,
+            }),
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Fail,
+            },
+            Op::Advance(Step::Backoff {
+                addr: a,
+                edge: Edge::At,
+            }),
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Hang,
+            },
+        ],
+        // I12 at `short_lived`: closed 1 ms before it counts as a failure, at it does not.
+        vec![
+            Op::Insert { addr: a },
+            Op::Advance(Step::ShortLived {
+                handle: 0,
+                edge: Edge::Before,
+            }),
+            Op::MarkClosed { handle: 0 },
+            Op::EvictUnhealthy,
+            Op::Insert { addr: a },
+            Op::Advance(Step::ShortLived {
+                handle: 1,
+                edge: Edge::At,
+            }),
+            Op::MarkClosed { handle: 1 },
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Ok,
+            },
+        ],
+        // I12/I18: the count decays one step per quiet interval after the backoff ends, exactly at
+        // the step; a settled address stays tracked until a prune, then leaves; `mark_up` forgets
+        // at once.
+        vec![
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Fail,
+            },
+            Op::Advance(Step::Backoff {
+                addr: a,
+                edge: Edge::At,
+            }),
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Fail,
+            },
+            Op::Advance(Step::Decay {
+                addr: a,
+                edge: Edge::Before,
+            }),
+            Op::PruneAddresses,
+            Op::Advance(Step::Decay {
+                addr: a,
+                edge: Edge::At,
+            }),
+            Op::Advance(Step::Decay {
+                addr: a,
+                edge: Edge::Before,
+            }),
+            Op::PruneAddresses,
+            Op::Advance(Step::Millis(1)),
+            Op::Get { addr: a },
+            Op::PruneAddresses,
+            Op::GetOrConnect {
+                addr: a + 1,
+                script: ConnectScript::Hang,
+            },
+            Op::MarkUp { addr: a + 1 },
+            Op::GetOrConnect {
+                addr: a + 1,
+                script: ConnectScript::Ok,
+            },
+            Op::MarkUp { addr: a + 1 },
+            Op::Remove { addr: a + 1 },
+        ],
+        // I17: close() cuts a connect that hangs or takes time; the caller gets Closed.
+        vec![Op::CloseWhileConnecting {
+            addr: a,
+            script: ConnectScript::Hang,
+        }],
+        vec![
+            Op::Insert { addr: a + 1 },
+            Op::CloseWhileConnecting {
+                addr: a,
+                script: ConnectScript::Slow,
+            },
+            Op::Insert { addr: a },
+            Op::GetOrConnect {
+                addr: a,
+                script: ConnectScript::Ok,
+            },
+            Op::PruneAddresses,
+        ],
+        vec![Op::CloseWhileConnecting {
+            addr: a,
+            script: ConnectScript::Ok,
+        }],
     ];
     for ops in scenarios {
         let scenario = Scenario { knobs, ops };
@@ -140,4 +271,106 @@ fn edges_of_idle_health_and_backoff() {
             panic!("{violation}\n{scenario:?}");
         }
     }
+    // I1/I3 with LRU: making room is counted as such, and a replacement keeps its slot (I2).
+    let knobs = Knobs {
+        max: 1,
+        lru: true,
+        ..Knobs::default()
+    };
+    let ops = vec![
+        Op::Insert { addr: 0 },
+        Op::Insert { addr: 1 },
+        Op::Insert { addr: 1 },
+        Op::GetOrConnect {
+            addr: 2,
+            script: ConnectScript::Fail,
+        },
+        Op::GetOrConnect {
+            addr: 3,
+            script: ConnectScript::Ok,
+        },
+    ];
+    let scenario = Scenario { knobs, ops };
+    if let Err(violation) = run(&scenario) {
+        panic!("{violation}\n{scenario:?}");
+    }
+}
+
+/// The numbers of issue 11's ejection, stated outright on a real pool (the model says the same, or
+/// the properties above would fail): default policy without jitter.
+#[test]
+fn ejection_learns_decays_and_is_forgotten() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool: Pool = ConnectionPool::builder()
+            .backoff(Duration::from_secs(1), Duration::from_secs(120), 0.0)
+            .connector(ScriptedConnector::new(Duration::ZERO))
+            .build::<FakeConn>()
+            .expect("valid");
+        let a = addr(0);
+        let s = Duration::from_secs;
+        let backoff = |pool: &Pool| {
+            pool.backoff_until(&a)
+                .map(|t| t - tokio::time::Instant::now())
+        };
+        // Accept, then close at once: every connection dies young; the count never resets.
+        for (k, delay) in [(1, 1_000), (2, 1_600), (3, 2_560)] {
+            pool.connector().script(Some(ConnectScript::Ok));
+            let conn = pool.get_or_connect(&a).await.expect("connects");
+            conn.client()
+                .transport_open
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(pool.evict_unhealthy().await, 1);
+            assert_eq!(pool.ejection_count(&a), k, "I12 violated");
+            assert_eq!(
+                backoff(&pool),
+                Some(Duration::from_millis(delay)),
+                "I12 violated"
+            );
+            tokio::time::advance(Duration::from_millis(delay)).await;
+        }
+        // Quiet: one step off per 30 s, counted from the end of the backoff.
+        tokio::time::advance(s(30) - Duration::from_millis(1)).await;
+        assert_eq!(pool.ejection_count(&a), 3, "I12 violated");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(pool.ejection_count(&a), 2, "I12 violated");
+        tokio::time::advance(s(60)).await;
+        assert_eq!(pool.ejection_count(&a), 0, "I12 violated");
+        assert_eq!(pool.tracked_addresses(), 1, "I18: settled, not yet pruned");
+        assert_eq!(pool.prune_addresses().await, 1, "I18 violated");
+        assert_eq!(pool.tracked_addresses(), 0, "I18 violated");
+        // A failed connect backs off; mark_up ends it at once and forgets the address.
+        pool.connector().script(Some(ConnectScript::Fail));
+        assert!(matches!(
+            pool.get_or_connect(&a).await,
+            Err(PoolError::Connect { .. })
+        ));
+        assert!(matches!(
+            pool.get_or_connect(&a).await,
+            Err(PoolError::Backoff { failures: 1, .. })
+        ));
+        pool.mark_up(&a);
+        assert_eq!(
+            (pool.ejection_count(&a), pool.tracked_addresses()),
+            (0, 0),
+            "I12 violated: mark_up (and I18: the address leaves)"
+        );
+        pool.connector().script(Some(ConnectScript::Ok));
+        assert!(pool.get_or_connect(&a).await.is_ok());
+    });
+}
+
+/// CI fixes proptest's seed with `PROPTEST_RNG_SEED`; nothing here may override it.
+#[test]
+fn the_rng_seed_comes_from_the_environment() {
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let want = seed.map_or(RngSeed::Random, RngSeed::Fixed);
+    assert_eq!(cases(1).rng_seed, want);
+    assert_eq!(cases(64).rng_seed, want);
 }
