@@ -20,6 +20,7 @@ use crate::core::{Permit, UnhealthyReason};
 use crate::error::{Cause, PoolError};
 use crate::metrics::{EvictionReason, PoolCounters};
 use crate::slot::{Flight, FlightResult, Pooled, Slot};
+use crate::sweep::LruTake;
 use crate::{ConnectionPool, WhenFull};
 
 /// How long a waiter waits past its flight's deadline for the flight's own verdict. The connect
@@ -167,93 +168,113 @@ where
 
     /// Joins the connect in flight for `addr`, or reserves a slot and starts one; all of it decided
     /// under the address's entry lock, so exactly one caller starts a flight and every other caller
-    /// joins it (I4). Never awaits.
+    /// joins it (I4). When the pool is full and the policy allows, makes room first, one caller at
+    /// a time (the room lock), taking the evicted connection's slot for itself. Never awaits.
     fn join_or_start(&self, addr: &CheetahString) -> Result<Joined<C>, PoolError> {
-        let mut made_room = false;
-        loop {
-            let now = Instant::now();
-            let decision = self.with_slot(addr, |slot| {
-                if self.inner.closed.load(Ordering::SeqCst) {
-                    return Decision::Done(Err(PoolError::Closed));
-                }
-                if let Some(pooled) = &slot.conn {
-                    if self.usable(&pooled.conn) {
-                        pooled.conn.metrics().touch(now);
-                        return Decision::Done(Ok(Joined::Ready(pooled.conn.clone())));
-                    }
-                    // Unfit but still pooled: evict it now rather than at the next sweep, so its
-                    // failure backs the address off before we would dial again (I12).
-                    let why = self
-                        .unusable_reason(&pooled.conn)
-                        .unwrap_or(UnhealthyReason::Closed);
-                    let reason = if why == UnhealthyReason::Closed {
-                        EvictionReason::Closed
-                    } else {
-                        EvictionReason::Unhealthy
-                    };
-                    if let Some(pooled) = slot.conn.take() {
-                        self.inner.retire(slot, pooled, reason, Some(why), now);
-                    }
-                }
-                if let Some(flight) = &slot.flight {
-                    PoolCounters::bump(&self.inner.counters.connects_shared);
-                    return Decision::Done(Ok(Joined::Wait(flight.deadline, flight.rx.clone())));
-                }
-                if let Some(err) = self.backoff_error(addr, slot, now) {
-                    PoolCounters::bump(&self.inner.counters.backoff_rejections);
-                    return Decision::Done(Err(err));
-                }
-                let Some(permit) = self.inner.ledger.try_acquire() else {
-                    return Decision::Full;
-                };
-                let (tx, rx) = watch::channel(None);
-                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
-                let deadline = now
-                    .checked_add(self.inner.config.connect_timeout)
-                    .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
-                slot.flight = Some(Flight {
-                    id,
-                    deadline,
-                    rx: rx.clone(),
-                });
-                PoolCounters::bump(&self.inner.counters.connects_attempted);
-                Decision::Start {
-                    id,
-                    deadline,
-                    tx,
-                    rx,
-                    permit,
-                }
-            });
-            match decision {
-                Decision::Done(result) => return result,
-                Decision::Full
-                    if !made_room
-                        && self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed =>
-                {
-                    // Outside the entry lock: making room takes other addresses' locks.
-                    made_room = true;
-                    if !self.evict_lru_except(addr) {
-                        return Err(self.at_capacity());
-                    }
-                }
-                Decision::Full => return Err(self.at_capacity()),
-                Decision::Start {
-                    id,
-                    deadline,
-                    tx,
-                    rx,
-                    permit,
-                } => {
-                    let task = self
-                        .clone()
-                        .run_connect(addr.clone(), id, deadline, tx, permit);
-                    tokio::spawn(task);
-                    return Ok(Joined::Wait(deadline, rx));
-                }
+        let mut permit = None;
+        match self.decide(addr, &mut permit) {
+            Decision::Full if self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed => {}
+            decision => return self.launch(addr, decision),
+        }
+        let _room = self.inner.room.lock();
+        let mut nothing_seen = false;
+        for _ in 0..crate::pool::MAX_ROOM_ATTEMPTS {
+            // Another caller may have connected this address, started its flight, or freed a slot.
+            match self.decide(addr, &mut permit) {
+                Decision::Full => {}
+                decision => return self.launch(addr, decision),
+            }
+            match self.take_lru_permit(addr) {
+                LruTake::Taken(freed) => permit = Some(freed),
+                LruTake::Raced => nothing_seen = false,
+                // As in `try_insert`: nothing to evict, seen twice around a failed decision.
+                LruTake::Nothing if !nothing_seen => nothing_seen = true,
+                LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
+                LruTake::Nothing => return Err(self.at_capacity()),
             }
         }
+        Err(self.at_capacity())
+    }
+
+    /// Acts on a decision: spawns the connect task of a new flight.
+    fn launch(&self, addr: &CheetahString, decision: Decision<C>) -> Result<Joined<C>, PoolError> {
+        match decision {
+            Decision::Done(result) => result,
+            Decision::Full => Err(self.at_capacity()),
+            Decision::Start {
+                id,
+                deadline,
+                tx,
+                rx,
+                permit,
+            } => {
+                let task = self
+                    .clone()
+                    .run_connect(addr.clone(), id, deadline, tx, permit);
+                tokio::spawn(task);
+                Ok(Joined::Wait(deadline, rx))
+            }
+        }
+    }
+
+    /// The decision for `addr`, under its entry lock. A new flight takes `permit` if the caller
+    /// freed one for it, else a permit of its own.
+    fn decide(&self, addr: &CheetahString, permit: &mut Option<Permit>) -> Decision<C> {
+        let now = Instant::now();
+        self.with_slot(addr, |slot| {
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return Decision::Done(Err(PoolError::Closed));
+            }
+            if let Some(pooled) = &slot.conn {
+                if self.usable(&pooled.conn) {
+                    pooled.conn.metrics().touch(now);
+                    return Decision::Done(Ok(Joined::Ready(pooled.conn.clone())));
+                }
+                // Unfit but still pooled: evict it now rather than at the next sweep, so its
+                // failure backs the address off before we would dial again (I12).
+                let why = self
+                    .unusable_reason(&pooled.conn)
+                    .unwrap_or(UnhealthyReason::Closed);
+                let reason = if why == UnhealthyReason::Closed {
+                    EvictionReason::Closed
+                } else {
+                    EvictionReason::Unhealthy
+                };
+                if let Some(pooled) = slot.conn.take() {
+                    self.inner.retire(slot, pooled, reason, Some(why), now);
+                }
+            }
+            if let Some(flight) = &slot.flight {
+                PoolCounters::bump(&self.inner.counters.connects_shared);
+                return Decision::Done(Ok(Joined::Wait(flight.deadline, flight.rx.clone())));
+            }
+            if let Some(err) = self.backoff_error(addr, slot, now) {
+                PoolCounters::bump(&self.inner.counters.backoff_rejections);
+                return Decision::Done(Err(err));
+            }
+            let Some(permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
+                return Decision::Full;
+            };
+            let (tx, rx) = watch::channel(None);
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
+            let deadline = now
+                .checked_add(self.inner.config.connect_timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
+            slot.flight = Some(Flight {
+                id,
+                deadline,
+                rx: rx.clone(),
+            });
+            PoolCounters::bump(&self.inner.counters.connects_attempted);
+            Decision::Start {
+                id,
+                deadline,
+                tx,
+                rx,
+                permit,
+            }
+        })
     }
 
     async fn wait_flight(

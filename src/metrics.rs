@@ -83,15 +83,17 @@ impl ConnectionMetrics {
         self.flags.fetch_or(FLAG_CLOSED, Ordering::AcqRel);
     }
 
-    /// Why the connection is unusable, if it is: a closed transport, or the reason its unhealthy
-    /// latch closed on (stored then, so it names the evidence that tripped it).
+    /// Why the connection is unusable, if it is: the reason its unhealthy latch closed on (stored
+    /// then, so it names the evidence that tripped it), or else a closed transport. An unhealthy
+    /// connection stays unhealthy however its transport is later found closed, so its eviction
+    /// counts against its address either way (I12).
     pub fn unusable_reason(&self) -> Option<UnhealthyReason> {
         let flags = self.flags.load(Ordering::Acquire);
-        if flags & FLAG_CLOSED != 0 {
-            return Some(UnhealthyReason::Closed);
-        }
         if flags & FLAG_UNHEALTHY != 0 {
             return self.record.lock().unhealthy();
+        }
+        if flags & FLAG_CLOSED != 0 {
+            return Some(UnhealthyReason::Closed);
         }
         None
     }

@@ -24,6 +24,12 @@ use crate::metrics::{
     ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
 };
 use crate::slot::{Pooled, Slot};
+use crate::sweep::LruTake;
+
+/// How many times a caller that must make room looks for a victim before it gives up: each look
+/// either takes a slot, or found its candidates gone (taken by another eviction or removal), which
+/// only a burst of concurrent changes can repeat.
+pub(crate) const MAX_ROOM_ATTEMPTS: usize = 16;
 
 /// An async connection pool keyed by server address.
 ///
@@ -83,6 +89,10 @@ pub(crate) struct Inner<C, K: Connector<C>> {
     pub(crate) counters: PoolCounters,
     pub(crate) next_id: AtomicU64,
     pub(crate) closed: AtomicBool,
+    /// Serialises making room under `WhenFull::EvictLeastRecentlyUsed`, so that two callers never
+    /// both evict for the same address and a freed slot goes to the caller that evicted for it.
+    /// Taken only on that slow path (the pool is full), before any entry lock.
+    pub(crate) room: crate::sync::Mutex<()>,
     /// Turns `true` when `close` begins: every connect task stops at once.
     pub(crate) closing: watch::Sender<bool>,
     /// The origin of the offsets the pure core's ejection state is kept in.
@@ -163,6 +173,16 @@ impl<C, K: Connector<C>> Inner<C, K> {
         }
         // The slot's permit goes last: the connection is out of the map and closed.
         drop(pooled);
+    }
+
+    /// Closes a connection evicted to make room and hands its permit to the caller that made
+    /// the room, under the victim's entry lock.
+    pub(crate) fn retire_for_room(&self, pooled: Pooled<C>, _now: Instant) -> crate::core::Permit {
+        let Pooled { conn, permit, .. } = pooled;
+        self.counters.evicted(EvictionReason::MakeRoom);
+        tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "make_room", "connection evicted");
+        self.connector.close(conn.client());
+        permit
     }
 }
 
@@ -344,6 +364,7 @@ where
                 counters: PoolCounters::default(),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                room: crate::sync::Mutex::new(()),
                 closing: watch::Sender::new(false),
                 origin: Instant::now(),
                 cleanup: CleanupControl::new(),
@@ -479,23 +500,35 @@ where
             return Err(PoolError::Closed);
         }
         let pooled = self.new_connection(addr, conn);
-        let mut made_room = false;
-        loop {
-            match self.place(&pooled) {
+        let mut permit = None;
+        match self.place(&pooled, &mut permit) {
+            Ok(()) => return Ok(pooled),
+            Err(PoolError::AtCapacity { .. })
+                if self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed => {}
+            Err(PoolError::AtCapacity { .. }) => return Err(self.at_capacity()),
+            Err(err) => return Err(err),
+        }
+        // The slow path: full, and the policy allows making room. One caller at a time.
+        let _room = self.inner.room.lock();
+        let mut nothing_seen = false;
+        for _ in 0..MAX_ROOM_ATTEMPTS {
+            // Another caller may have placed this address, or freed a slot, meanwhile.
+            match self.place(&pooled, &mut permit) {
                 Ok(()) => return Ok(pooled),
-                Err(PoolError::AtCapacity { .. })
-                    if !made_room
-                        && self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed =>
-                {
-                    made_room = true;
-                    if !self.evict_lru_except(pooled.addr()) {
-                        return Err(self.at_capacity());
-                    }
-                }
-                Err(PoolError::AtCapacity { .. }) => return Err(self.at_capacity()),
+                Err(PoolError::AtCapacity { .. }) => {}
                 Err(err) => return Err(err),
             }
+            match self.take_lru_permit(pooled.addr()) {
+                LruTake::Taken(freed) => permit = Some(freed),
+                LruTake::Raced => nothing_seen = false,
+                // Nothing to evict, seen twice around a failed placement: the pool is full of
+                // connections in use (or of this address's own racers).
+                LruTake::Nothing if !nothing_seen => nothing_seen = true,
+                LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
+                LruTake::Nothing => return Err(self.at_capacity()),
+            }
         }
+        Err(self.at_capacity())
     }
 
     pub(crate) fn at_capacity(&self) -> PoolError {
@@ -506,8 +539,12 @@ where
     }
 
     /// Puts a connection made by hand in its address's slot: a replacement takes over the slot's
-    /// permit (I2), a new one takes a permit of its own.
-    fn place(&self, pooled: &PooledConnection<C>) -> Result<(), PoolError> {
+    /// permit (I2), a new one takes `permit` if the caller freed one for it, or a permit of its own.
+    fn place(
+        &self,
+        pooled: &PooledConnection<C>,
+        permit: &mut Option<crate::core::Permit>,
+    ) -> Result<(), PoolError> {
         self.with_slot(pooled.addr(), |slot| {
             // Under the entry lock: `close` either sees this connection in its sweep or we see the
             // flag here (it is set before the sweep takes any lock).
@@ -527,9 +564,12 @@ where
                     self.inner.connector.close(conn.client());
                 }
                 None => {
-                    let permit = self.inner.ledger.try_acquire().ok_or(PoolError::AtCapacity {
-                        max: self.inner.ledger.max(),
-                    })?;
+                    let permit = permit
+                        .take()
+                        .or_else(|| self.inner.ledger.try_acquire())
+                        .ok_or(PoolError::AtCapacity {
+                            max: self.inner.ledger.max(),
+                        })?;
                     slot.conn = Some(Pooled {
                         conn: pooled.clone(),
                         permit,

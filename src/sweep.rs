@@ -30,6 +30,17 @@ async fn in_chunks<T>(candidates: &[T], mut evict: impl FnMut(&[T]) -> usize) ->
     evicted
 }
 use crate::ConnectionPool;
+use crate::core::Permit;
+
+/// What one attempt at making room found.
+pub(crate) enum LruTake {
+    /// A victim was closed; its slot is the caller's.
+    Taken(Permit),
+    /// The candidates changed under the attempt, or room appeared: look again.
+    Raced,
+    /// Nothing can be evicted: every other connection has a call in flight or is being handed out.
+    Nothing,
+}
 
 impl<C, K> ConnectionPool<C, K>
 where
@@ -148,10 +159,13 @@ where
             .count()
     }
 
-    /// Makes room for a connection to `except` by evicting the least-recently-used connection of
-    /// another address that has no call in flight and is not being handed to the callers that
-    /// waited for its connect. Returns whether it freed a slot.
-    pub(crate) fn evict_lru_except(&self, except: &CheetahString) -> bool {
+    /// Makes room for a connection to `except`: closes the least-recently-used connection of another
+    /// address that has no call in flight and is not being handed to the callers that waited for
+    /// its connect, and hands its capacity slot over to the caller (so no racer takes the freed slot
+    /// first). A victim is taken only while the pool is still full, checked under the victim's
+    /// entry lock. Called with the pool's room lock held (see [`Inner::room`]).
+    pub(crate) fn take_lru_permit(&self, except: &CheetahString) -> LruTake {
+        let max = self.inner.ledger.max();
         let mut candidates: Vec<(Instant, CheetahString, ConnId)> = self
             .inner
             .map
@@ -164,12 +178,38 @@ where
                     .then(|| (m.last_used(), e.key().clone(), pooled.conn.id()))
             })
             .collect();
+        if candidates.is_empty() {
+            // Nothing to evict, unless room appeared since the caller found the pool full.
+            return if self.inner.ledger.used() < max {
+                LruTake::Raced
+            } else {
+                LruTake::Nothing
+            };
+        }
         candidates.sort_unstable();
-        candidates.into_iter().take(8).any(|(_, addr, id)| {
-            self.remove_if(&addr, id, EvictionReason::MakeRoom, |pooled| {
-                !pooled.in_handoff() && pooled.conn.metrics().try_retire_unused()
-            })
-        })
+        let now = Instant::now();
+        for (_, addr, id) in candidates.into_iter().take(8) {
+            let taken = self.with_existing_slot(&addr, |slot| {
+                let still = slot.conn.as_ref().is_some_and(|pooled| {
+                    pooled.conn.id() == id
+                        && !pooled.in_handoff()
+                        && self.inner.ledger.used() >= max
+                        && pooled.conn.metrics().try_retire_unused()
+                });
+                if !still {
+                    return None;
+                }
+                let pooled = slot.conn.take()?;
+                Some(self.inner.retire_for_room(pooled, now))
+            });
+            if let Some(Some(permit)) = taken {
+                return LruTake::Taken(permit);
+            }
+            if self.inner.ledger.used() < max {
+                return LruTake::Raced; // room appeared meanwhile
+            }
+        }
+        LruTake::Raced
     }
 
     /// Forgets the addresses that hold nothing any more: no connection, no connect in flight, and
@@ -236,6 +276,17 @@ mod tests {
     use tokio::time::Instant;
 
     use crate::ConnectionPool;
+    use crate::core::Permit;
+
+    /// What one attempt at making room found.
+    pub(crate) enum LruTake {
+        /// A victim was closed; its slot is the caller's.
+        Taken(Permit),
+        /// The candidates changed under the attempt, or room appeared: look again.
+        Raced,
+        /// Nothing can be evicted: every other connection has a call in flight or is being handed out.
+        Nothing,
+    }
 
     const MAX_IDLE: Duration = Duration::from_secs(10);
 

@@ -1033,16 +1033,16 @@ impl Harness {
                 )
             })?;
             let reason = mx.unusable_reason();
-            let want_reason = if c.marked_closed {
-                Some(UnhealthyReason::Closed)
-            } else {
-                c.tripped.map(|t| match t {
+            // The latch's reason first; a closed transport only for a connection still healthy.
+            let want_reason = c
+                .tripped
+                .map(|t| match t {
                     Tripped::Run(count) => UnhealthyReason::ConsecutiveFailures { count },
                     Tripped::Ratio(failures, total) => {
                         UnhealthyReason::FailureRatio { failures, total }
                     }
                 })
-            };
+                .or(c.marked_closed.then_some(UnhealthyReason::Closed));
             ensure(reason == want_reason, || {
                 format!(
                     "I9 violated: {whose} #{} is unusable for {reason:?}, model {want_reason:?} (the latch stores the reason it closed on)",

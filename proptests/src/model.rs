@@ -565,17 +565,16 @@ impl Model {
     }
 
     /// Why connection `i` is unfit, if it is (after [`usable`](Self::usable) marked a dead
-    /// transport): the `mark_closed` flag first, then the latched verdict, then a dead transport
-    /// (which `usable` marks only on a connection still healthy). This is the pool's order; it
-    /// makes an unhealthy connection closed by `mark_closed` leave as `Closed` (no failure if not
-    /// short-lived) and one whose `is_open` turned false leave as `Unhealthy` (a failure): an open
-    /// question for the pool's owner, see the README.
+    /// transport): the latched verdict first, then a closed transport (the `mark_closed` flag, or a
+    /// dead transport, which `usable` marks only on a connection still healthy). An unhealthy
+    /// connection thus leaves as `Unhealthy` (a failure of its address) however its transport was
+    /// later found closed.
     fn unfit(&self, i: usize) -> Option<HealthEviction> {
         let c = &self.conns[i];
-        if c.marked_closed {
-            Some(HealthEviction::Closed)
-        } else if c.unhealthy {
+        if c.unhealthy {
             Some(HealthEviction::Unhealthy)
+        } else if c.marked_closed {
+            Some(HealthEviction::Closed)
         } else {
             None
         }
