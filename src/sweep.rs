@@ -276,17 +276,6 @@ mod tests {
     use tokio::time::Instant;
 
     use crate::ConnectionPool;
-    use crate::core::Permit;
-
-    /// What one attempt at making room found.
-    pub(crate) enum LruTake {
-        /// A victim was closed; its slot is the caller's.
-        Taken(Permit),
-        /// The candidates changed under the attempt, or room appeared: look again.
-        Raced,
-        /// Nothing can be evicted: every other connection has a call in flight or is being handed out.
-        Nothing,
-    }
 
     const MAX_IDLE: Duration = Duration::from_secs(10);
 
