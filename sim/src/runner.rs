@@ -142,7 +142,7 @@ pub fn child(scenario: &str, seed: u64) -> i32 {
     std::panic::set_hook(Box::new(|_| {}));
     let line = match run_seed(scenario, seed, Duration::from_secs(3600)) {
         SeedResult::Done(o) => format!(
-            "{RESULT_TAG}\tdone\t{}\t{:016x}\t{}\t{}\t{}\t{}",
+            "{RESULT_TAG}\tdone\t{}\t{:016x}\t{}\t{}\t{}\t{}\t{}",
             o.virtual_time.as_nanos(),
             o.trace.0,
             o.trace.1,
@@ -152,7 +152,8 @@ pub fn child(scenario: &str, seed: u64) -> i32 {
             o.violation
                 .as_ref()
                 .map_or("-".to_string(), |v| one_line(&v.msg)),
-            one_line(&o.info)
+            one_line(&o.info),
+            one_line(&o.also)
         ),
         SeedResult::Panicked(msg) | SeedResult::Lost(msg) => {
             format!("{RESULT_TAG}\tpanic\t{}", one_line(&msg))
@@ -183,6 +184,7 @@ fn parse_result(stdout: &str) -> Option<SeedResult> {
                     fields[4].parse().ok()?,
                 ),
                 info: fields[7].to_string(),
+                also: fields.get(8).unwrap_or(&"").to_string(),
             }))
         }
         _ => None,
@@ -368,7 +370,12 @@ pub fn run(opts: &Options) -> i32 {
                 SeedResult::Done(o) => {
                     tally.virtual_time += o.virtual_time;
                     if let Some(v) = &o.violation {
-                        problem = Some(format!("{v}{}", info_suffix(&o.info)));
+                        let also = if o.also.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (also violated: {})", o.also)
+                        };
+                        problem = Some(format!("{v}{also}{}", info_suffix(&o.info)));
                     }
                     if opts.verbose {
                         println!(

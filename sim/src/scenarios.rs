@@ -28,6 +28,8 @@ pub struct Outcome {
     pub trace: (u64, u64),
     /// The configuration drawn from the seed (printed for the swarm and on failure).
     pub info: String,
+    /// The other invariants violated in the run, after the first (`"I18 I12"`).
+    pub also: String,
 }
 
 /// A boxed scenario run.
@@ -122,7 +124,7 @@ pub const ALL: &[Scenario] = &[
 pub fn static_inv(name: &str) -> &'static str {
     const NAMES: &[&str] = &[
         "I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9", "I10", "I11", "I12", "I13", "I14",
-        "I15", "I16", "I17", "ACC", "SIM",
+        "I15", "I16", "I17", "I18", "ACC", "SIM",
     ];
     NAMES.iter().find(|n| **n == name).copied().unwrap_or("SIM")
 }
@@ -146,6 +148,7 @@ where
     }
     Outcome {
         violation: rec.first(),
+        also: rec.also(),
         virtual_time: started.elapsed(),
         trace: rec.trace(),
         info,
@@ -163,6 +166,15 @@ struct Traffic {
 /// The standard shape: cleanup task, monitor, workers on every broker, the fault `director`
 /// (which runs until the traffic ends), then liveness and quiescence.
 async fn standard<D, DFut>(ctx: Arc<Ctx>, traffic: Traffic, director: D)
+where
+    D: FnOnce(Arc<Ctx>, Pool, Instant) -> DFut,
+    DFut: Future<Output = ()>,
+{
+    standard_with(ctx, traffic, director, false).await;
+}
+
+/// [`standard`], with the decay phase between liveness and quiescence if `decay`.
+async fn standard_with<D, DFut>(ctx: Arc<Ctx>, traffic: Traffic, director: D, decay: bool)
 where
     D: FnOnce(Arc<Ctx>, Pool, Instant) -> DFut,
     DFut: Future<Output = ()>,
@@ -188,6 +200,9 @@ where
     ctx.join("worker", workers, bound).await;
     ctx.step(&pool, format_args!("traffic over"));
     ctx.liveness(&pool, &targets).await;
+    if decay {
+        ctx.decay_phase(&pool, &targets).await;
+    }
     ctx.quiesce(&pool, cleanup).await;
     let _ = monitor.await;
 }
@@ -530,19 +545,33 @@ async fn cleanup_race() -> Outcome {
                         3 => {
                             // insert by hand; I2: re-inserting a present address never fails
                             // for capacity and never changes the count.
+                            // Judged at the connector: the old connection is closed and the
+                            // new one open, so the count open there is unchanged.
                             if let Ok(conn) = pool.connector().connect_by_hand(addr.as_str()).await
                             {
-                                let present = pool.peek(&addr).is_some();
-                                let len = pool.len();
+                                let book = Arc::clone(&conn.book);
+                                let present = pool.peek(&addr);
+                                // Open at the connector before, the new connection not counted.
+                                let open = ctx.reg.open() - 1;
                                 ctx.reg.manual.store(true, Ordering::SeqCst);
                                 let ok = pool.insert(addr.clone(), conn);
                                 ctx.reg.manual.store(false, Ordering::SeqCst);
-                                if present && (!ok || pool.len() != len) {
+                                if ok {
+                                    book.pooled.store(true, Ordering::SeqCst);
+                                }
+                                if let Some(old) = present
+                                    && (!ok
+                                        || ctx.reg.open() != open
+                                        || !old.client().closed_by_pool())
+                                {
                                     ctx.rec.fail(
                                         "I2",
                                         format!(
-                                            "re-insert of {addr}: ok={ok}, len {len} -> {}",
-                                            pool.len()
+                                            "re-insert of {addr}: ok={ok}, open at the connector \
+                                             {open} -> {}, the old connection s{} closed: {}",
+                                            ctx.reg.open(),
+                                            old.client().serial(),
+                                            old.client().closed_by_pool()
                                         ),
                                     );
                                 }
@@ -598,22 +627,56 @@ async fn close_mid_traffic() -> Outcome {
             ctx.rec
                 .fail("I16", format!("close() took {:?}", started.elapsed()));
         }
-        if !pool.is_empty() || ctx.reg.open() != 0 {
+        // I17 at the connector: nothing the pool made is open once close() has returned, and
+        // stays so: a connect in flight at the close closes its connection as it lands. (The
+        // pool's own `len()` is the API's report of it.)
+        if ctx.reg.open() != 0 || !pool.is_empty() {
             ctx.rec.fail(
                 "I17",
                 format!(
-                    "after close(): {} pooled, {} not closed at the connector",
-                    pool.len(),
-                    ctx.reg.open()
+                    "after close(): {} open at the connector, {} still pooled",
+                    ctx.reg.open(),
+                    pool.len()
                 ),
             );
         }
+        let watch = {
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let until = Instant::now() + ctx.setup.config.connect_timeout + ms(20);
+                while Instant::now() < until {
+                    if ctx.reg.open() != 0 {
+                        ctx.rec.fail(
+                            "I17",
+                            format!(
+                                "{} connection(s) open at the connector after close() returned",
+                                ctx.reg.open()
+                            ),
+                        );
+                        return;
+                    }
+                    sleep(ms(1)).await;
+                }
+            })
+        };
         match ctx.get_or_connect(&pool, &ctx.brokers[0].addr).await {
             Err(PoolError::Closed) => {}
             other => ctx.rec.fail(
                 "I17",
                 format!("get_or_connect after close: {:?}", other.map(|c| c.id())),
             ),
+        }
+        // An insert after close is refused, and what it brought is not kept open.
+        if let Ok(conn) = pool
+            .connector()
+            .connect_by_hand(ctx.brokers[1].addr.as_str())
+            .await
+        {
+            let book = Arc::clone(&conn.book);
+            if pool.insert(ctx.brokers[1].addr.clone(), conn) {
+                book.pooled.store(true, Ordering::SeqCst);
+                ctx.rec.fail("I17", "insert after close() was accepted");
+            }
         }
         let bound = ctx.setup.config.connect_timeout + ctx.setup.call_timeout + ms(20);
         ctx.join("worker", workers, bound).await;
@@ -623,6 +686,7 @@ async fn close_mid_traffic() -> Outcome {
             ctx.rec
                 .fail("I17", "the cleanup task still runs after close()");
         }
+        let _ = watch.await;
         // Connects in flight at close() finish and close their connection.
         sleep(ctx.setup.config.connect_timeout + Duration::from_secs(11)).await;
         ctx.agree(&pool);
@@ -669,12 +733,14 @@ async fn drop_mid_traffic() -> Outcome {
             );
         }
         sleep(Duration::from_secs(11)).await;
-        if ctx.reg.live() != 0 {
+        if ctx.reg.live() != 0 || ctx.reg.open() != 0 {
             ctx.rec.fail(
                 "I17",
                 format!(
-                    "{} connection(s) still exist after the pool was dropped",
-                    ctx.reg.live()
+                    "{} connection(s) still exist ({} open at the connector) after the pool was \
+                     dropped",
+                    ctx.reg.live(),
+                    ctx.reg.open()
                 ),
             );
         }
