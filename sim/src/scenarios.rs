@@ -12,6 +12,7 @@ use keyed_pool::core::BackoffPolicy;
 use keyed_pool::{PoolError, WhenFull};
 use tokio::time::{Instant, sleep};
 
+use crate::broker::CloseMode;
 use crate::client::CallError;
 use crate::record::{Recorder, Violation};
 use crate::trace;
@@ -117,6 +118,16 @@ pub const ALL: &[Scenario] = &[
         name: "swarm",
         about: "configuration and fault mix drawn from the seed (VOPR-style)",
         run: || Box::pin(swarm()),
+    },
+    Scenario {
+        name: "accept-then-close",
+        about: "a broker that accepts every connection and closes it at once: ejections, growing backoff, decay (I12, I18)",
+        run: || Box::pin(accept_then_close()),
+    },
+    Scenario {
+        name: "fail-every-request",
+        about: "a broker that accepts connections and fails every request: backoff grows across connects, decays (I12, I18)",
+        run: || Box::pin(fail_every_request()),
     },
 ];
 
@@ -875,6 +886,123 @@ async fn swarm() -> Outcome {
                 ctx.step(&pool, format_args!("swarm fault"));
             }
         })
+        .await;
+    })
+    .await
+}
+
+/// A backoff schedule drawn from the seed for the ejection scenarios: short enough that a run
+/// climbs it to its cap.
+fn ejection_backoff() -> BackoffPolicy {
+    BackoffPolicy {
+        base: ms(draw(20..200)),
+        max: ms(draw(1000..4000)),
+        jitter: draw(0..50) as f64 / 100.0,
+    }
+}
+
+/// The director of the ejection scenarios: every 250 ms the pool's `ejection_count` of both
+/// brokers is checked against the books (I12); once, at a random instant, if `mark_up`, the
+/// failing broker is marked up (its backoff must end at once, its count go to 0).
+async fn ejection_director(ctx: Arc<Ctx>, pool: Pool, until: Instant, mark_up: bool) {
+    let bad = ctx.brokers[0].addr.clone();
+    let good = ctx.brokers[1].addr.clone();
+    let mark_at = Instant::now() + ms(draw(5000..15_000));
+    let mut marked = !mark_up;
+    while Instant::now() < until {
+        sleep(ms(250)).await;
+        ctx.check_ejections(&pool, &bad);
+        ctx.check_ejections(&pool, &good);
+        if !marked && Instant::now() >= mark_at {
+            marked = true;
+            ctx.mark_up(&pool, &bad).await;
+            ctx.step(&pool, format_args!("mark_up({bad})"));
+        }
+    }
+    ctx.step(
+        &pool,
+        format_args!(
+            "{} accepts at {bad}, {} connects, ejection count {} (books: at least {})",
+            ctx.brokers[0].state.accepted.load(Ordering::SeqCst),
+            ctx.reg.connects_to(bad.as_str()),
+            pool.ejection_count(&bad),
+            ctx.reg.k_lower(bad.as_str())
+        ),
+    );
+}
+
+/// A broker that accepts every connection and closes it at once (a load balancer in front of a
+/// dead broker), next to a healthy one, for 20 s of traffic. Without a handshake the connect is
+/// the TCP connect alone and succeeds; with one, the broker answers the handshake and then closes.
+/// Either way every connection dies within `short_lived` of being made, so each is an ejection
+/// (issue 11): each connect waits at least `delay(k, no jitter)` after the k-th (I12, at the
+/// connector and between the broker's accepts), `ejection_count` follows the books, `mark_up`
+/// ends the backoff at once; then liveness, and the decay phase: the count decays to 0 and the
+/// pool tracks only live addresses (I12, I18).
+async fn accept_then_close() -> Outcome {
+    let mut setup = Setup::new(2);
+    setup.config.backoff = ejection_backoff();
+    let handshake = chance(0.5);
+    let mark_up = chance(0.5);
+    let info = format!(
+        "handshake={handshake} mark_up={mark_up} backoff={:?}",
+        setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        ctx.tidy.store(false, Ordering::SeqCst);
+        ctx.reg.handshake.store(handshake, Ordering::SeqCst);
+        ctx.brokers[0].state.set_close_mode(if handshake {
+            CloseMode::AfterHandshake
+        } else {
+            CloseMode::AtAccept
+        });
+        let traffic = Traffic {
+            workers: 4,
+            length: ms(20_000),
+            work: 0..10,
+            think: 1..10,
+        };
+        standard_with(
+            ctx,
+            traffic,
+            move |ctx, pool, until| ejection_director(ctx, pool, until, mark_up),
+            true,
+        )
+        .await;
+    })
+    .await
+}
+
+/// A broker that accepts connections, answers the handshake, and fails every request (an
+/// application error on a healthy transport), next to a healthy one. Each connection is judged
+/// unhealthy after `consecutive_failures` calls and evicted: an ejection, and a successful connect
+/// does not reset the count (issue 11), so the gaps between connects grow to the cap (I12, at the
+/// connector and between the broker's accepts); `ejection_count`, `mark_up`, liveness and the decay
+/// phase as in `accept-then-close`.
+async fn fail_every_request() -> Outcome {
+    let mut setup = Setup::new(2);
+    setup.config.backoff = ejection_backoff();
+    setup.config.health.consecutive_failures = draw(1..6) as u32;
+    let mark_up = chance(0.5);
+    let info = format!(
+        "consecutive_failures={} mark_up={mark_up} backoff={:?}",
+        setup.config.health.consecutive_failures, setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        ctx.tidy.store(false, Ordering::SeqCst);
+        ctx.errors(0, 1000);
+        let traffic = Traffic {
+            workers: 4,
+            length: ms(20_000),
+            work: 0..10,
+            think: 1..10,
+        };
+        standard_with(
+            ctx,
+            traffic,
+            move |ctx, pool, until| ejection_director(ctx, pool, until, mark_up),
+            true,
+        )
         .await;
     })
     .await
