@@ -5,13 +5,15 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use keyed_pool::core::BackoffPolicy;
-use keyed_pool::{PoolError, WhenFull};
+use keyed_pool::{CheetahString, PoolError, WhenFull};
 use tokio::time::{Instant, sleep};
 
+use crate::books::DECAY_INTERVAL;
 use crate::broker::CloseMode;
 use crate::client::CallError;
 use crate::record::{Recorder, Violation};
@@ -45,6 +47,9 @@ pub struct Scenario {
     pub about: &'static str,
     /// Runs one seed (inside a madsim runtime).
     pub run: fn() -> Run,
+    /// At most this many seeds when the whole suite runs (0 = no cap): for a scenario heavy
+    /// enough to dominate the suite's time. Naming the scenario with `--scenario` lifts the cap.
+    pub seed_cap: u64,
 }
 
 /// Every scenario, in the order the runner runs them.
@@ -53,81 +58,103 @@ pub const ALL: &[Scenario] = &[
         name: "restart-in-flight",
         about: "brokers killed/restarted while calls are in flight",
         run: || Box::pin(restart_in_flight()),
+        seed_cap: 0,
     },
     Scenario {
         name: "partition-heal",
         about: "a broker cut off both ways, then healed; packet loss",
         run: || Box::pin(partition_heal()),
+        seed_cap: 0,
     },
     Scenario {
         name: "one-way-partition",
         about: "requests or responses dropped on one link, then healed",
         run: || Box::pin(one_way_partition()),
+        seed_cap: 0,
     },
     Scenario {
         name: "slow-broker",
         about: "a broker slower than the call timeout and than max_idle (I5, I9, I12)",
         run: || Box::pin(slow_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "flapping-broker",
         about: "kill/restart at random intervals, plus pause/resume",
         run: || Box::pin(flapping_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "connect-storm",
         about: "many workers reconnect at once after a mass eviction (I1, I4)",
         run: || Box::pin(connect_storm()),
+        seed_cap: 0,
     },
     Scenario {
         name: "idle-edge",
         about: "idle eviction exactly at max_idle and max_idle + 1 ms, with calls across the edge (I5, I6)",
         run: || Box::pin(idle_edge()),
+        seed_cap: 0,
     },
     Scenario {
         name: "capacity",
         about: "many more brokers than slots, LRU eviction, faults (I1, I3)",
         run: || Box::pin(capacity()),
+        seed_cap: 0,
     },
     Scenario {
         name: "cleanup-race",
         about: "cleanup every 1 ms racing get/insert/remove (I2, I7, I14)",
         run: || Box::pin(cleanup_race()),
+        seed_cap: 0,
     },
     Scenario {
         name: "close-mid-traffic",
         about: "close() while calls and connects are in flight (I17)",
         run: || Box::pin(close_mid_traffic()),
+        seed_cap: 0,
     },
     Scenario {
         name: "drop-mid-traffic",
         about: "the last pool handle dropped mid-traffic (I17)",
         run: || Box::pin(drop_mid_traffic()),
+        seed_cap: 0,
     },
     Scenario {
         name: "dead-broker",
         about: "a broker that never comes back: connects bounded by backoff (I12)",
         run: || Box::pin(dead_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "remoting",
         about: "the library's RemotingClient/RemotingConnector against MiniServers under faults",
         run: || Box::pin(crate::remoting::remoting()),
+        seed_cap: 0,
     },
     Scenario {
         name: "swarm",
         about: "configuration and fault mix drawn from the seed (VOPR-style)",
         run: || Box::pin(swarm()),
+        seed_cap: 0,
     },
     Scenario {
         name: "accept-then-close",
         about: "a broker that accepts every connection and closes it at once: ejections, growing backoff, decay (I12, I18)",
         run: || Box::pin(accept_then_close()),
+        seed_cap: 0,
     },
     Scenario {
         name: "fail-every-request",
         about: "a broker that accepts connections and fails every request: backoff grows across connects, decays (I12, I18)",
         run: || Box::pin(fail_every_request()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "churning-addresses",
+        about: "100,000 addresses that each fail once, never used again, cleanup running: bounded per-address state (I18)",
+        run: || Box::pin(churning_addresses()),
+        seed_cap: CHURN_SEED_CAP,
     },
 ];
 
@@ -1004,6 +1031,142 @@ async fn fail_every_request() -> Outcome {
             true,
         )
         .await;
+    })
+    .await
+}
+
+/// Addresses in `churning-addresses`.
+pub const CHURN_ADDRESSES: u64 = 100_000;
+
+/// Over how long the churning addresses are tried (about 1,700 a second).
+const CHURN_SPAN: Duration = Duration::from_secs(60);
+
+/// Seeds of `churning-addresses` when the whole suite runs: each covers about 105 s of virtual
+/// time and 100,000 connects, about 2.5 s of CPU (the other scenarios take 5-200 ms a seed).
+pub const CHURN_SEED_CAP: u64 = 8;
+
+/// The `i`-th churning address: alternately a host that does not exist and a broker's host with
+/// nothing listening on the port; all distinct, all refused.
+fn churn_addr(i: u64) -> CheetahString {
+    let j = i / 2;
+    if i.is_multiple_of(2) {
+        format!("10.200.{}.{}:{}", (j >> 8) & 255, j & 255, 7000 + (j >> 16))
+    } else {
+        format!("10.0.0.{}:{}", 1 + j % 2, 10_000 + j / 2)
+    }
+    .into()
+}
+
+/// 100,000 addresses that each fail once (connect refused) and are never used again, tried over
+/// 60 s by a few dozen tasks, with the cleanup task running and light traffic on two healthy
+/// brokers. I18: at every sample the pool tracks no more addresses than the books allow (live ones
+/// plus those whose backoff, with full jitter, and one decay interval per failure may not have
+/// passed yet, one sweep later), so its state is bounded by the churn rate, not the churn total;
+/// once no churned address may still be tracked, the pool tracks exactly the live addresses, and
+/// every sampled churned address's `ejection_count` is back to 0 (I12). Also: each failure counts
+/// one ejection at once (sampled, I12), and the usual liveness and quiescence.
+async fn churning_addresses() -> Outcome {
+    let mut setup = Setup::new(2);
+    let interval = ms(draw(100..1000));
+    setup.cleanup = Some(interval);
+    setup.config.backoff = BackoffPolicy {
+        base: ms(draw(100..1000)),
+        max: ms(draw(2000..10_000)),
+        jitter: 0.2,
+    };
+    let tasks = draw(8..64);
+    let info = format!(
+        "addresses={CHURN_ADDRESSES} over {CHURN_SPAN:?} tasks={tasks} cleanup={interval:?} backoff={:?}",
+        setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        let pool = ctx.pool();
+        let cleanup = ctx.start_cleanup(&pool);
+        // Every 2 s: `tracked_addresses()` may cost O(addresses) (it does at 0238a86, and then
+        // dominates the run's time).
+        let monitor = ctx.monitor(&pool, ms(2000));
+        let start = Instant::now();
+        let churn_end = start + CHURN_SPAN;
+        let workers = ctx.workers(&pool, 2, &[0, 1], churn_end, 0..5, 10..100);
+        let next = Arc::new(AtomicU64::new(0));
+        let sampled = Arc::new(StdMutex::new(Vec::new()));
+        let mut churners = Vec::new();
+        for _ in 0..tasks {
+            let (ctx, pool) = (Arc::clone(&ctx), pool.clone());
+            let (next, sampled) = (Arc::clone(&next), Arc::clone(&sampled));
+            churners.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= CHURN_ADDRESSES {
+                        break;
+                    }
+                    let at = start + CHURN_SPAN.mul_f64(i as f64 / CHURN_ADDRESSES as f64);
+                    tokio::time::sleep_until(at).await;
+                    let addr = churn_addr(i);
+                    match ctx.get_or_connect(&pool, &addr).await {
+                        Err(PoolError::Connect { .. } | PoolError::ConnectTimeout { .. }) => {}
+                        Ok(conn) => ctx.rec.fail(
+                            "SIM",
+                            format!("{addr} answered ({}): nothing listens there", conn.id()),
+                        ),
+                        Err(err) => ctx.rec.fail(
+                            "SIM",
+                            format!("the first connect to {addr} did not fail as refused: {err}"),
+                        ),
+                    }
+                    if i.is_multiple_of(997) {
+                        // Each failed connect is an ejection, counted at once.
+                        ctx.check_ejections(&pool, &addr);
+                        sampled.lock().expect("sampled lock").push(addr);
+                    }
+                }
+            }));
+        }
+        ctx.join("churn", churners, CHURN_SPAN + Duration::from_secs(10))
+            .await;
+        ctx.step(
+            &pool,
+            format_args!("churn over: {} connects", ctx.reg.connects()),
+        );
+        // Until the books say no churned address may still be tracked.
+        let b = ctx.setup.config.backoff;
+        let drain = b.delay(1, 1.0) + DECAY_INTERVAL + interval * 2 + Duration::from_secs(2);
+        let drain_until = Instant::now() + drain;
+        while ctx
+            .reg
+            .tracked_bound()
+            .is_some_and(|(_, pending)| pending > 0)
+        {
+            if Instant::now() > drain_until {
+                ctx.rec.fail(
+                    "SIM",
+                    format!(
+                        "the books still count addresses {drain:?} after the churn: {}",
+                        ctx.reg.pending_sample()
+                    ),
+                );
+                break;
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+        ctx.join("worker", workers, Duration::from_secs(5)).await;
+        ctx.step(&pool, format_args!("churned addresses expired"));
+        ctx.check_tracked_exact(&pool);
+        for addr in sampled.lock().expect("sampled lock").iter() {
+            let k = pool.ejection_count(addr);
+            if k != 0 {
+                ctx.rec.fail(
+                    "I12",
+                    format!(
+                        "ejection_count({addr}) = {k} after its backoff and {DECAY_INTERVAL:?} \
+                         without failure: one failure must have decayed"
+                    ),
+                );
+            }
+        }
+        ctx.liveness(&pool, &[0, 1]).await;
+        ctx.quiesce(&pool, cleanup).await;
+        let _ = monitor.await;
     })
     .await
 }
