@@ -473,7 +473,7 @@ impl Ctx {
     }
 
     /// `mark_up(addr)` and its checks (I12): the ejection count is 0 at once, and the next
-    /// `get_or_connect` is not refused for backoff.
+    /// `get_or_connect` is not refused for backoff (unless it met a new ejection).
     pub async fn mark_up(&self, pool: &Pool, addr: &CheetahString) {
         self.reg.marked_up(addr.as_str());
         pool.mark_up(addr);
@@ -484,7 +484,11 @@ impl Ctx {
                 format!("ejection_count({addr}) = {k} right after mark_up"),
             );
         }
-        if let Err(PoolError::Backoff { retry_after, .. }) = self.get_or_connect(pool, addr).await {
+        // Unless that very call met a new ejection (a dead connection still pooled, evicted on
+        // the way: the books saw the pool let go of it), it must not be refused for backoff.
+        if let Err(PoolError::Backoff { retry_after, .. }) = self.get_or_connect(pool, addr).await
+            && self.reg.k_upper(addr.as_str()) == 0
+        {
             self.rec.fail(
                 "I12",
                 format!("get_or_connect({addr}) right after mark_up backs off for {retry_after:?}"),
