@@ -1,18 +1,22 @@
-//! Brokers: tiny request/response servers on simulated TCP that count the connections they see, so
-//! "pool count = broker count at quiescence" is checked from outside the pool.
+//! Brokers: tiny request/response servers on simulated TCP that keep their own books: connections
+//! accepted and open, and when each was accepted and from which client socket (the broker-side I12
+//! check measures backoff gaps between accepts; connector count = broker count at quiescence).
+//! A broker can also be made to fail the ways real servers do: slow, answering errors, or closing
+//! every connection at once ([`CloseMode`]).
 //!
 //! Wire format (fixed size, no length prefix): a request is `id: u64, op: u8, arg: u32` (13 bytes),
 //! a response is `id: u64, status: u8` (9 bytes). `op` 0 is a ping; `op` 1 asks the broker to work
 //! `arg` milliseconds first. Status 0 is success, 1 an application error (the transport stays fine).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::madsim::rand::{Rng, thread_rng};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 /// The port every broker listens on.
 pub const PORT: u16 = 9000;
@@ -36,6 +40,10 @@ pub struct BrokerState {
     pub delay_ms: AtomicU64,
     /// Per mille of requests answered with an application error.
     pub error_permille: AtomicU32,
+    /// How the broker treats a new connection: [`CloseMode`] as a number.
+    pub close_mode: AtomicU32,
+    /// Every accept: the peer (the client's local socket) and when.
+    accepts: StdMutex<Vec<(SocketAddr, Instant)>>,
     /// `true` while the current incarnation has its listener bound.
     pub listening: AtomicBool,
     /// Incarnations started (first start and every restart).
@@ -52,6 +60,8 @@ impl BrokerState {
             answered: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             error_permille: AtomicU32::new(0),
+            close_mode: AtomicU32::new(CloseMode::Serve as u32),
+            accepts: StdMutex::new(Vec::new()),
             listening: AtomicBool::new(false),
             incarnations: AtomicU64::new(0),
         }
@@ -61,6 +71,41 @@ impl BrokerState {
     pub fn open(&self) -> i64 {
         self.open.load(Ordering::SeqCst)
     }
+
+    /// How new connections are treated from now on.
+    pub fn set_close_mode(&self, mode: CloseMode) {
+        self.close_mode.store(mode as u32, Ordering::SeqCst);
+    }
+
+    /// The last accept no later than `t`.
+    pub fn last_accept_by(&self, t: Instant) -> Option<Instant> {
+        let accepts = self.accepts.lock().expect("accepts lock");
+        accepts.iter().rev().map(|&(_, at)| at).find(|&at| at <= t)
+    }
+
+    /// When the connection from `peer` begun at `started` or later was accepted, if it was.
+    pub fn accepted_from(&self, peer: SocketAddr, started: Instant) -> Option<Instant> {
+        let accepts = self.accepts.lock().expect("accepts lock");
+        accepts
+            .iter()
+            .rev()
+            .take_while(|&&(_, at)| at >= started)
+            .find(|&&(p, _)| p == peer)
+            .map(|&(_, at)| at)
+    }
+}
+
+/// How a broker treats the connections it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseMode {
+    /// Serves requests until the client closes.
+    Serve = 0,
+    /// Closes every connection as soon as it is accepted (a load balancer in front of a dead
+    /// broker).
+    AtAccept = 1,
+    /// Answers the first request (the client's handshake), then closes.
+    AfterHandshake = 2,
 }
 
 /// Counts one open connection for as long as its handler task lives (dropped on EOF, error or kill).
@@ -101,9 +146,14 @@ pub async fn serve(state: Arc<BrokerState>) {
     state.listening.store(true, Ordering::SeqCst);
     let _listening = ListenGuard(Arc::clone(&state));
     loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        state
+            .accepts
+            .lock()
+            .expect("accepts lock")
+            .push((peer, Instant::now()));
         state.accepted.fetch_add(1, Ordering::SeqCst);
         state.open.fetch_add(1, Ordering::SeqCst);
         let guard = OpenGuard(Arc::clone(&state));
@@ -113,8 +163,17 @@ pub async fn serve(state: Arc<BrokerState>) {
 
 async fn handle(mut stream: TcpStream, guard: OpenGuard) {
     let state = &guard.0;
+    let mode = state.close_mode.load(Ordering::SeqCst);
+    if mode == CloseMode::AtAccept as u32 {
+        return; // dropping the stream closes it
+    }
+    let mut served = 0u32;
     let mut req = [0u8; REQ_LEN];
     loop {
+        if mode == CloseMode::AfterHandshake as u32 && served == 1 {
+            break;
+        }
+        served += 1;
         if stream.read_exact(&mut req).await.is_err() {
             break; // EOF or reset: the client closed it
         }

@@ -7,6 +7,8 @@
 pub const BUILT_WITH_MADSIM: bool = cfg!(madsim);
 
 #[cfg(madsim)]
+pub mod books;
+#[cfg(madsim)]
 pub mod broker;
 #[cfg(madsim)]
 pub mod client;

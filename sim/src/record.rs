@@ -10,7 +10,7 @@ use tokio::time::Instant;
 /// accounting, `SIM` for a broken simulation harness).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// `"I1"` … `"I17"`, `"ACC"` or `"SIM"`.
+    /// `"I1"` … `"I18"`, `"ACC"` or `"SIM"`.
     pub inv: &'static str,
     /// What was seen, with the virtual time.
     pub msg: String,
@@ -53,6 +53,11 @@ impl Recorder {
         Instant::now().duration_since(self.epoch).as_secs_f64() * 1000.0
     }
 
+    /// Virtual milliseconds from the start to `at` (for messages).
+    pub fn ms_of(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.epoch).as_secs_f64() * 1000.0
+    }
+
     /// Virtual nanoseconds since the simulation started.
     pub fn now_ns(&self) -> u64 {
         u64::try_from(Instant::now().duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
@@ -66,8 +71,14 @@ impl Recorder {
     /// Records a violation of `inv` (kept: the first few).
     pub fn fail(&self, inv: &'static str, msg: impl Into<String>) {
         let msg = format!("at t={:.3}ms: {}", self.now_ms(), msg.into());
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!("violation {inv}: {msg}");
+        }
         let mut state = self.state.lock().expect("recorder lock");
-        if state.violations.len() < 8 {
+        // The first few, and the first of every other invariant (for the "also" list).
+        if state.violations.len() < 8
+            || (state.violations.len() < 32 && state.violations.iter().all(|v| v.inv != inv))
+        {
             state.violations.push(Violation { inv, msg });
         }
     }
@@ -90,6 +101,18 @@ impl Recorder {
             .violations
             .first()
             .cloned()
+    }
+
+    /// Every other invariant violated after the first one, in order: `"I18 I12"`.
+    pub fn also(&self) -> String {
+        let state = self.state.lock().expect("recorder lock");
+        let mut seen: Vec<&str> = Vec::new();
+        for v in &state.violations {
+            if !seen.contains(&v.inv) {
+                seen.push(v.inv);
+            }
+        }
+        seen.iter().skip(1).copied().collect::<Vec<_>>().join(" ")
     }
 
     /// Adds an event (with the virtual time) to the trace hash.

@@ -1,13 +1,17 @@
 //! The `remoting` scenario: the library's own RocketMQ remoting transport (`RemotingClient`,
 //! `RemotingConnector`) against `MiniServer`s on broker nodes, under restarts, partitions, slow,
-//! silent, failing and connection-dropping servers. Checks I1, I3, I8, I9, I15, I16 and, from the
-//! servers' side, pool count = server count at quiescence and zero open connections once the pool
-//! is dropped (I17).
+//! silent, failing and connection-dropping servers. The connector is wrapped in [`Booked`], which
+//! keeps the same books as the sim's own connector (connections open, connects in progress, closes
+//! per connection), so the checks are judged from outside the pool: I1 (open + connecting at the
+//! connector), I3 (a refusal for capacity with free slots), I8, I9, I15, I16, every connection
+//! closed exactly once, and from the servers' side, connector count = server count at quiescence and
+//! zero open connections once the pool is dropped (I17).
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, ConnectionPool, PoolError, WhenFull};
+use keyed_pool::{CheetahString, ConnectionPool, Connector, PoolError, WhenFull};
 use keyed_pool_remoting::codec::code;
 use keyed_pool_remoting::{
     ClientConfig, MiniServer, RemotingClient, RemotingCommand, RemotingConnector, ServerBehaviour,
@@ -71,29 +75,212 @@ async fn control(slot: Arc<StdMutex<Option<mpsc::UnboundedReceiver<Cmd>>>>) {
     }
 }
 
-type Pool = ConnectionPool<RemotingClient, RemotingConnector>;
+/// The books of [`Booked`]: what the connector has seen, kept outside the pool.
+#[derive(Default)]
+struct ConnectorBooks {
+    open: AtomicI64,
+    connecting: AtomicI64,
+    /// Connections that exist (not yet dropped).
+    live: AtomicI64,
+    next_serial: AtomicU64,
+    /// Connections open per server address.
+    per_addr: StdMutex<std::collections::BTreeMap<String, i64>>,
+    /// Set by the first violation found inside a connector callback (no recorder there).
+    problem: StdMutex<Option<(&'static str, String)>>,
+}
+
+impl ConnectorBooks {
+    fn opened(&self, addr: &str, by: i64) {
+        self.open.fetch_add(by, Ordering::SeqCst);
+        *self
+            .per_addr
+            .lock()
+            .expect("books lock")
+            .entry(addr.to_string())
+            .or_default() += by;
+    }
+
+    fn open_to(&self, addr: &str) -> i64 {
+        self.per_addr
+            .lock()
+            .expect("books lock")
+            .get(addr)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn fail(&self, inv: &'static str, msg: String) {
+        let mut p = self.problem.lock().expect("books lock");
+        if p.is_none() {
+            *p = Some((inv, msg));
+        }
+    }
+}
+
+/// A connection made through [`Booked`]: the library's client and its serial.
+struct Tagged {
+    serial: u64,
+    addr: String,
+    client: RemotingClient,
+    closed: AtomicBool,
+    books: Arc<ConnectorBooks>,
+}
+
+impl Drop for Tagged {
+    fn drop(&mut self) {
+        self.books.live.fetch_sub(1, Ordering::SeqCst);
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.books.opened(&self.addr, -1);
+            self.books.fail(
+                "I17",
+                format!(
+                    "connection r{} dropped without the pool ever closing it",
+                    self.serial
+                ),
+            );
+        }
+    }
+}
+
+/// The library's `RemotingConnector`, unchanged, behind a thin layer that keeps the books.
+struct Booked {
+    inner: RemotingConnector,
+    books: Arc<ConnectorBooks>,
+    max: usize,
+}
+
+/// Counts a connect in progress however it ends (the pool may drop the future).
+struct Connecting(Arc<ConnectorBooks>);
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.0.connecting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Booked {
+    /// I1 as the connector sees it.
+    fn check_cap(&self, what: &str) {
+        let open = self.books.open.load(Ordering::SeqCst);
+        let connecting = self.books.connecting.load(Ordering::SeqCst);
+        if self.max > 0 && open + connecting > self.max as i64 {
+            self.books.fail(
+                "I1",
+                format!(
+                    "{what}: {open} connections open and {connecting} connects in progress at the \
+                     connector; max {}",
+                    self.max
+                ),
+            );
+        }
+    }
+}
+
+impl Connector<Tagged> for Booked {
+    type Error = keyed_pool_remoting::RemotingError;
+
+    async fn connect(&self, addr: &CheetahString) -> Result<Tagged, Self::Error> {
+        self.books.connecting.fetch_add(1, Ordering::SeqCst);
+        let connecting = Connecting(Arc::clone(&self.books));
+        self.check_cap(&format!("connect to {addr}"));
+        let client = self.inner.connect(addr).await?;
+        drop(connecting);
+        self.books.opened(addr.as_str(), 1);
+        self.books.live.fetch_add(1, Ordering::SeqCst);
+        Ok(Tagged {
+            serial: self.books.next_serial.fetch_add(1, Ordering::SeqCst),
+            addr: addr.to_string(),
+            client,
+            closed: AtomicBool::new(false),
+            books: Arc::clone(&self.books),
+        })
+    }
+
+    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
+        self.inner.validate(addr)
+    }
+
+    fn is_open(&self, conn: &Tagged) -> bool {
+        self.inner.is_open(&conn.client)
+    }
+
+    async fn probe(&self, conn: &Tagged) -> Result<(), Self::Error> {
+        self.inner.probe(&conn.client).await
+    }
+
+    fn close(&self, conn: &Tagged) {
+        if conn.closed.swap(true, Ordering::SeqCst) {
+            self.books.fail(
+                "ACC",
+                format!("the pool closed connection r{} twice", conn.serial),
+            );
+        } else {
+            self.books.opened(&conn.addr, -1);
+        }
+        self.inner.close(&conn.client);
+    }
+}
+
+type Pool = ConnectionPool<Tagged, Booked>;
 
 struct Run {
     rec: Arc<Recorder>,
+    books: Arc<ConnectorBooks>,
     pool_max: usize,
     connect_timeout: Duration,
     request_timeout: Duration,
     threshold: u32,
+    /// Servers a `get_or_connect` is waiting for (for I3's refusal check).
+    waiting: StdMutex<Vec<CheetahString>>,
+    /// Per connection (serial): its trailing run of failed requests and whether a verdict said
+    /// unhealthy: the model I9 is judged from.
+    model: StdMutex<std::collections::BTreeMap<u64, (u32, bool)>>,
 }
 
 impl Run {
+    /// I1 at the connector (open + connecting), the violations found inside the connector, and
+    /// the pool's `len()` against the connector's count (ACC).
     fn check(&self, pool: &Pool) {
-        let (len, used, reserved) = (pool.len(), pool.used_slots(), pool.stats().reserved);
-        if self.pool_max > 0 && (len > self.pool_max || used > self.pool_max) {
+        if let Some((inv, msg)) = self.books.problem.lock().expect("books lock").take() {
+            self.rec.fail(inv, msg);
+        }
+        let open = self.books.open.load(Ordering::SeqCst);
+        let connecting = self.books.connecting.load(Ordering::SeqCst);
+        if self.pool_max > 0 && open + connecting > self.pool_max as i64 {
             self.rec.fail(
                 "I1",
-                format!("{len} pooled, {used} slots used, max {}", self.pool_max),
+                format!(
+                    "{open} open and {connecting} connecting at the connector, max {}",
+                    self.pool_max
+                ),
             );
         }
-        if used < len || used > len + reserved {
+        if pool.len() as i64 != open {
             self.rec.fail(
-                "I3",
-                format!("{used} slots for {len} connections and {reserved} connects"),
+                "ACC",
+                format!(
+                    "the pool holds {} connections but {open} are open at the connector",
+                    pool.len()
+                ),
+            );
+        }
+    }
+
+    /// Once the pool is gone: nothing open at the connector, no connection left on the client, and
+    /// none was dropped unclosed (I17).
+    fn check_dropped(&self) {
+        if let Some((inv, msg)) = self.books.problem.lock().expect("books lock").take() {
+            self.rec.fail(inv, msg);
+        }
+        let open = self.books.open.load(Ordering::SeqCst);
+        let live = self.books.live.load(Ordering::SeqCst);
+        if open != 0 || live != 0 {
+            self.rec.fail(
+                "I17",
+                format!(
+                    "after the pool was dropped {open} connection(s) are open at the connector and \
+                     {live} still exist"
+                ),
             );
         }
     }
@@ -102,7 +289,17 @@ impl Run {
     /// handed out (I8, I9) and on every wait (I16).
     async fn request(&self, pool: &Pool, addr: &CheetahString) -> Result<(), String> {
         let started = Instant::now();
+        self.waiting
+            .lock()
+            .expect("waiting lock")
+            .push(addr.clone());
         let conn = pool.get_or_connect(addr).await;
+        {
+            let mut waiting = self.waiting.lock().expect("waiting lock");
+            if let Some(i) = waiting.iter().position(|a| a == addr) {
+                waiting.swap_remove(i);
+            }
+        }
         if started.elapsed() > self.connect_timeout + ms(1) {
             self.rec.fail(
                 "I16",
@@ -114,9 +311,27 @@ impl Run {
             Err(PoolError::Backoff { retry_after, .. }) => {
                 return Err(format!("backoff {retry_after:?}"));
             }
+            Err(PoolError::AtCapacity { max }) => {
+                // I3 from outside: refused for capacity, so every slot holds a connection or a
+                // connect the connector sees, or one a caller of another server waits for.
+                let open = self.books.open.load(Ordering::SeqCst);
+                let connecting = self.books.connecting.load(Ordering::SeqCst);
+                let waiting = self.waiting.lock().expect("waiting lock").clone();
+                let others = waiting.iter().filter(|a| *a != addr).count() as i64;
+                if open + connecting + others < max as i64 {
+                    self.rec.fail(
+                        "I3",
+                        format!(
+                            "get_or_connect({addr}) refused at capacity (max {max}) with {open} \
+                             open, {connecting} connecting and {others} other caller(s) waiting"
+                        ),
+                    );
+                }
+                return Err("at capacity".into());
+            }
             Err(err) => return Err(err.to_string()),
         };
-        if !conn.client().is_open() {
+        if !conn.client().client.is_open() {
             self.rec.fail(
                 "I8",
                 format!(
@@ -125,13 +340,20 @@ impl Run {
                 ),
             );
         }
-        if !conn.is_healthy()
-            || (self.threshold > 0 && conn.metrics().consecutive_errors() >= self.threshold)
-        {
+        let serial = conn.client().serial;
+        let (trailing, condemned) = self
+            .model
+            .lock()
+            .expect("model lock")
+            .get(&serial)
+            .copied()
+            .unwrap_or_default();
+        if condemned || (self.threshold > 0 && trailing >= self.threshold) {
             self.rec.fail(
                 "I9",
                 format!(
-                    "{addr} ({}) handed out after it was judged unhealthy",
+                    "{addr} ({}) handed out after it was judged unhealthy ({trailing} failed \
+                     requests in a row)",
                     conn.id()
                 ),
             );
@@ -140,6 +362,7 @@ impl Run {
         let started = Instant::now();
         let result = conn
             .client()
+            .client
             .request(RemotingCommand::request(code::GET_NAMESRV_CONFIG))
             .await;
         if started.elapsed() > self.request_timeout + ms(1) {
@@ -150,21 +373,32 @@ impl Run {
         }
         let outcome = match result {
             Ok(resp) if is_server_failure(resp.code) => {
-                call.failure();
                 Err(format!("server failure {}", resp.code))
             }
-            Ok(_) => {
-                call.success();
-                Ok(())
-            }
-            Err(err) => {
-                call.failure();
-                if !conn.client().is_open() {
-                    conn.mark_closed();
-                }
-                Err(err.to_string())
-            }
+            Ok(_) => Ok(()),
+            Err(err) => Err(err.to_string()),
         };
+        let verdict = match &outcome {
+            Ok(()) => {
+                call.success();
+                None
+            }
+            Err(_) => Some(call.failure()),
+        };
+        if outcome.is_err() && !conn.client().client.is_open() {
+            conn.mark_closed();
+        }
+        {
+            let mut model = self.model.lock().expect("model lock");
+            let m = model.entry(serial).or_default();
+            match verdict {
+                None => m.0 = 0,
+                Some(v) => {
+                    m.0 += 1;
+                    m.1 |= v.is_unhealthy();
+                }
+            }
+        }
         trace!(
             self.rec,
             "remoting {addr} {} {:?}",
@@ -217,8 +451,12 @@ pub async fn remoting() -> Outcome {
         .name("client")
         .ip([10, 0, 3, 1].into())
         .build();
+    let books = Arc::new(ConnectorBooks::default());
     let run = Arc::new(Run {
         rec: Arc::clone(&rec),
+        books: Arc::clone(&books),
+        waiting: StdMutex::new(Vec::new()),
+        model: StdMutex::new(std::collections::BTreeMap::new()),
         pool_max,
         connect_timeout,
         request_timeout,
@@ -241,7 +479,11 @@ pub async fn remoting() -> Outcome {
                 .connect_timeout(connect_timeout)
                 .consecutive_failures(threshold)
                 .backoff(ms(draw(5..100)), ms(draw(100..1000)), 0.2)
-                .connector(RemotingConnector::new(ClientConfig::default().request_timeout(request_timeout)))
+                .connector(Booked {
+                    inner: RemotingConnector::new(ClientConfig::default().request_timeout(request_timeout)),
+                    books: Arc::clone(&run.books),
+                    max: pool_max,
+                })
                 .build()
                 .expect("valid config");
             let cleanup = pool.start_cleanup_task(interval);
@@ -311,12 +553,13 @@ pub async fn remoting() -> Outcome {
                 run.rec.fail("I17", "the cleanup task did not end after shutdown()");
             }
             sleep(Duration::from_secs(11)).await;
+            run.check(&pool);
             for s in servers.iter() {
-                let pooled = u64::from(pool.peek(&s.addr).is_some());
+                let open = u64::try_from(run.books.open_to(s.addr.as_str())).unwrap_or(u64::MAX);
                 match s.stats().await {
-                    Some(st) if st.open != pooled => run.rec.fail(
+                    Some(st) if st.open != open => run.rec.fail(
                         "ACC",
-                        format!("the pool holds {pooled} connection(s) to {} but the server sees {} open", s.addr, st.open),
+                        format!("the connector has {open} connection(s) open to {} but the server sees {} open", s.addr, st.open),
                     ),
                     Some(_) => {}
                     None => run.rec.fail("SIM", format!("no stats from {}", s.addr)),
@@ -324,6 +567,7 @@ pub async fn remoting() -> Outcome {
             }
             drop(pool);
             sleep(Duration::from_secs(11)).await;
+            run.check_dropped();
             for s in servers.iter() {
                 if let Some(st) = s.stats().await
                     && st.open != 0
@@ -338,6 +582,7 @@ pub async fn remoting() -> Outcome {
     }
     Outcome {
         violation: rec.first(),
+        also: rec.also(),
         virtual_time: started.elapsed(),
         trace: rec.trace(),
         info,

@@ -142,7 +142,7 @@ pub fn child(scenario: &str, seed: u64) -> i32 {
     std::panic::set_hook(Box::new(|_| {}));
     let line = match run_seed(scenario, seed, Duration::from_secs(3600)) {
         SeedResult::Done(o) => format!(
-            "{RESULT_TAG}\tdone\t{}\t{:016x}\t{}\t{}\t{}\t{}",
+            "{RESULT_TAG}\tdone\t{}\t{:016x}\t{}\t{}\t{}\t{}\t{}",
             o.virtual_time.as_nanos(),
             o.trace.0,
             o.trace.1,
@@ -152,7 +152,8 @@ pub fn child(scenario: &str, seed: u64) -> i32 {
             o.violation
                 .as_ref()
                 .map_or("-".to_string(), |v| one_line(&v.msg)),
-            one_line(&o.info)
+            one_line(&o.info),
+            one_line(&o.also)
         ),
         SeedResult::Panicked(msg) | SeedResult::Lost(msg) => {
             format!("{RESULT_TAG}\tpanic\t{}", one_line(&msg))
@@ -183,6 +184,7 @@ fn parse_result(stdout: &str) -> Option<SeedResult> {
                     fields[4].parse().ok()?,
                 ),
                 info: fields[7].to_string(),
+                also: fields.get(8).unwrap_or(&"").to_string(),
             }))
         }
         _ => None,
@@ -242,15 +244,25 @@ pub fn run(opts: &Options) -> i32 {
         .filter(|s| opts.scenarios.is_empty() || opts.scenarios.iter().any(|n| n == s.name))
         .collect();
     let mut jobs = Vec::new();
+    let mut capped = Vec::new();
     for s in &scenarios {
-        for i in 0..opts.seeds {
+        // A heavy scenario in a whole-suite run: at most `seed_cap` seeds, at most 2 of them run
+        // twice for the determinism check.
+        let (seeds, determinism) =
+            if s.seed_cap > 0 && s.seed_cap < opts.seeds && opts.scenarios.is_empty() {
+                capped.push(format!("{} at {} seeds", s.name, s.seed_cap));
+                (s.seed_cap, opts.determinism.min(2))
+            } else {
+                (opts.seeds, opts.determinism)
+            };
+        for i in 0..seeds {
             let seed = opts.seed_start + i;
             jobs.push(Job {
                 scenario: s,
                 seed,
                 recheck: false,
             });
-            if i < opts.determinism {
+            if i < determinism {
                 jobs.push(Job {
                     scenario: s,
                     seed,
@@ -268,6 +280,17 @@ pub fn run(opts: &Options) -> i32 {
         opts.determinism.min(opts.seeds),
         opts.jobs
     );
+    if !capped.is_empty() {
+        println!(
+            "  capped (heavy; at most 2 seeds run twice; name it with --scenario to lift the cap): {}",
+            capped.join(", ")
+        );
+    }
+    let seeds_of = |name: &str| {
+        jobs.iter()
+            .filter(|j: &&Job| j.scenario.name == name && !j.recheck)
+            .count() as u64
+    };
     let started = WallInstant::now();
     let mut tallies: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut failures: Vec<String> = Vec::new();
@@ -368,7 +391,12 @@ pub fn run(opts: &Options) -> i32 {
                 SeedResult::Done(o) => {
                     tally.virtual_time += o.virtual_time;
                     if let Some(v) = &o.violation {
-                        problem = Some(format!("{v}{}", info_suffix(&o.info)));
+                        let also = if o.also.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (also violated: {})", o.also)
+                        };
+                        problem = Some(format!("{v}{also}{}", info_suffix(&o.info)));
                     }
                     if opts.verbose {
                         println!(
@@ -409,10 +437,11 @@ pub fn run(opts: &Options) -> i32 {
         if !job.recheck {
             let done = done_per.entry(name).or_default();
             *done += 1;
-            if *done == opts.seeds || (*done).is_multiple_of(50) {
+            let total = seeds_of(name);
+            if *done == total || (*done).is_multiple_of(50) {
                 println!(
                     "  {name:<20} {done:>5}/{} seeds, {} failure(s), {:.1}s wall so far",
-                    opts.seeds,
+                    total,
                     tally.failures,
                     started.elapsed().as_secs_f64()
                 );

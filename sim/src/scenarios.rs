@@ -5,13 +5,16 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use keyed_pool::core::BackoffPolicy;
-use keyed_pool::{PoolError, WhenFull};
+use keyed_pool::{CheetahString, PoolError, WhenFull};
 use tokio::time::{Instant, sleep};
 
+use crate::books::decay_interval;
+use crate::broker::CloseMode;
 use crate::client::CallError;
 use crate::record::{Recorder, Violation};
 use crate::trace;
@@ -28,6 +31,8 @@ pub struct Outcome {
     pub trace: (u64, u64),
     /// The configuration drawn from the seed (printed for the swarm and on failure).
     pub info: String,
+    /// The other invariants violated in the run, after the first (`"I18 I12"`).
+    pub also: String,
 }
 
 /// A boxed scenario run.
@@ -42,6 +47,9 @@ pub struct Scenario {
     pub about: &'static str,
     /// Runs one seed (inside a madsim runtime).
     pub run: fn() -> Run,
+    /// At most this many seeds when the whole suite runs (0 = no cap): for a scenario heavy
+    /// enough to dominate the suite's time. Naming the scenario with `--scenario` lifts the cap.
+    pub seed_cap: u64,
 }
 
 /// Every scenario, in the order the runner runs them.
@@ -50,71 +58,103 @@ pub const ALL: &[Scenario] = &[
         name: "restart-in-flight",
         about: "brokers killed/restarted while calls are in flight",
         run: || Box::pin(restart_in_flight()),
+        seed_cap: 0,
     },
     Scenario {
         name: "partition-heal",
         about: "a broker cut off both ways, then healed; packet loss",
         run: || Box::pin(partition_heal()),
+        seed_cap: 0,
     },
     Scenario {
         name: "one-way-partition",
         about: "requests or responses dropped on one link, then healed",
         run: || Box::pin(one_way_partition()),
+        seed_cap: 0,
     },
     Scenario {
         name: "slow-broker",
         about: "a broker slower than the call timeout and than max_idle (I5, I9, I12)",
         run: || Box::pin(slow_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "flapping-broker",
         about: "kill/restart at random intervals, plus pause/resume",
         run: || Box::pin(flapping_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "connect-storm",
         about: "many workers reconnect at once after a mass eviction (I1, I4)",
         run: || Box::pin(connect_storm()),
+        seed_cap: 0,
     },
     Scenario {
         name: "idle-edge",
         about: "idle eviction exactly at max_idle and max_idle + 1 ms, with calls across the edge (I5, I6)",
         run: || Box::pin(idle_edge()),
+        seed_cap: 0,
     },
     Scenario {
         name: "capacity",
         about: "many more brokers than slots, LRU eviction, faults (I1, I3)",
         run: || Box::pin(capacity()),
+        seed_cap: 0,
     },
     Scenario {
         name: "cleanup-race",
         about: "cleanup every 1 ms racing get/insert/remove (I2, I7, I14)",
         run: || Box::pin(cleanup_race()),
+        seed_cap: 0,
     },
     Scenario {
         name: "close-mid-traffic",
         about: "close() while calls and connects are in flight (I17)",
         run: || Box::pin(close_mid_traffic()),
+        seed_cap: 0,
     },
     Scenario {
         name: "drop-mid-traffic",
         about: "the last pool handle dropped mid-traffic (I17)",
         run: || Box::pin(drop_mid_traffic()),
+        seed_cap: 0,
     },
     Scenario {
         name: "dead-broker",
         about: "a broker that never comes back: connects bounded by backoff (I12)",
         run: || Box::pin(dead_broker()),
+        seed_cap: 0,
     },
     Scenario {
         name: "remoting",
         about: "the library's RemotingClient/RemotingConnector against MiniServers under faults",
         run: || Box::pin(crate::remoting::remoting()),
+        seed_cap: 0,
     },
     Scenario {
         name: "swarm",
         about: "configuration and fault mix drawn from the seed (VOPR-style)",
         run: || Box::pin(swarm()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "accept-then-close",
+        about: "a broker that accepts every connection and closes it at once: ejections, growing backoff, decay (I12, I18)",
+        run: || Box::pin(accept_then_close()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "fail-every-request",
+        about: "a broker that accepts connections and fails every request: backoff grows across connects, decays (I12, I18)",
+        run: || Box::pin(fail_every_request()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "churning-addresses",
+        about: "100,000 addresses that each fail once, never used again, cleanup running: bounded per-address state (I18)",
+        run: || Box::pin(churning_addresses()),
+        seed_cap: CHURN_SEED_CAP,
     },
 ];
 
@@ -122,7 +162,7 @@ pub const ALL: &[Scenario] = &[
 pub fn static_inv(name: &str) -> &'static str {
     const NAMES: &[&str] = &[
         "I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9", "I10", "I11", "I12", "I13", "I14",
-        "I15", "I16", "I17", "ACC", "SIM",
+        "I15", "I16", "I17", "I18", "ACC", "SIM",
     ];
     NAMES.iter().find(|n| **n == name).copied().unwrap_or("SIM")
 }
@@ -146,6 +186,7 @@ where
     }
     Outcome {
         violation: rec.first(),
+        also: rec.also(),
         virtual_time: started.elapsed(),
         trace: rec.trace(),
         info,
@@ -163,6 +204,15 @@ struct Traffic {
 /// The standard shape: cleanup task, monitor, workers on every broker, the fault `director`
 /// (which runs until the traffic ends), then liveness and quiescence.
 async fn standard<D, DFut>(ctx: Arc<Ctx>, traffic: Traffic, director: D)
+where
+    D: FnOnce(Arc<Ctx>, Pool, Instant) -> DFut,
+    DFut: Future<Output = ()>,
+{
+    standard_with(ctx, traffic, director, false).await;
+}
+
+/// [`standard`], with the decay phase between liveness and quiescence if `decay`.
+async fn standard_with<D, DFut>(ctx: Arc<Ctx>, traffic: Traffic, director: D, decay: bool)
 where
     D: FnOnce(Arc<Ctx>, Pool, Instant) -> DFut,
     DFut: Future<Output = ()>,
@@ -188,6 +238,9 @@ where
     ctx.join("worker", workers, bound).await;
     ctx.step(&pool, format_args!("traffic over"));
     ctx.liveness(&pool, &targets).await;
+    if decay {
+        ctx.decay_phase(&pool, &targets).await;
+    }
     ctx.quiesce(&pool, cleanup).await;
     let _ = monitor.await;
 }
@@ -530,19 +583,33 @@ async fn cleanup_race() -> Outcome {
                         3 => {
                             // insert by hand; I2: re-inserting a present address never fails
                             // for capacity and never changes the count.
+                            // Judged at the connector: the old connection is closed and the
+                            // new one open, so the count open there is unchanged.
                             if let Ok(conn) = pool.connector().connect_by_hand(addr.as_str()).await
                             {
-                                let present = pool.peek(&addr).is_some();
-                                let len = pool.len();
+                                let book = Arc::clone(&conn.book);
+                                let present = pool.peek(&addr);
+                                // Open at the connector before, the new connection not counted.
+                                let open = ctx.reg.open() - 1;
                                 ctx.reg.manual.store(true, Ordering::SeqCst);
                                 let ok = pool.insert(addr.clone(), conn);
                                 ctx.reg.manual.store(false, Ordering::SeqCst);
-                                if present && (!ok || pool.len() != len) {
+                                if ok {
+                                    book.pooled.store(true, Ordering::SeqCst);
+                                }
+                                if let Some(old) = present
+                                    && (!ok
+                                        || ctx.reg.open() != open
+                                        || !old.client().closed_by_pool())
+                                {
                                     ctx.rec.fail(
                                         "I2",
                                         format!(
-                                            "re-insert of {addr}: ok={ok}, len {len} -> {}",
-                                            pool.len()
+                                            "re-insert of {addr}: ok={ok}, open at the connector \
+                                             {open} -> {}, the old connection s{} closed: {}",
+                                            ctx.reg.open(),
+                                            old.client().serial(),
+                                            old.client().closed_by_pool()
                                         ),
                                     );
                                 }
@@ -598,22 +665,56 @@ async fn close_mid_traffic() -> Outcome {
             ctx.rec
                 .fail("I16", format!("close() took {:?}", started.elapsed()));
         }
-        if !pool.is_empty() || ctx.reg.open() != 0 {
+        // I17 at the connector: nothing the pool made is open once close() has returned, and
+        // stays so: a connect in flight at the close closes its connection as it lands. (The
+        // pool's own `len()` is the API's report of it.)
+        if ctx.reg.open() != 0 || !pool.is_empty() {
             ctx.rec.fail(
                 "I17",
                 format!(
-                    "after close(): {} pooled, {} not closed at the connector",
-                    pool.len(),
-                    ctx.reg.open()
+                    "after close(): {} open at the connector, {} still pooled",
+                    ctx.reg.open(),
+                    pool.len()
                 ),
             );
         }
+        let watch = {
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let until = Instant::now() + ctx.setup.config.connect_timeout + ms(20);
+                while Instant::now() < until {
+                    if ctx.reg.open() != 0 {
+                        ctx.rec.fail(
+                            "I17",
+                            format!(
+                                "{} connection(s) open at the connector after close() returned",
+                                ctx.reg.open()
+                            ),
+                        );
+                        return;
+                    }
+                    sleep(ms(1)).await;
+                }
+            })
+        };
         match ctx.get_or_connect(&pool, &ctx.brokers[0].addr).await {
             Err(PoolError::Closed) => {}
             other => ctx.rec.fail(
                 "I17",
                 format!("get_or_connect after close: {:?}", other.map(|c| c.id())),
             ),
+        }
+        // An insert after close is refused, and what it brought is not kept open.
+        if let Ok(conn) = pool
+            .connector()
+            .connect_by_hand(ctx.brokers[1].addr.as_str())
+            .await
+        {
+            let book = Arc::clone(&conn.book);
+            if pool.insert(ctx.brokers[1].addr.clone(), conn) {
+                book.pooled.store(true, Ordering::SeqCst);
+                ctx.rec.fail("I17", "insert after close() was accepted");
+            }
         }
         let bound = ctx.setup.config.connect_timeout + ctx.setup.call_timeout + ms(20);
         ctx.join("worker", workers, bound).await;
@@ -623,6 +724,7 @@ async fn close_mid_traffic() -> Outcome {
             ctx.rec
                 .fail("I17", "the cleanup task still runs after close()");
         }
+        let _ = watch.await;
         // Connects in flight at close() finish and close their connection.
         sleep(ctx.setup.config.connect_timeout + Duration::from_secs(11)).await;
         ctx.agree(&pool);
@@ -669,12 +771,14 @@ async fn drop_mid_traffic() -> Outcome {
             );
         }
         sleep(Duration::from_secs(11)).await;
-        if ctx.reg.live() != 0 {
+        if ctx.reg.live() != 0 || ctx.reg.open() != 0 {
             ctx.rec.fail(
                 "I17",
                 format!(
-                    "{} connection(s) still exist after the pool was dropped",
-                    ctx.reg.live()
+                    "{} connection(s) still exist ({} open at the connector) after the pool was \
+                     dropped",
+                    ctx.reg.live(),
+                    ctx.reg.open()
                 ),
             );
         }
@@ -812,6 +916,262 @@ async fn swarm() -> Outcome {
             }
         })
         .await;
+    })
+    .await
+}
+
+/// A backoff schedule drawn from the seed for the ejection scenarios: short enough that a run
+/// climbs it to its cap.
+fn ejection_backoff() -> BackoffPolicy {
+    BackoffPolicy {
+        base: ms(draw(20..200)),
+        max: ms(draw(1000..4000)),
+        jitter: draw(0..50) as f64 / 100.0,
+        ..BackoffPolicy::default()
+    }
+}
+
+/// The director of the ejection scenarios: every 250 ms the pool's `ejection_count` of both
+/// brokers is checked against the books (I12); once, at a random instant, if `mark_up`, the
+/// failing broker is marked up (its backoff must end at once, its count go to 0).
+async fn ejection_director(ctx: Arc<Ctx>, pool: Pool, until: Instant, mark_up: bool) {
+    let bad = ctx.brokers[0].addr.clone();
+    let good = ctx.brokers[1].addr.clone();
+    let mark_at = Instant::now() + ms(draw(5000..15_000));
+    let mut marked = !mark_up;
+    while Instant::now() < until {
+        sleep(ms(250)).await;
+        ctx.check_ejections(&pool, &bad);
+        ctx.check_ejections(&pool, &good);
+        if !marked && Instant::now() >= mark_at {
+            marked = true;
+            ctx.mark_up(&pool, &bad).await;
+            ctx.step(&pool, format_args!("mark_up({bad})"));
+        }
+    }
+    ctx.step(
+        &pool,
+        format_args!(
+            "{} accepts at {bad}, {} connects, ejection count {} (books: at least {})",
+            ctx.brokers[0].state.accepted.load(Ordering::SeqCst),
+            ctx.reg.connects_to(bad.as_str()),
+            pool.ejection_count(&bad),
+            ctx.reg.k_lower(bad.as_str())
+        ),
+    );
+}
+
+/// A broker that accepts every connection and closes it at once (a load balancer in front of a
+/// dead broker), next to a healthy one, for 20 s of traffic. Without a handshake the connect is
+/// the TCP connect alone and succeeds; with one, the broker answers the handshake and then closes.
+/// Either way every connection dies within `short_lived` of being made, so each is an ejection
+/// (issue 11): each connect waits at least `delay(k, no jitter)` after the k-th (I12, at the
+/// connector and between the broker's accepts), `ejection_count` follows the books, `mark_up`
+/// ends the backoff at once; then liveness, and the decay phase: the count decays to 0 and the
+/// pool tracks only live addresses (I12, I18).
+async fn accept_then_close() -> Outcome {
+    let mut setup = Setup::new(2);
+    setup.config.backoff = ejection_backoff();
+    let handshake = chance(0.5);
+    let mark_up = chance(0.5);
+    let info = format!(
+        "handshake={handshake} mark_up={mark_up} backoff={:?}",
+        setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        ctx.tidy.store(false, Ordering::SeqCst);
+        ctx.reg.handshake.store(handshake, Ordering::SeqCst);
+        ctx.brokers[0].state.set_close_mode(if handshake {
+            CloseMode::AfterHandshake
+        } else {
+            CloseMode::AtAccept
+        });
+        let traffic = Traffic {
+            workers: 4,
+            length: ms(20_000),
+            work: 0..10,
+            think: 1..10,
+        };
+        standard_with(
+            ctx,
+            traffic,
+            move |ctx, pool, until| ejection_director(ctx, pool, until, mark_up),
+            true,
+        )
+        .await;
+    })
+    .await
+}
+
+/// A broker that accepts connections, answers the handshake, and fails every request (an
+/// application error on a healthy transport), next to a healthy one. Each connection is judged
+/// unhealthy after `consecutive_failures` calls and evicted: an ejection, and a successful connect
+/// does not reset the count (issue 11), so the gaps between connects grow to the cap (I12, at the
+/// connector and between the broker's accepts); `ejection_count`, `mark_up`, liveness and the decay
+/// phase as in `accept-then-close`.
+async fn fail_every_request() -> Outcome {
+    let mut setup = Setup::new(2);
+    setup.config.backoff = ejection_backoff();
+    setup.config.health.consecutive_failures = draw(1..6) as u32;
+    let mark_up = chance(0.5);
+    let info = format!(
+        "consecutive_failures={} mark_up={mark_up} backoff={:?}",
+        setup.config.health.consecutive_failures, setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        ctx.tidy.store(false, Ordering::SeqCst);
+        ctx.errors(0, 1000);
+        let traffic = Traffic {
+            workers: 4,
+            length: ms(20_000),
+            work: 0..10,
+            think: 1..10,
+        };
+        standard_with(
+            ctx,
+            traffic,
+            move |ctx, pool, until| ejection_director(ctx, pool, until, mark_up),
+            true,
+        )
+        .await;
+    })
+    .await
+}
+
+/// Addresses in `churning-addresses`.
+pub const CHURN_ADDRESSES: u64 = 100_000;
+
+/// Over how long the churning addresses are tried (about 1,700 a second).
+const CHURN_SPAN: Duration = Duration::from_secs(60);
+
+/// Seeds of `churning-addresses` when the whole suite runs: each covers about 105 s of virtual
+/// time and 100,000 connects, about 2.5 s of CPU (the other scenarios take 5-200 ms a seed).
+pub const CHURN_SEED_CAP: u64 = 8;
+
+/// The `i`-th churning address: alternately a host that does not exist and a broker's host with
+/// nothing listening on the port; all distinct, all refused.
+fn churn_addr(i: u64) -> CheetahString {
+    let j = i / 2;
+    if i.is_multiple_of(2) {
+        format!("10.200.{}.{}:{}", (j >> 8) & 255, j & 255, 7000 + (j >> 16))
+    } else {
+        format!("10.0.0.{}:{}", 1 + j % 2, 10_000 + j / 2)
+    }
+    .into()
+}
+
+/// 100,000 addresses that each fail once (connect refused) and are never used again, tried over
+/// 60 s by a few dozen tasks, with the cleanup task running and light traffic on two healthy
+/// brokers. I18: at every sample the pool tracks no more addresses than the books allow (live ones
+/// plus those whose backoff, with full jitter, and one decay interval per failure may not have
+/// passed yet, one sweep later), so its state is bounded by the churn rate, not the churn total;
+/// once no churned address may still be tracked, the pool tracks exactly the live addresses, and
+/// every sampled churned address's `ejection_count` is back to 0 (I12). Also: each failure counts
+/// one ejection at once (sampled, I12), and the usual liveness and quiescence.
+async fn churning_addresses() -> Outcome {
+    let mut setup = Setup::new(2);
+    let interval = ms(draw(100..1000));
+    setup.cleanup = Some(interval);
+    setup.config.backoff = BackoffPolicy {
+        base: ms(draw(100..1000)),
+        max: ms(draw(2000..10_000)),
+        jitter: 0.2,
+        ..BackoffPolicy::default()
+    };
+    let tasks = draw(8..64);
+    let info = format!(
+        "addresses={CHURN_ADDRESSES} over {CHURN_SPAN:?} tasks={tasks} cleanup={interval:?} backoff={:?}",
+        setup.config.backoff
+    );
+    world(setup, info, move |ctx| async move {
+        let pool = ctx.pool();
+        let cleanup = ctx.start_cleanup(&pool);
+        // Every 2 s: `tracked_addresses()` may cost O(addresses) (it does at 0238a86, and then
+        // dominates the run's time).
+        let monitor = ctx.monitor(&pool, ms(2000));
+        let start = Instant::now();
+        let churn_end = start + CHURN_SPAN;
+        let workers = ctx.workers(&pool, 2, &[0, 1], churn_end, 0..5, 10..100);
+        let next = Arc::new(AtomicU64::new(0));
+        let sampled = Arc::new(StdMutex::new(Vec::new()));
+        let mut churners = Vec::new();
+        for _ in 0..tasks {
+            let (ctx, pool) = (Arc::clone(&ctx), pool.clone());
+            let (next, sampled) = (Arc::clone(&next), Arc::clone(&sampled));
+            churners.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= CHURN_ADDRESSES {
+                        break;
+                    }
+                    let at = start + CHURN_SPAN.mul_f64(i as f64 / CHURN_ADDRESSES as f64);
+                    tokio::time::sleep_until(at).await;
+                    let addr = churn_addr(i);
+                    match ctx.get_or_connect(&pool, &addr).await {
+                        Err(PoolError::Connect { .. } | PoolError::ConnectTimeout { .. }) => {}
+                        Ok(conn) => ctx.rec.fail(
+                            "SIM",
+                            format!("{addr} answered ({}): nothing listens there", conn.id()),
+                        ),
+                        Err(err) => ctx.rec.fail(
+                            "SIM",
+                            format!("the first connect to {addr} did not fail as refused: {err}"),
+                        ),
+                    }
+                    if i.is_multiple_of(997) {
+                        // Each failed connect is an ejection, counted at once.
+                        ctx.check_ejections(&pool, &addr);
+                        sampled.lock().expect("sampled lock").push(addr);
+                    }
+                }
+            }));
+        }
+        ctx.join("churn", churners, CHURN_SPAN + Duration::from_secs(10))
+            .await;
+        ctx.step(
+            &pool,
+            format_args!("churn over: {} connects", ctx.reg.connects()),
+        );
+        // Until the books say no churned address may still be tracked.
+        let b = ctx.setup.config.backoff;
+        let drain = b.delay(1, 1.0) + decay_interval() + interval * 2 + Duration::from_secs(2);
+        let drain_until = Instant::now() + drain;
+        while ctx
+            .reg
+            .tracked_bound()
+            .is_some_and(|(_, pending)| pending > 0)
+        {
+            if Instant::now() > drain_until {
+                ctx.rec.fail(
+                    "SIM",
+                    format!(
+                        "the books still count addresses {drain:?} after the churn: {}",
+                        ctx.reg.pending_sample()
+                    ),
+                );
+                break;
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+        ctx.join("worker", workers, Duration::from_secs(5)).await;
+        ctx.step(&pool, format_args!("churned addresses expired"));
+        ctx.check_tracked_exact(&pool);
+        for addr in sampled.lock().expect("sampled lock").iter() {
+            let k = pool.ejection_count(addr);
+            if k != 0 {
+                ctx.rec.fail(
+                    "I12",
+                    format!(
+                        "ejection_count({addr}) = {k} after its backoff and {:?} \
+                         without failure: one failure must have decayed",
+                        decay_interval()
+                    ),
+                );
+            }
+        }
+        ctx.liveness(&pool, &[0, 1]).await;
+        ctx.quiesce(&pool, cleanup).await;
+        let _ = monitor.await;
     })
     .await
 }
