@@ -1,6 +1,6 @@
 //! The `config` fuzz target (and its proptest twin): arbitrary configuration values.
 //!
-//! Validation is restated here from DESIGN.md ("a config that makes no sense is a clear error,
+//! Validation is restated here from docs/DESIGN.md ("a config that makes no sense is a clear error,
 //! never a panic"): `PoolConfig::validate` and `PoolBuilder::build` must accept exactly the configs
 //! that satisfy every rule, name a rule that is broken when they refuse, and never panic; the pure
 //! core must be total on whatever values it is given; and a pool built from a valid config must

@@ -3,7 +3,7 @@
 //! `cargo test` cannot drift apart).
 //!
 //! - [`ops`]: the inputs ([`Scenario`], [`Op`]) with `Arbitrary` impls and proptest strategies.
-//! - [`model`]: the reference model, restating from DESIGN.md what the pool must do.
+//! - [`model`]: the reference model, restating from docs/DESIGN.md what the pool must do.
 //! - [`harness`]: runs a scenario against a real pool and the model on paused virtual time and
 //!   checks the invariants by number (I1–I18) after every op.
 //! - [`targets`]: the fuzz targets' bodies, one per input kind.

@@ -1,7 +1,7 @@
 //! The reference model: what the pool must do, stated with plain maps and counters on a virtual
 //! clock that starts at zero. It shares no code with the pool: the health verdict, the sliding
 //! window, the idle predicate, the backoff schedule, the ejection count that learns and decays,
-//! and the rule for which addresses the pool keeps are restated here (issue 11 and DESIGN.md).
+//! and the rule for which addresses the pool keeps are restated here (docs/DESIGN.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

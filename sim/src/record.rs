@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-/// One invariant violation, by its number in DESIGN.md (or `ACC` for the pool/connector/broker
+/// One invariant violation, by its number in docs/DESIGN.md (or `ACC` for the pool/connector/broker
 /// accounting, `SIM` for a broken simulation harness).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
