@@ -33,6 +33,19 @@ fn block_on<F: Future<Output = ()>>(f: F) {
     });
 }
 
+/// The base of every task's seed: `CONCURRENT_SEED` (default 0), printed by every test so a
+/// failure names it. The tasks' choices replay from it; the interleaving is the OS's.
+fn seed_base(test: &str) -> u64 {
+    let base = std::env::var("CONCURRENT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "{test}: CONCURRENT_SEED={base} (replay the same choices: CONCURRENT_SEED={base} cargo test -p keyed-pool-proptests --test concurrent {test})"
+    );
+    base
+}
+
 /// A small deterministic generator per task (no `rand` needed).
 struct XorShift(u64);
 
@@ -62,6 +75,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 /// end no slot is leaked.
 #[test]
 fn i1_i3_cap_holds_at_every_instant() {
+    let base = seed_base("i1_i3_cap_holds_at_every_instant");
     for (max, lru) in [(3usize, false), (3, true), (1, true)] {
         block_on(async move {
             let pool = ConnectionPool::builder()
@@ -100,7 +114,7 @@ fn i1_i3_cap_holds_at_every_instant() {
                 .map(|seed| {
                     let pool = pool.clone();
                     tokio::spawn(async move {
-                        let mut rng = XorShift::new(seed + 1);
+                        let mut rng = XorShift::new(base + seed + 1);
                         let mut held = Vec::new();
                         for n in 0..1_500u64 {
                             let a = addr(rng.below(6) as u8);
@@ -288,6 +302,7 @@ fn i4_one_connect_per_cold_address_shared_result() {
 /// within `max_idle` of that get, and a connection with a call in flight is never evicted.
 #[test]
 fn i5_i7_sweeps_never_take_a_connection_in_use() {
+    let base = seed_base("i5_i7_sweeps_never_take_a_connection_in_use");
     const MAX_IDLE: Duration = Duration::from_millis(20);
     block_on(async {
         let pool: ConnectionPool<u64> = ConnectionPool::new(0, MAX_IDLE);
@@ -308,7 +323,7 @@ fn i5_i7_sweeps_never_take_a_connection_in_use() {
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     let a = addr(u);
-                    let mut rng = XorShift::new(u64::from(u) + 7);
+                    let mut rng = XorShift::new(base + u64::from(u) + 7);
                     let mut checked = 0u32;
                     for n in 0..3_000u64 {
                         let before = Instant::now();
@@ -366,6 +381,7 @@ fn i5_i7_sweeps_never_take_a_connection_in_use() {
 /// and a sweep never removes the fresh replacement of what it looked at.
 #[test]
 fn i14_stale_handles_never_remove_a_successor() {
+    let base = seed_base("i14_stale_handles_never_remove_a_successor");
     block_on(async {
         let pool = ConnectionPool::builder()
             .connector(ScriptedConnector::new(Duration::from_millis(1)))
@@ -402,7 +418,7 @@ fn i14_stale_handles_never_remove_a_successor() {
             })
         };
         let mut all = Vec::new();
-        let mut rng = XorShift::new(99);
+        let mut rng = XorShift::new(base + 99);
         let mut current = None;
         for n in 0..5_000u64 {
             let fresh = pool
