@@ -439,7 +439,7 @@ async fn an_invalid_address_is_refused_without_a_connect_attempt() {
 /// stale error), and once `close` returns nothing is pooled, nothing is reserved, and nothing the
 /// connector made is open.
 #[tokio::test(start_paused = true)]
-async fn close_during_a_connect_abandons_it_and_its_waiters_get_closed() {
+async fn i17_close_during_a_connect_abandons_it_and_its_waiters_get_closed() {
     let script = Script::always(Outcome::Ok(100 * MS));
     let pool = pool_with(&script, 0);
     let waiting = storm(&pool, 3, 0);

@@ -180,7 +180,7 @@ async fn i18_an_address_leaves_when_its_last_state_goes() {
 /// before it could be handed out" although no connect failed. Whatever order the scheduler runs
 /// them in, every waiter gets the connection its connect made.
 #[tokio::test(start_paused = true)]
-async fn lru_never_takes_a_connection_before_its_waiters_have_it() {
+async fn i4_lru_never_takes_a_connection_before_its_waiters_have_it() {
     let script = Script::always(Outcome::Ok(50 * MS));
     let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
         .max_connections(1)
