@@ -136,11 +136,12 @@ pub const WINDOW_BUCKETS: usize = 8;
 
 /// A sliding window of call outcomes for the ratio detector: eight buckets of `window / 8` each.
 ///
-/// Exact: [`counts`](Self::counts) at `t` equals the outcomes recorded at times whose bucket lies
-/// within the eight buckets ending at `t`'s, for any gaps between records (epochs are full 64-bit
-/// bucket numbers, so nothing old can alias as new) and for records that arrive out of order (a
-/// record older than the newest by a whole window or more is dropped, and never clears the bucket
-/// of a newer one). Plain data: the pool keeps it under the connection's lock. Time enters as
+/// Exact: [`counts`](Self::counts) at `t`, for any `t` at or after the newest record, equals the
+/// outcomes recorded at times whose bucket lies within the eight buckets ending at `t`'s, for any
+/// gaps between records (epochs are full 64-bit bucket numbers, so nothing old can alias as new)
+/// and for records that arrive out of order (a record older than the newest by a whole window or
+/// more is dropped, and never clears the bucket of a newer one). A read before the newest record
+/// (a clock read racing a record) sees only what lies within a window of the newest. Plain data: the pool keeps it under the connection's lock. Time enters as
 /// microseconds since the connection's creation; the window never reads a clock.
 ///
 /// ```
