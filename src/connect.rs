@@ -177,6 +177,9 @@ where
             decision => return self.launch(addr, decision),
         }
         let _room = self.inner.room.lock();
+        // Declared after the room guard, so a freed slot left unused goes back before the lock
+        // does: otherwise the next caller could find the pool full and evict for nothing.
+        let mut permit = permit;
         let mut nothing_seen = false;
         for _ in 0..crate::pool::MAX_ROOM_ATTEMPTS {
             // Another caller may have connected this address, started its flight, or freed a slot.

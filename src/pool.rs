@@ -177,7 +177,7 @@ impl<C, K: Connector<C>> Inner<C, K> {
 
     /// Closes a connection evicted to make room and hands its permit to the caller that made
     /// the room, under the victim's entry lock.
-    pub(crate) fn retire_for_room(&self, pooled: Pooled<C>, _now: Instant) -> crate::core::Permit {
+    pub(crate) fn retire_for_room(&self, pooled: Pooled<C>) -> crate::core::Permit {
         let Pooled { conn, permit, .. } = pooled;
         self.counters.evicted(EvictionReason::MakeRoom);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "make_room", "connection evicted");
@@ -510,6 +510,9 @@ where
         }
         // The slow path: full, and the policy allows making room. One caller at a time.
         let _room = self.inner.room.lock();
+        // Declared after the room guard, so a freed slot left unused goes back before the lock
+        // does: otherwise the next caller could find the pool full and evict for nothing.
+        let mut permit = permit;
         let mut nothing_seen = false;
         for _ in 0..MAX_ROOM_ATTEMPTS {
             // Another caller may have placed this address, or freed a slot, meanwhile.

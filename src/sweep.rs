@@ -187,7 +187,6 @@ where
             };
         }
         candidates.sort_unstable();
-        let now = Instant::now();
         for (_, addr, id) in candidates.into_iter().take(8) {
             let taken = self.with_existing_slot(&addr, |slot| {
                 let still = slot.conn.as_ref().is_some_and(|pooled| {
@@ -200,7 +199,7 @@ where
                     return None;
                 }
                 let pooled = slot.conn.take()?;
-                Some(self.inner.retire_for_room(pooled, now))
+                Some(self.inner.retire_for_room(pooled))
             });
             if let Some(Some(permit)) = taken {
                 return LruTake::Taken(permit);

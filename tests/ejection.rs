@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Conn, MS, Outcome, SEC, Script, addr, advance};
@@ -177,11 +178,13 @@ async fn i18_an_address_leaves_when_its_last_state_goes() {
 
 /// Issue 11, defect 7: under `EvictLeastRecentlyUsed`, a connection made a moment ago for waiting
 /// callers was taken to make room for another address before they woke, and they got "closed
-/// before it could be handed out" although no connect failed. Whatever order the scheduler runs
-/// them in, every waiter gets the connection its connect made.
+/// before it could be handed out" although no connect failed. The other address asks at the very
+/// instant the connect completes (its waiters woken but not yet run, in whatever order the
+/// scheduler picks), and each waiter checks the connection the moment it returns.
 #[tokio::test(start_paused = true)]
 async fn i4_lru_never_takes_a_connection_before_its_waiters_have_it() {
-    let script = Script::always(Outcome::Ok(50 * MS));
+    const CONNECT: Duration = Duration::from_millis(50);
+    let script = Script::always(Outcome::Ok(CONNECT));
     let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
         .max_connections(1)
         .when_full(WhenFull::EvictLeastRecentlyUsed)
@@ -191,23 +194,30 @@ async fn i4_lru_never_takes_a_connection_before_its_waiters_have_it() {
     let waiters: Vec<_> = (0..8)
         .map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.get_or_connect(&addr(0)).await })
+            tokio::spawn(async move {
+                let conn = pool.get_or_connect(&addr(0)).await?;
+                // At once, before anything else of this task runs.
+                let closed = conn.client().closed_by_pool.load(Ordering::SeqCst);
+                Ok::<_, PoolError>((conn, closed))
+            })
         })
         .collect();
-    // Poll until the connection is pooled, then ask for another address at once: its waiters may or
-    // may not have run yet, depending on the scheduler's order.
-    while pool.peek(&addr(0)).is_none() {
-        advance(MS).await;
-    }
-    let other = pool.get_or_connect(&addr(1)).await;
+    let other = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            advance(CONNECT).await; // the connect's own instant
+            pool.get_or_connect(&addr(1)).await
+        })
+    };
     for w in waiters {
-        let got = w.await.unwrap();
+        let (conn, closed) = w.await.unwrap().expect("every waiter gets the connection");
         assert!(
-            got.is_ok(),
-            "a waiter lost its fresh connection to an LRU eviction: {got:?}"
+            !closed,
+            "I4 violated: waiter handed {} already closed to make room for another address",
+            conn.id()
         );
     }
-    if other.is_ok() {
+    if other.await.unwrap().is_ok() {
         assert_eq!(
             pool.stats().evictions.make_room,
             1,

@@ -1107,7 +1107,13 @@ fn i2_insert_racing_remove_of_its_address_never_fails_for_capacity() {
                 cap: 1,
                 lru: rng.below(2) == 1,
             };
-            let weights = [(Kind::TryInsert, 4), (Kind::Insert, 1), (Kind::Remove, 4)];
+            // `remove_connection` too: every removal path must free its slot under the entry lock.
+            let weights = [
+                (Kind::TryInsert, 4),
+                (Kind::Insert, 1),
+                (Kind::Remove, 3),
+                (Kind::RemoveConnection, 2),
+            ];
             // More threads than cores: a thread preempted inside `remove()` holds the window
             // open for the others.
             let programs = (0..4)

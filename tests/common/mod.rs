@@ -125,7 +125,8 @@ impl Connector<Conn> for Script {
     }
 
     fn is_open(&self, conn: &Conn) -> bool {
-        conn.open.load(Ordering::SeqCst)
+        // A connection the pool closed is closed, as a real transport would be.
+        conn.open.load(Ordering::SeqCst) && !conn.closed_by_pool.load(Ordering::SeqCst)
     }
 
     fn close(&self, conn: &Conn) {
