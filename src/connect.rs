@@ -20,7 +20,6 @@ use crate::core::{Permit, UnhealthyReason};
 use crate::error::{Cause, PoolError};
 use crate::metrics::{EvictionReason, PoolCounters};
 use crate::slot::{Flight, FlightResult, Pooled, Slot};
-use crate::sweep::LruTake;
 use crate::{ConnectionPool, WhenFull};
 
 /// How long a waiter waits past its flight's deadline for the flight's own verdict. The connect
@@ -176,27 +175,10 @@ where
             Decision::Full if self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed => {}
             decision => return self.launch(addr, decision),
         }
-        let _room = self.inner.room.lock();
-        // Declared after the room guard, so a freed slot left unused goes back before the lock
-        // does: otherwise the next caller could find the pool full and evict for nothing.
-        let mut permit = permit;
-        let mut nothing_seen = false;
-        for _ in 0..crate::pool::MAX_ROOM_ATTEMPTS {
-            // Another caller may have connected this address, started its flight, or freed a slot.
-            match self.decide(addr, &mut permit) {
-                Decision::Full => {}
-                decision => return self.launch(addr, decision),
-            }
-            match self.take_lru_permit(addr) {
-                LruTake::Taken(freed) => permit = Some(freed),
-                LruTake::Raced => nothing_seen = false,
-                // As in `try_insert`: nothing to evict, seen twice around a failed decision.
-                LruTake::Nothing if !nothing_seen => nothing_seen = true,
-                LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
-                LruTake::Nothing => return Err(self.at_capacity()),
-            }
-        }
-        Err(self.at_capacity())
+        self.with_room(addr, |permit| match self.decide(addr, permit) {
+            Decision::Full => None,
+            decision => Some(self.launch(addr, decision)),
+        })
     }
 
     /// Acts on a decision: spawns the connect task of a new flight.
@@ -235,17 +217,7 @@ where
                 }
                 // Unfit but still pooled: evict it now rather than at the next sweep, so its
                 // failure backs the address off before we would dial again (I12).
-                let why = self
-                    .unusable_reason(&pooled.conn)
-                    .unwrap_or(UnhealthyReason::Closed);
-                let reason = if why == UnhealthyReason::Closed {
-                    EvictionReason::Closed
-                } else {
-                    EvictionReason::Unhealthy
-                };
-                if let Some(pooled) = slot.conn.take() {
-                    self.inner.retire(slot, pooled, reason, Some(why), now);
-                }
+                self.evict_if_unfit(slot, now);
             }
             if let Some(flight) = &slot.flight {
                 PoolCounters::bump(&self.inner.counters.connects_shared);

@@ -422,31 +422,24 @@ where
         addr: &CheetahString,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> R {
-        let now = self.inner.offset(Instant::now());
-        let policy = &self.inner.config.ejection;
-        match self.inner.map.entry(addr.clone()) {
-            Entry::Occupied(mut occupied) => {
-                let result = f(occupied.get_mut());
-                if occupied.get().is_vacant(now, policy) {
-                    occupied.remove();
-                }
-                result
-            }
-            Entry::Vacant(vacant) => {
-                let mut slot = Slot::default();
-                let result = f(&mut slot);
-                if !slot.is_vacant(now, policy) {
-                    vacant.insert(slot);
-                }
-                result
-            }
-        }
+        let mut f = Some(f);
+        self.slot_entry(addr, true, |slot| (f.take().expect("called once"))(slot))
+            .expect("a slot is created when there is none")
     }
 
     /// Like [`with_slot`](Self::with_slot), but `None` without calling `f` when `addr` has no slot.
     pub(crate) fn with_existing_slot<R>(
         &self,
         addr: &CheetahString,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> Option<R> {
+        self.slot_entry(addr, false, f)
+    }
+
+    fn slot_entry<R>(
+        &self,
+        addr: &CheetahString,
+        create: bool,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> Option<R> {
         let now = self.inner.offset(Instant::now());
@@ -459,8 +452,70 @@ where
                 }
                 Some(result)
             }
+            Entry::Vacant(vacant) if create => {
+                let mut slot = Slot::default();
+                let result = f(&mut slot);
+                if !slot.is_vacant(now, policy) {
+                    vacant.insert(slot);
+                }
+                Some(result)
+            }
             Entry::Vacant(_) => None,
         }
+    }
+
+    /// Evicts the slot's connection if it is unfit (its latched verdict, or a closed transport),
+    /// as `Unhealthy` or `Closed`, under the entry lock: the one place both a sweep and
+    /// `get_or_connect` decide that. Returns whether it evicted.
+    pub(crate) fn evict_if_unfit(&self, slot: &mut Slot<C>, now: Instant) -> bool {
+        let Some(why) = slot
+            .conn
+            .as_ref()
+            .and_then(|pooled| self.unusable_reason(&pooled.conn))
+        else {
+            return false;
+        };
+        let reason = if why == UnhealthyReason::Closed {
+            EvictionReason::Closed
+        } else {
+            EvictionReason::Unhealthy
+        };
+        if let Some(pooled) = slot.conn.take() {
+            self.inner.retire(slot, pooled, reason, Some(why), now);
+        }
+        true
+    }
+
+    /// The slow path under [`WhenFull::EvictLeastRecentlyUsed`], one caller at a time (the room
+    /// lock): `attempt` decides again for `addr`, given the slot freed for it so far, and returns
+    /// `None` while the pool is still full; between attempts the least recently used connection of
+    /// another address is closed and its slot handed over. Refuses only when nothing is evictable.
+    pub(crate) fn with_room<R>(
+        &self,
+        addr: &CheetahString,
+        mut attempt: impl FnMut(&mut Option<crate::core::Permit>) -> Option<Result<R, PoolError>>,
+    ) -> Result<R, PoolError> {
+        let _room = self.inner.room.lock();
+        // Declared after the room guard, so a freed slot left unused goes back before the lock
+        // does: otherwise the next caller could find the pool full and evict for nothing.
+        let mut permit = None;
+        let mut nothing_seen = false;
+        for _ in 0..MAX_ROOM_ATTEMPTS {
+            // Another caller may have placed this address, or freed a slot, meanwhile.
+            if let Some(result) = attempt(&mut permit) {
+                return result;
+            }
+            match self.take_lru_permit(addr) {
+                LruTake::Taken(freed) => permit = Some(freed),
+                LruTake::Raced => nothing_seen = false,
+                // Nothing to evict, seen twice around a failed attempt: the pool is full of
+                // connections in use (or of this address's own racers).
+                LruTake::Nothing if !nothing_seen => nothing_seen = true,
+                LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
+                LruTake::Nothing => return Err(self.at_capacity()),
+            }
+        }
+        Err(self.at_capacity())
     }
 
     /// The healthy connection pooled for `addr`, if any. Moves its idle clock (I5). Never returns a
@@ -508,30 +563,12 @@ where
             Err(PoolError::AtCapacity { .. }) => return Err(self.at_capacity()),
             Err(err) => return Err(err),
         }
-        // The slow path: full, and the policy allows making room. One caller at a time.
-        let _room = self.inner.room.lock();
-        // Declared after the room guard, so a freed slot left unused goes back before the lock
-        // does: otherwise the next caller could find the pool full and evict for nothing.
-        let mut permit = permit;
-        let mut nothing_seen = false;
-        for _ in 0..MAX_ROOM_ATTEMPTS {
-            // Another caller may have placed this address, or freed a slot, meanwhile.
-            match self.place(&pooled, &mut permit) {
-                Ok(()) => return Ok(pooled),
-                Err(PoolError::AtCapacity { .. }) => {}
-                Err(err) => return Err(err),
-            }
-            match self.take_lru_permit(pooled.addr()) {
-                LruTake::Taken(freed) => permit = Some(freed),
-                LruTake::Raced => nothing_seen = false,
-                // Nothing to evict, seen twice around a failed placement: the pool is full of
-                // connections in use (or of this address's own racers).
-                LruTake::Nothing if !nothing_seen => nothing_seen = true,
-                LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
-                LruTake::Nothing => return Err(self.at_capacity()),
-            }
-        }
-        Err(self.at_capacity())
+        // The slow path: full, and the policy allows making room.
+        self.with_room(pooled.addr(), |permit| match self.place(&pooled, permit) {
+            Ok(()) => Some(Ok(pooled.clone())),
+            Err(PoolError::AtCapacity { .. }) => None,
+            Err(err) => Some(Err(err)),
+        })
     }
 
     pub(crate) fn at_capacity(&self) -> PoolError {

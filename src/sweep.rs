@@ -10,7 +10,6 @@ use tokio::time::Instant;
 
 use crate::connection::ConnId;
 use crate::connector::Connector;
-use crate::core::UnhealthyReason;
 use crate::metrics::EvictionReason;
 
 /// Evictions a sweep makes before it yields to the other tasks of its runtime thread: a sweep of a
@@ -138,21 +137,8 @@ where
             .iter()
             .filter(|(addr, id)| {
                 self.with_existing_slot(addr, |slot| {
-                    let Some(pooled) = slot.conn.as_ref().filter(|p| p.conn.id() == *id) else {
-                        return false;
-                    };
-                    let Some(why) = self.unusable_reason(&pooled.conn) else {
-                        return false;
-                    };
-                    let reason = if why == UnhealthyReason::Closed {
-                        EvictionReason::Closed
-                    } else {
-                        EvictionReason::Unhealthy
-                    };
-                    if let Some(pooled) = slot.conn.take() {
-                        self.inner.retire(slot, pooled, reason, Some(why), now);
-                    }
-                    true
+                    slot.conn.as_ref().is_some_and(|p| p.conn.id() == *id)
+                        && self.evict_if_unfit(slot, now)
                 })
                 .unwrap_or(false)
             })
