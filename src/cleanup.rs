@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ConnectionPool;
-use crate::connector::Connector;
+use crate::connector::ManagesConnections;
 use crate::metrics::EvictionReason;
 
 /// Stop signal and bookkeeping of the cleanup tasks. Each task is started in the current
@@ -52,7 +52,7 @@ impl Drop for RunningGuard {
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
-    K: Connector<C>,
+    K: ManagesConnections<C>,
 {
     /// Starts a task that runs [`evict_idle`](Self::evict_idle),
     /// [`evict_unhealthy`](Self::evict_unhealthy) and [`prune_addresses`](Self::prune_addresses)
@@ -68,7 +68,7 @@ where
     /// use std::time::Duration;
     /// use keyed_pool::ConnectionPool;
     /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(10));
-    /// pool.insert("a:1".into(), 1);
+    /// pool.insert("a:1", 1);
     /// let task = pool.start_cleanup_task(Duration::from_secs(1));
     /// tokio::time::sleep(Duration::from_secs(12)).await;
     /// assert!(pool.is_empty(), "evicted as idle by the cleanup task");

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::connection::PooledConnection;
-use crate::connector::Connector;
+use crate::connector::{Connector, ManagesConnections};
 use crate::core::{Permit, UnhealthyReason};
 use crate::error::{Cause, PoolError};
 use crate::metrics::{EvictionReason, PoolCounters};
@@ -38,14 +38,14 @@ struct ConnectAbandoned;
 /// (unless the connection it paid for was pooled) and its flight record. A task dropped mid-connect
 /// (its runtime shut down under it) thus leaks no slot (I3) and leaves no dead flight for later
 /// callers to join; their waits end with a "connect task ended" error.
-struct FlightGuard<'a, C: Send + Sync + 'static, K: Connector<C>> {
+struct FlightGuard<'a, C: Send + Sync + 'static, K: Connector<Conn = C>> {
     pool: &'a ConnectionPool<C, K>,
     addr: &'a CheetahString,
     flight: u64,
     permit: Option<Permit>,
 }
 
-impl<C: Send + Sync + 'static, K: Connector<C>> Drop for FlightGuard<'_, C, K> {
+impl<C: Send + Sync + 'static, K: Connector<Conn = C>> Drop for FlightGuard<'_, C, K> {
     fn drop(&mut self) {
         let permit = self.permit.take();
         let flight = self.flight;
@@ -84,7 +84,7 @@ enum Decision<C> {
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
-    K: Connector<C>,
+    K: Connector<Conn = C>,
 {
     /// A healthy pooled connection for `addr`, connecting through the connector if there is none.
     ///
@@ -109,8 +109,9 @@ where
     /// close then closes.
     pub async fn get_or_connect(
         &self,
-        addr: &CheetahString,
+        addr: impl AsRef<str>,
     ) -> Result<PooledConnection<C>, PoolError> {
+        let addr = addr.as_ref();
         if self.is_closed() {
             return Err(PoolError::Closed);
         }
@@ -119,6 +120,7 @@ where
         }
         // Validated only on the way to a connect: a pooled address was validated when it was
         // connected (or inserted by hand), and a hit must cost no more than a `get`.
+        let addr = &crate::pool::key(addr);
         if let Err(reason) = self.inner.connector.validate(addr) {
             return Err(PoolError::InvalidAddress {
                 addr: addr.clone(),
@@ -227,9 +229,11 @@ where
                 PoolCounters::bump(&self.inner.counters.backoff_rejections);
                 return Decision::Done(Err(err));
             }
-            let Some(permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
+            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire())
+            else {
                 return Decision::Full;
             };
+            permit.mark_connecting();
             let (tx, rx) = watch::channel(None);
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
@@ -387,9 +391,10 @@ where
             if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
                 slot.flight = None;
             }
-            let Some(permit) = permit else {
+            let Some(mut permit) = permit else {
                 unreachable!("a connect task holds its permit until it adopts or fails")
             };
+            permit.mark_live();
             if self.inner.closed.load(Ordering::SeqCst) {
                 self.inner.connector.close(pooled.client());
                 drop(permit);
@@ -412,17 +417,25 @@ where
         })
     }
 
+}
+
+/// An address's backoff state, and active checks: for every pool, with or without a connector.
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: ManagesConnections<C>,
+{
     /// When `addr` may be connected again, if it is backing off now.
-    pub fn backoff_until(&self, addr: &CheetahString) -> Option<Instant> {
+    pub fn backoff_until(&self, addr: impl AsRef<str>) -> Option<Instant> {
         let now = Instant::now();
-        let slot = self.inner.map.get(addr)?;
+        let slot = self.inner.map.get(addr.as_ref())?;
         let retry_after = slot.ejection.retry_after(self.inner.offset(now))?;
         Some(now + retry_after)
     }
 
     /// The ejection count of `addr` (see [`ejection_count`](Self::ejection_count)); kept under
     /// its first name.
-    pub fn backoff_failures(&self, addr: &CheetahString) -> u32 {
+    pub fn backoff_failures(&self, addr: impl AsRef<str>) -> u32 {
         self.ejection_count(addr)
     }
 
@@ -430,9 +443,9 @@ where
     /// every failed connect, unhealthy eviction and connection that dies young, survives successful
     /// connects, and decays by one per quiet
     /// [`decay_interval`](crate::core::EjectionPolicy::decay_interval).
-    pub fn ejection_count(&self, addr: &CheetahString) -> u32 {
+    pub fn ejection_count(&self, addr: impl AsRef<str>) -> u32 {
         let at = self.inner.offset(Instant::now());
-        self.inner.map.get(addr).map_or(0, |slot| {
+        self.inner.map.get(addr.as_ref()).map_or(0, |slot| {
             slot.ejection.count_at(at, &self.inner.config.ejection)
         })
     }
@@ -440,8 +453,9 @@ where
     /// Ends the backoff of `addr` at once and forgets its ejection count: for a user with a
     /// topology signal that the server is back (a RocketMQ route update, a cluster's "node up"
     /// event), as gRPC resets its backoff out of band.
-    pub fn mark_up(&self, addr: &CheetahString) {
-        self.with_existing_slot(addr, |slot| {
+    pub fn mark_up(&self, addr: impl AsRef<str>) {
+        let addr = crate::pool::key(addr.as_ref());
+        self.with_existing_slot(&addr, |slot| {
             slot.ejection.reset();
             slot.cause = None;
         });
@@ -456,16 +470,16 @@ where
     pub async fn probe(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
         let timeout = self.inner.config.connect_timeout;
         let call = conn.begin();
-        match tokio::time::timeout(timeout, self.inner.connector.probe(conn.client())).await {
+        match tokio::time::timeout(timeout, self.inner.connector.probe_conn(conn.client())).await {
             Ok(Ok(())) => {
                 call.success();
                 Ok(())
             }
-            Ok(Err(err)) => {
+            Ok(Err(cause)) => {
                 call.failure();
                 Err(PoolError::Connect {
                     addr: conn.addr().clone(),
-                    cause: Arc::new(err),
+                    cause,
                 })
             }
             Err(_) => {

@@ -145,8 +145,8 @@ impl<C> PooledConnection<C> {
     /// use std::time::Duration;
     /// use keyed_pool::ConnectionPool;
     /// let pool: ConnectionPool<&str> = ConnectionPool::new(8, Duration::from_secs(60));
-    /// assert!(pool.insert("127.0.0.1:9876".into(), "a client"));
-    /// let conn = pool.get(&"127.0.0.1:9876".into()).unwrap();
+    /// assert!(pool.insert("127.0.0.1:9876", "a client"));
+    /// let conn = pool.get("127.0.0.1:9876").unwrap();
     /// let call = conn.begin();
     /// assert_eq!(conn.metrics().in_flight(), 1);
     /// call.success();

@@ -14,10 +14,18 @@ pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 pub enum PoolError {
     /// Every slot is taken by a live connection or a connect in flight, and the pool's
     /// [`WhenFull`](crate::WhenFull) policy found nothing to make room with.
-    #[error("pool is at capacity ({})", count(*max as u64, "connection"))]
+    #[error(
+        "pool is at capacity (max {max}): {}, {connecting} connecting",
+        count(*live as u64, "live connection")
+    )]
     AtCapacity {
         /// The configured maximum.
         max: usize,
+        /// Slots held by live connections when the request was refused.
+        live: usize,
+        /// Slots reserved by connects in flight when the request was refused (they count against
+        /// the maximum until their connect ends).
+        connecting: usize,
     },
     /// The address failed recently and is backing off (I12): no connect is made before
     /// `retry_after` has passed.

@@ -22,7 +22,7 @@ pub mod tcp;
 pub use cheetah_string::CheetahString;
 pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};
-pub use connector::{Connector, NoConnector, NoConnectorError};
+pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
 pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
 pub use pool::{ConnectionPool, PoolBuilder};

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::cleanup::CleanupControl;
 use crate::config::{PoolConfig, WhenFull};
 use crate::connection::{ConnId, PooledConnection};
-use crate::connector::{Connector, NoConnector};
+use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
 use crate::metrics::{
@@ -31,11 +31,17 @@ use crate::sweep::LruTake;
 /// only a burst of concurrent changes can repeat.
 pub(crate) const MAX_ROOM_ATTEMPTS: usize = 16;
 
+/// The map's key for an address given as a string. Addresses of up to 23 bytes (every IPv4
+/// `host:port`) are stored inline by `CheetahString`, so this does not allocate for them.
+pub(crate) fn key(addr: &str) -> CheetahString {
+    CheetahString::from_slice(addr)
+}
+
 /// An async connection pool keyed by server address.
 ///
 /// It keeps at most one live connection per address (a shared, multiplexed handle), caps the number
 /// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
-/// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I17).
+/// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
 ///
 /// `C` is the connection type; `K` the [`Connector`] that creates and checks connections
 /// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
@@ -46,21 +52,20 @@ pub(crate) const MAX_ROOM_ATTEMPTS: usize = 16;
 /// use keyed_pool::ConnectionPool;
 ///
 /// let pool: ConnectionPool<String> = ConnectionPool::new(2, Duration::from_secs(60));
-/// let addr = "127.0.0.1:10911".into();
-/// assert!(pool.insert(addr, "client for broker-a".to_string()));
-/// let conn = pool.get(&"127.0.0.1:10911".into()).expect("just inserted");
+/// assert!(pool.insert("127.0.0.1:10911", "client for broker-a".to_string()));
+/// let conn = pool.get("127.0.0.1:10911").expect("just inserted");
 /// assert_eq!(conn.client(), "client for broker-a");
 /// assert_eq!(pool.stats().total, 1);
 /// # }
 /// ```
 pub struct ConnectionPool<C, K = NoConnector>
 where
-    K: Connector<C>,
+    K: ManagesConnections<C>,
 {
     pub(crate) inner: Arc<Inner<C, K>>,
 }
 
-impl<C, K: Connector<C>> Clone for ConnectionPool<C, K> {
+impl<C, K: ManagesConnections<C>> Clone for ConnectionPool<C, K> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -68,7 +73,7 @@ impl<C, K: Connector<C>> Clone for ConnectionPool<C, K> {
     }
 }
 
-impl<C, K: Connector<C>> std::fmt::Debug for ConnectionPool<C, K> {
+impl<C, K: ManagesConnections<C>> std::fmt::Debug for ConnectionPool<C, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionPool")
             .field("addresses", &self.inner.map.len())
@@ -79,7 +84,7 @@ impl<C, K: Connector<C>> std::fmt::Debug for ConnectionPool<C, K> {
     }
 }
 
-pub(crate) struct Inner<C, K: Connector<C>> {
+pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) map: DashMap<CheetahString, Slot<C>>,
     pub(crate) ledger: Arc<CapacityLedger>,
     pub(crate) config: PoolConfig,
@@ -102,7 +107,7 @@ pub(crate) struct Inner<C, K: Connector<C>> {
     jitter_draws: AtomicU64,
 }
 
-impl<C, K: Connector<C>> Inner<C, K> {
+impl<C, K: ManagesConnections<C>> Inner<C, K> {
     /// A uniform draw in `[0, 1]` for backoff jitter. `RandomState` is seeded by madsim inside a
     /// simulation, so a seed replays the same jitter.
     pub(crate) fn jitter_unit(&self) -> f64 {
@@ -154,7 +159,7 @@ impl<C, K: Connector<C>> Inner<C, K> {
         let conn = &pooled.conn;
         self.counters.evicted(reason);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
-        self.connector.close(conn.client());
+        self.connector.close_conn(conn.client());
         let age = now.saturating_duration_since(conn.metrics().created_at());
         let failed = match reason {
             EvictionReason::Unhealthy => true,
@@ -181,18 +186,18 @@ impl<C, K: Connector<C>> Inner<C, K> {
         let Pooled { conn, permit, .. } = pooled;
         self.counters.evicted(EvictionReason::MakeRoom);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "make_room", "connection evicted");
-        self.connector.close(conn.client());
+        self.connector.close_conn(conn.client());
         permit
     }
 }
 
-impl<C, K: Connector<C>> Drop for Inner<C, K> {
+impl<C, K: ManagesConnections<C>> Drop for Inner<C, K> {
     fn drop(&mut self) {
         // I17: the last handle is gone, so whatever the pool held is closed, before the permits go
         // with the map. The cleanup task sees its stop channel close with this struct and ends.
         for entry in self.map.iter() {
             if let Some(pooled) = &entry.value().conn {
-                self.connector.close(pooled.conn.client());
+                self.connector.close_conn(pooled.conn.client());
             }
         }
     }
@@ -341,7 +346,7 @@ impl<K> PoolBuilder<K> {
     pub fn build<C>(self) -> Result<ConnectionPool<C, K>, ConfigError>
     where
         C: Send + Sync + 'static,
-        K: Connector<C>,
+        K: ManagesConnections<C>,
     {
         self.config.validate()?;
         Ok(ConnectionPool::from_parts(self.config, self.connector))
@@ -351,7 +356,7 @@ impl<K> PoolBuilder<K> {
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
-    K: Connector<C>,
+    K: ManagesConnections<C>,
 {
     fn from_parts(config: PoolConfig, connector: K) -> Self {
         let shards = config.shard_amount;
@@ -401,7 +406,7 @@ where
         if !conn.is_healthy() {
             return false;
         }
-        if !self.inner.connector.is_open(conn.client()) {
+        if !self.inner.connector.is_conn_open(conn.client()) {
             conn.mark_closed();
             return false;
         }
@@ -411,7 +416,7 @@ where
     /// Why `conn` is unfit for use, if it is: its latched verdict, or a closed transport.
     pub(crate) fn unusable_reason(&self, conn: &PooledConnection<C>) -> Option<UnhealthyReason> {
         conn.metrics().unusable_reason().or_else(|| {
-            (!self.inner.connector.is_open(conn.client())).then_some(UnhealthyReason::Closed)
+            (!self.inner.connector.is_conn_open(conn.client())).then_some(UnhealthyReason::Closed)
         })
     }
 
@@ -521,8 +526,8 @@ where
     /// The healthy connection pooled for `addr`, if any. Moves its idle clock (I5). Never returns a
     /// connection judged unhealthy or whose transport is known closed (I8, I9). Lock-free for
     /// readers of different shards; never waits.
-    pub fn get(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
-        let slot = self.inner.map.get(addr)?;
+    pub fn get(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
+        let slot = self.inner.map.get(addr.as_ref())?;
         let conn = &slot.value().conn.as_ref()?.conn;
         if !self.usable(conn) {
             return None;
@@ -536,7 +541,7 @@ where
     /// Pools `conn` for `addr`. Returns `false` if the pool is full (and its [`WhenFull`] policy
     /// found no room) or closed. Replacing the connection of an address already present never fails
     /// for capacity and never changes the count (I2); the replaced connection is closed.
-    pub fn insert(&self, addr: CheetahString, conn: C) -> bool {
+    pub fn insert(&self, addr: impl Into<CheetahString>, conn: C) -> bool {
         self.try_insert(addr, conn).is_ok()
     }
 
@@ -548,13 +553,13 @@ where
     /// or refused, I17).
     pub fn try_insert(
         &self,
-        addr: CheetahString,
+        addr: impl Into<CheetahString>,
         conn: C,
     ) -> Result<PooledConnection<C>, PoolError> {
         if self.is_closed() {
             return Err(PoolError::Closed);
         }
-        let pooled = self.new_connection(addr, conn);
+        let pooled = self.new_connection(addr.into(), conn);
         let mut permit = None;
         match self.place(&pooled, &mut permit) {
             Ok(()) => return Ok(pooled),
@@ -573,8 +578,12 @@ where
 
     pub(crate) fn at_capacity(&self) -> PoolError {
         PoolCounters::bump(&self.inner.counters.rejected_capacity);
+        let ledger = &self.inner.ledger;
+        let connecting = ledger.connecting();
         PoolError::AtCapacity {
-            max: self.inner.ledger.max(),
+            max: ledger.max(),
+            live: ledger.used().saturating_sub(connecting),
+            connecting,
         }
     }
 
@@ -601,14 +610,17 @@ where
                     });
                     self.inner.counters.evicted(EvictionReason::Replaced);
                     tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "replaced", "connection evicted");
-                    self.inner.connector.close(conn.client());
+                    self.inner.connector.close_conn(conn.client());
                 }
                 None => {
                     let permit = permit
                         .take()
                         .or_else(|| self.inner.ledger.try_acquire())
+                        // Mapped to the full error, with its counts, by the caller.
                         .ok_or(PoolError::AtCapacity {
                             max: self.inner.ledger.max(),
+                            live: 0,
+                            connecting: 0,
                         })?;
                     slot.conn = Some(Pooled {
                         conn: pooled.clone(),
@@ -622,11 +634,25 @@ where
         })
     }
 
-    /// Removes whatever connection is pooled for `addr` and hands it back, **unclosed**: the caller
-    /// now owns it, and its capacity slot is free at once. (Use
-    /// [`remove_connection`](Self::remove_connection) to remove and close one specific
-    /// connection.)
-    pub fn remove(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+    /// Takes whatever connection is pooled for `addr` out of the pool and hands it back
+    /// **unclosed**: the caller now owns it (the connector's `close` is not called), and its
+    /// capacity slot is free at once. To remove and close, use
+    /// [`remove_connection`](Self::remove_connection) (one specific connection) or
+    /// [`clear`](Self::clear) (all).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<String> = ConnectionPool::new(1, Duration::ZERO);
+    /// assert!(pool.insert("127.0.0.1:1", "client".to_string()));
+    /// let conn = pool.take_unclosed("127.0.0.1:1").expect("it was pooled");
+    /// assert_eq!(conn.client(), "client");
+    /// assert!(pool.is_empty());
+    /// // Its slot is free at once.
+    /// assert!(pool.insert("127.0.0.1:2", "another".to_string()));
+    /// ```
+    pub fn take_unclosed(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
+        let addr = &key(addr.as_ref());
         let conn = self
             .with_existing_slot(addr, |slot| {
                 // The permit goes with the `Pooled`, here, under the entry lock: an insert for this
@@ -637,6 +663,16 @@ where
         self.inner.counters.evicted(EvictionReason::Manual);
         tracing::debug!(addr = %addr, conn = %conn.id(), reason = "manual", "connection removed");
         Some(conn)
+    }
+
+    /// The original pool's name for [`take_unclosed`](Self::take_unclosed), which says what it
+    /// does: the connection comes back unclosed.
+    #[deprecated(
+        since = "0.2.0",
+        note = "hands the connection back unclosed: use `take_unclosed`, or `remove_connection` to close it"
+    )]
+    pub fn remove(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
+        self.take_unclosed(addr)
     }
 
     /// Removes `conn` if, and only if, it is still the connection pooled for its address (I14), and
@@ -698,33 +734,33 @@ where
 
     /// The connection pooled for `addr`, whatever its health: the common path of `peek`,
     /// `get_metrics` and the `record_*` calls.
-    fn pooled(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
+    fn pooled(&self, addr: &str) -> Option<PooledConnection<C>> {
         let slot = self.inner.map.get(addr)?;
         Some(slot.value().conn.as_ref()?.conn.clone())
     }
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
-    pub fn get_metrics(&self, addr: &CheetahString) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr).map(|conn| Arc::clone(conn.metrics()))
+    pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
+        self.pooled(addr.as_ref()).map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
-    pub fn peek(&self, addr: &CheetahString) -> Option<PooledConnection<C>> {
-        self.pooled(addr)
+    pub fn peek(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
+        self.pooled(addr.as_ref())
     }
 
     /// Records a successful call of `latency` against the connection pooled for `addr` now (the
     /// original's interface; prefer [`PooledConnection::begin`], which cannot hit a successor).
-    pub fn record_success(&self, addr: &CheetahString, latency: Duration) {
-        if let Some(conn) = self.pooled(addr) {
+    pub fn record_success(&self, addr: impl AsRef<str>, latency: Duration) {
+        if let Some(conn) = self.pooled(addr.as_ref()) {
             conn.record_success(latency);
         }
     }
 
     /// Records a failed call against the connection pooled for `addr` now. See
     /// [`record_success`](Self::record_success).
-    pub fn record_error(&self, addr: &CheetahString) {
-        if let Some(conn) = self.pooled(addr) {
+    pub fn record_error(&self, addr: impl AsRef<str>) {
+        if let Some(conn) = self.pooled(addr.as_ref()) {
             conn.record_error();
         }
     }

@@ -9,7 +9,7 @@ use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
 use crate::connection::ConnId;
-use crate::connector::Connector;
+use crate::connector::ManagesConnections;
 use crate::metrics::EvictionReason;
 
 /// Evictions a sweep makes before it yields to the other tasks of its runtime thread: a sweep of a
@@ -44,7 +44,7 @@ pub(crate) enum LruTake {
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
-    K: Connector<C>,
+    K: ManagesConnections<C>,
 {
     /// Evicts and closes every connection that is idle now: no call in flight and unused for longer
     /// than `max_idle` (I6). Never evicts a connection with a call in flight or used within
@@ -279,7 +279,7 @@ mod tests {
         let looked = pool.idle_candidates(now);
         assert_eq!(looked.len(), 3, "all three are idle when the sweep looks");
         // After the look: addr(0) is used, addr(1) is replaced, addr(2) is left alone.
-        pool.get(&addr(0)).unwrap();
+        pool.get(addr(0)).unwrap();
         pool.insert(addr(1), 100);
         let removed = pool.evict_idle_candidates(now, &looked);
         assert_eq!(
@@ -287,15 +287,15 @@ mod tests {
             "I7 violated: the sweep removed a connection used or replaced after it looked"
         );
         assert!(
-            pool.peek(&addr(0)).is_some(),
+            pool.peek(addr(0)).is_some(),
             "I7 violated: used after the look, yet evicted"
         );
         assert_eq!(
-            pool.peek(&addr(1)).map(|c| *c.client()),
+            pool.peek(addr(1)).map(|c| *c.client()),
             Some(100),
             "I7/I14 violated: the replacement was evicted"
         );
-        assert!(pool.peek(&addr(2)).is_none());
+        assert!(pool.peek(addr(2)).is_none());
     }
 
     /// The exact edge, with explicit instants: at `last_used + max_idle` a connection is still
@@ -305,7 +305,7 @@ mod tests {
         let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
         pool.insert(addr(0), 0);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let last_used = pool.get(&addr(0)).unwrap().metrics().last_used();
+        let last_used = pool.get(addr(0)).unwrap().metrics().last_used();
         let edge = last_used + MAX_IDLE;
         assert!(
             pool.idle_candidates(edge).is_empty(),
@@ -330,7 +330,7 @@ mod tests {
     async fn i7_idle_sweep_never_removes_a_connection_whose_call_began_after_it_looked() {
         let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
         pool.insert(addr(0), 0);
-        let held = pool.peek(&addr(0)).unwrap();
+        let held = pool.peek(addr(0)).unwrap();
         tokio::time::sleep(MAX_IDLE * 2).await;
         let now = Instant::now();
         let looked = pool.idle_candidates(now);
@@ -348,14 +348,14 @@ mod tests {
         let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
         pool.insert(addr(0), 0);
         pool.insert(addr(1), 1);
-        pool.peek(&addr(0)).unwrap().mark_closed();
-        pool.peek(&addr(1)).unwrap().mark_closed();
+        pool.peek(addr(0)).unwrap().mark_closed();
+        pool.peek(addr(1)).unwrap().mark_closed();
         let looked = pool.unhealthy_candidates();
         assert_eq!(looked.len(), 2);
         pool.insert(addr(0), 100);
         let removed = pool.evict_unhealthy_candidates(Instant::now(), &looked);
         assert_eq!(removed, 1, "I7 violated: a healthy replacement was removed");
-        assert_eq!(pool.peek(&addr(0)).map(|c| *c.client()), Some(100));
-        assert!(pool.peek(&addr(1)).is_none());
+        assert_eq!(pool.peek(addr(0)).map(|c| *c.client()), Some(100));
+        assert!(pool.peek(addr(1)).is_none());
     }
 }

@@ -5,7 +5,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cheetah_string::CheetahString;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
@@ -84,11 +83,12 @@ impl TcpConnection {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpConnector;
 
-impl Connector<TcpConnection> for TcpConnector {
+impl Connector for TcpConnector {
+    type Conn = TcpConnection;
     type Error = io::Error;
 
-    async fn connect(&self, addr: &CheetahString) -> io::Result<TcpConnection> {
-        let stream = TcpStream::connect(addr.as_str()).await?;
+    async fn connect(&self, addr: &str) -> io::Result<TcpConnection> {
+        let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(TcpConnection {
             stream: Mutex::new(stream),
@@ -96,8 +96,8 @@ impl Connector<TcpConnection> for TcpConnector {
         })
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        validate_addr(addr)
     }
 
     fn is_open(&self, conn: &TcpConnection) -> bool {

@@ -21,13 +21,13 @@ async fn i1_insert_refused_when_full() {
     );
     assert!(matches!(
         pool.try_insert(addr(4), 4),
-        Err(PoolError::AtCapacity { max: 3 })
+        Err(PoolError::AtCapacity { max: 3, live: 3, connecting: 0 })
     ));
     assert_eq!(pool.len(), 3);
     assert_eq!(pool.used_slots(), 3);
     assert_eq!(pool.stats().rejected_capacity, 2);
     // Removing one frees exactly one slot.
-    pool.remove(&addr(0)).expect("present");
+    pool.take_unclosed(addr(0)).expect("present");
     assert!(pool.insert(addr(3), 3));
     assert!(!pool.insert(addr(4), 4));
 }
@@ -45,7 +45,7 @@ async fn i2_reinsert_never_fails_for_capacity_nor_changes_count() {
         assert_eq!(pool.len(), 2, "I2 violated: re-insert changed the count");
         assert_eq!(pool.used_slots(), 2, "I2 violated: re-insert took a slot");
     }
-    assert_eq!(*pool.get(&addr(0)).unwrap().client(), 109);
+    assert_eq!(*pool.get(addr(0)).unwrap().client(), 109);
     assert_eq!(pool.stats().evictions.replaced, 10);
 }
 
@@ -115,7 +115,7 @@ async fn i1_cap_holds_at_every_instant_under_concurrent_inserts() {
                     match i % 4 {
                         0 | 1 => accepted += u64::from(pool.insert(a, i)),
                         2 => {
-                            pool.remove(&a);
+                            pool.take_unclosed(&a);
                         }
                         _ => {
                             if let Some(c) = pool.get(&a) {
@@ -170,7 +170,7 @@ fn i1_cap_holds_under_os_threads() {
                 for i in 0..20_000u64 {
                     let a = addr(((t * 13 + i) % 40) as usize);
                     if i % 3 == 2 {
-                        pool.remove(&a);
+                        pool.take_unclosed(&a);
                     } else {
                         pool.insert(a, i);
                     }
@@ -196,19 +196,19 @@ async fn when_full_lru_evicts_least_recently_used_but_never_one_in_flight() {
     }
     // addr(0) is the least recently used, but a call is in flight on it: it must survive (I5's
     // spirit: a connection in use is never taken away). addr(1) is next.
-    let busy = pool.get(&addr(0)).unwrap();
+    let busy = pool.get(addr(0)).unwrap();
     advance(10 * MS).await;
     let call = busy.begin();
     advance(10 * MS).await;
     // Touch addr(2) so addr(1) is now the oldest without a call.
-    pool.get(&addr(2)).unwrap();
+    pool.get(addr(2)).unwrap();
     assert!(pool.insert(addr(3), 3), "room must be made");
     assert!(
-        pool.peek(&addr(0)).is_some(),
+        pool.peek(addr(0)).is_some(),
         "a connection with a call in flight was evicted"
     );
     assert!(
-        pool.peek(&addr(1)).is_none(),
+        pool.peek(addr(1)).is_none(),
         "the LRU idle connection should have gone"
     );
     assert_eq!(pool.len(), 3);
@@ -231,11 +231,11 @@ async fn when_full_lru_rejects_if_every_connection_is_busy() {
     assert!(pool.insert(addr(0), 0));
     assert!(pool.insert(addr(1), 1));
     let calls: Vec<_> = (0..2)
-        .map(|i| pool.get(&addr(i)).unwrap().begin())
+        .map(|i| pool.get(addr(i)).unwrap().begin())
         .collect();
     assert!(matches!(
         pool.try_insert(addr(2), 2),
-        Err(PoolError::AtCapacity { max: 2 })
+        Err(PoolError::AtCapacity { max: 2, live: 2, connecting: 0 })
     ));
     assert_eq!(pool.len(), 2);
     drop(calls);

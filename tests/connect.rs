@@ -118,7 +118,7 @@ async fn i3_a_reserved_slot_counts_against_the_cap_while_connecting() {
     );
     assert!(matches!(
         pool.get_or_connect(&addr(3)).await,
-        Err(PoolError::AtCapacity { max: 2 })
+        Err(PoolError::AtCapacity { max: 2, live: 1, connecting: 1 })
     ));
     for t in connecting {
         assert!(matches!(
@@ -266,7 +266,7 @@ async fn i12_a_failing_address_is_dialled_no_more_often_than_its_backoff_allows(
         );
     }
     assert_eq!(pool.stats().connects.backoff_rejections, backoff_errors);
-    assert_eq!(pool.backoff_failures(&addr(0)), times.len() as u32);
+    assert_eq!(pool.backoff_failures(addr(0)), times.len() as u32);
 }
 
 /// I12 as amended by the slot issue: after the backoff the first connect is a single probe, and its
@@ -283,7 +283,7 @@ async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_doe
     assert!(pool.get_or_connect(&addr(0)).await.is_err());
     advance(2 * SEC).await;
     assert!(pool.get_or_connect(&addr(0)).await.is_err());
-    assert_eq!(pool.ejection_count(&addr(0)), 2);
+    assert_eq!(pool.ejection_count(addr(0)), 2);
     advance(3 * SEC).await; // past 1.6 s · 1.2
     for t in storm(&pool, 100, 0) {
         assert!(t.await.unwrap().is_ok());
@@ -294,26 +294,26 @@ async fn i12_the_first_connect_after_the_delay_is_a_single_probe_and_success_doe
         "I12 violated: the probe after the delay was not single"
     );
     assert_eq!(
-        pool.ejection_count(&addr(0)),
+        pool.ejection_count(addr(0)),
         2,
         "I12 violated: a successful connect reset the ejection count"
     );
-    assert_eq!(pool.backoff_until(&addr(0)), None);
+    assert_eq!(pool.backoff_until(addr(0)), None);
     // The backoff ended at most 1.6 s · 1.2 after the second failure (2 s in); quiet since then.
     advance(27 * SEC).await; // 32 s in: under 30 s quiet whatever the jitter drew
     assert_eq!(
-        pool.ejection_count(&addr(0)),
+        pool.ejection_count(addr(0)),
         2,
         "no decay before a whole quiet interval"
     );
     advance(30 * SEC).await;
     assert_eq!(
-        pool.ejection_count(&addr(0)),
+        pool.ejection_count(addr(0)),
         1,
         "I12: one step per quiet interval"
     );
     advance(30 * SEC).await;
-    assert_eq!(pool.ejection_count(&addr(0)), 0);
+    assert_eq!(pool.ejection_count(addr(0)), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -362,7 +362,7 @@ async fn a_long_lived_connection_that_closes_is_replaced_without_backoff() {
     );
     assert_eq!(script.connects(), 2);
     assert_eq!(pool.stats().evictions.closed, 1);
-    assert_eq!(pool.ejection_count(&addr(0)), 0);
+    assert_eq!(pool.ejection_count(addr(0)), 0);
 }
 
 /// Issue 11, defect 2: a server that accepts every connection and closes it at once (a load
@@ -399,7 +399,7 @@ async fn i12_accept_then_close_backs_off_and_the_backoff_grows() {
     let closed = pool.stats().evictions.closed;
     assert!(closed + 1 >= times.len() as u64);
     assert_eq!(
-        u64::from(pool.ejection_count(&addr(0))),
+        u64::from(pool.ejection_count(addr(0))),
         closed,
         "I12 violated: each connection that died young is one ejection"
     );
@@ -423,7 +423,7 @@ async fn an_invalid_address_is_refused_without_a_connect_attempt() {
         "a b:1",
         "::1:80",
     ] {
-        match pool.get_or_connect(&bad.into()).await {
+        match pool.get_or_connect(bad).await {
             Err(PoolError::InvalidAddress { addr, reason }) => {
                 assert_eq!(addr.as_str(), bad);
                 assert!(!reason.is_empty());
@@ -476,7 +476,7 @@ async fn get_or_connect_when_full_rejects_or_evicts_by_policy() {
     pool.get_or_connect(&addr(0)).await.unwrap();
     assert!(matches!(
         pool.get_or_connect(&addr(1)).await,
-        Err(PoolError::AtCapacity { max: 1 })
+        Err(PoolError::AtCapacity { max: 1, live: 1, connecting: 0 })
     ));
     assert_eq!(pool.stats().rejected_capacity, 1);
 
@@ -489,7 +489,7 @@ async fn get_or_connect_when_full_rejects_or_evicts_by_policy() {
     lru.get_or_connect(&addr(0)).await.unwrap();
     let b = lru.get_or_connect(&addr(1)).await.unwrap();
     assert_eq!(lru.len(), 1);
-    assert_eq!(lru.peek(&addr(1)).unwrap().id(), b.id());
+    assert_eq!(lru.peek(addr(1)).unwrap().id(), b.id());
     // With a call in flight on the only connection, there is no room to make.
     let call = b.begin();
     assert!(matches!(

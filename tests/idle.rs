@@ -18,7 +18,7 @@ fn pool() -> ConnectionPool<u32> {
 async fn i5_connection_with_call_in_flight_is_never_evicted_as_idle() {
     let pool = pool();
     pool.insert(addr(0), 0);
-    let conn = pool.get(&addr(0)).unwrap();
+    let conn = pool.get(addr(0)).unwrap();
     let call = conn.begin();
     advance(10 * MAX_IDLE).await;
     assert_eq!(
@@ -26,7 +26,7 @@ async fn i5_connection_with_call_in_flight_is_never_evicted_as_idle() {
         0,
         "I5 violated: evicted with a call in flight"
     );
-    assert!(pool.peek(&addr(0)).is_some());
+    assert!(pool.peek(addr(0)).is_some());
     call.success();
     // Finishing the call is a use: still not idle for another MAX_IDLE. (Sleeps may overshoot by
     // a hair under madsim, so edges are tested ±1 ms here and exactly in src/sweep.rs.)
@@ -45,11 +45,11 @@ async fn i5_connection_with_call_in_flight_is_never_evicted_as_idle() {
 async fn i5_cancelled_call_also_protects_while_in_flight() {
     let pool = pool();
     pool.insert(addr(0), 0);
-    let call = pool.get(&addr(0)).unwrap().begin();
+    let call = pool.get(addr(0)).unwrap().begin();
     advance(2 * MAX_IDLE).await;
     assert_eq!(pool.evict_idle().await, 0, "I5 violated");
     drop(call); // cancelled: no outcome, but the clock moved and the call is no longer in flight
-    let m = pool.get_metrics(&addr(0)).unwrap();
+    let m = pool.get_metrics(addr(0)).unwrap();
     assert_eq!(
         (m.in_flight(), m.cancelled_count(), m.request_count()),
         (0, 1, 0)
@@ -63,7 +63,7 @@ async fn i5_get_moves_the_idle_clock() {
     let pool = pool();
     pool.insert(addr(0), 0);
     advance(MAX_IDLE - MS).await;
-    pool.get(&addr(0)).unwrap();
+    pool.get(addr(0)).unwrap();
     advance(MAX_IDLE - MS).await;
     assert_eq!(
         pool.evict_idle().await,
@@ -84,8 +84,8 @@ async fn i5_recorded_results_move_the_idle_clock() {
     pool.insert(addr(0), 0);
     pool.insert(addr(1), 1);
     advance(MAX_IDLE).await;
-    pool.record_success(&addr(0), 2 * MS);
-    pool.record_error(&addr(1));
+    pool.record_success(addr(0), 2 * MS);
+    pool.record_error(addr(1));
     advance(MS).await;
     assert_eq!(
         pool.evict_idle().await,
@@ -101,8 +101,8 @@ async fn i5_peek_does_not_move_the_idle_clock() {
     let pool = pool();
     pool.insert(addr(0), 0);
     advance(MAX_IDLE).await;
-    pool.peek(&addr(0)).unwrap();
-    pool.get_metrics(&addr(0)).unwrap();
+    pool.peek(addr(0)).unwrap();
+    pool.get_metrics(addr(0)).unwrap();
     advance(MS).await;
     assert_eq!(pool.evict_idle().await, 1);
 }
@@ -115,16 +115,16 @@ async fn i6_idle_connection_gone_by_max_idle_plus_interval() {
     pool.insert(addr(1), 1);
     let _task = pool.start_cleanup_task(interval);
     // Keep addr(1) busy the whole time.
-    let call = pool.get(&addr(1)).unwrap().begin();
+    let call = pool.get(addr(1)).unwrap().begin();
     advance(MAX_IDLE).await;
-    assert!(pool.peek(&addr(0)).is_some(), "evicted before max_idle");
+    assert!(pool.peek(addr(0)).is_some(), "evicted before max_idle");
     advance(interval + MS).await;
     assert!(
-        pool.peek(&addr(0)).is_none(),
+        pool.peek(addr(0)).is_none(),
         "I6 violated: idle past max_idle + interval"
     );
     assert!(
-        pool.peek(&addr(1)).is_some(),
+        pool.peek(addr(1)).is_some(),
         "I5 violated by the cleanup task"
     );
     drop(call);
@@ -151,7 +151,7 @@ async fn zero_max_idle_disables_idle_eviction() {
 async fn a_large_sweep_yields_part_way() {
     let pool = pool();
     for i in 0..1000 {
-        pool.insert(format!("10.1.{}.{}:1", i / 250, i % 250).into(), i);
+        pool.insert(format!("10.1.{}.{}:1", i / 250, i % 250), i);
     }
     advance(MAX_IDLE + MS).await;
     let mut sweep = std::pin::pin!(pool.evict_idle());

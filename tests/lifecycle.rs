@@ -122,7 +122,7 @@ async fn i17_aborting_the_task_handle_does_not_hang_shutdown() {
 async fn cleanup_task_evicts_unhealthy_connections_too() {
     let (pool, script) = scripted();
     pool.insert(addr(0), Conn::new(0));
-    let conn = pool.get(&addr(0)).unwrap();
+    let conn = pool.get(addr(0)).unwrap();
     for _ in 0..5 {
         conn.begin().failure();
     }

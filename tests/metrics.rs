@@ -12,10 +12,10 @@ use keyed_pool::ConnectionPool;
 async fn i13_results_on_a_replaced_connection_never_reach_its_successor() {
     let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
     pool.insert(addr(0), 1);
-    let old = pool.get(&addr(0)).unwrap();
+    let old = pool.get(addr(0)).unwrap();
     let call = old.begin();
     pool.insert(addr(0), 2); // replaced while a call is in flight
-    let new = pool.get(&addr(0)).unwrap();
+    let new = pool.get(addr(0)).unwrap();
     assert_ne!(old.id(), new.id(), "every connection has its own id");
     call.failure();
     for _ in 0..10 {
@@ -34,7 +34,7 @@ async fn i13_results_on_a_replaced_connection_never_reach_its_successor() {
         "I13 violated: the successor inherited its predecessor's results"
     );
     assert!(
-        pool.get(&addr(0)).is_some(),
+        pool.get(addr(0)).is_some(),
         "I13 violated: the successor was condemned"
     );
     assert_eq!(old.metrics().total_errors(), 21);
@@ -44,12 +44,12 @@ async fn i13_results_on_a_replaced_connection_never_reach_its_successor() {
 async fn i13_results_on_a_removed_connection_never_reach_a_new_one() {
     let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
     pool.insert(addr(0), 1);
-    let old = pool.remove(&addr(0)).unwrap();
+    let old = pool.take_unclosed(addr(0)).unwrap();
     pool.insert(addr(0), 2);
     old.record_success(5 * MS);
     old.record_error();
     assert_eq!(
-        pool.get_metrics(&addr(0)).unwrap().request_count(),
+        pool.get_metrics(addr(0)).unwrap().request_count(),
         0,
         "I13 violated"
     );
@@ -59,14 +59,14 @@ async fn i13_results_on_a_removed_connection_never_reach_a_new_one() {
 async fn i14_removing_one_id_never_removes_another() {
     let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
     pool.insert(addr(0), 1);
-    let first = pool.get(&addr(0)).unwrap();
+    let first = pool.get(addr(0)).unwrap();
     pool.insert(addr(0), 2);
     assert!(
         !pool.remove_connection(&first),
         "I14 violated: (addr, id1) removed (addr, id2)"
     );
-    assert_eq!(pool.get(&addr(0)).map(|c| *c.client()), Some(2));
-    let second = pool.get(&addr(0)).unwrap();
+    assert_eq!(pool.get(addr(0)).map(|c| *c.client()), Some(2));
+    let second = pool.get(addr(0)).unwrap();
     assert!(pool.remove_connection(&second));
     assert!(
         !pool.remove_connection(&second),
@@ -80,7 +80,7 @@ async fn i14_removing_one_id_never_removes_another() {
 async fn latency_is_kept_in_microseconds_and_averaged_over_successes_only() {
     let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
     pool.insert(addr(0), 0);
-    let conn = pool.get(&addr(0)).unwrap();
+    let conn = pool.get(addr(0)).unwrap();
     let call = conn.begin();
     advance(2 * MS).await; // tokio's timer has millisecond resolution
     call.success();
@@ -107,8 +107,8 @@ async fn stats_count_live_healthy_idle_and_in_flight() {
         pool.insert(addr(i), i as u32);
     }
     advance(11 * SEC).await;
-    let call = pool.get(&addr(0)).unwrap().begin();
-    pool.peek(&addr(1)).unwrap().mark_closed(); // peek: no touch
+    let call = pool.get(addr(0)).unwrap().begin();
+    pool.peek(addr(1)).unwrap().mark_closed(); // peek: no touch
     let s = pool.stats();
     assert_eq!((s.total, s.healthy, s.idle, s.in_flight), (3, 2, 2, 1));
     assert_eq!(s.max_connections, 4);

@@ -27,7 +27,7 @@ fn pool() -> ConnectionPool<TcpConnection, TcpConnector> {
 #[tokio::test]
 async fn tcp_connector_connects_exchanges_and_backs_off_from_a_dead_server() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string().into();
+    let addr = listener.local_addr().unwrap().to_string();
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut buf = [0u8; 4];

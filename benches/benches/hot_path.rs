@@ -266,15 +266,16 @@ fn group_clock(c: &mut Criterion) {
 /// A connector that validates addresses as the crate's TCP and remoting connectors do.
 struct ValidatingConnector;
 
-impl keyed_pool::Connector<u64> for ValidatingConnector {
+impl keyed_pool::Connector for ValidatingConnector {
+    type Conn = u64;
     type Error = std::convert::Infallible;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<u64, Self::Error> {
+    async fn connect(&self, _addr: &str) -> Result<u64, Self::Error> {
         Ok(0)
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
     }
 }
 

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cheetah_string::CheetahString;
 use keyed_pool::{ConnId, ConnectionPool, Connector};
 use keyed_pool_benches::{Percentiles, addrs};
 use tokio::sync::watch;
@@ -29,10 +28,11 @@ struct CountingConnector {
     delay: Option<Duration>,
 }
 
-impl Connector<u64> for CountingConnector {
+impl Connector for CountingConnector {
+    type Conn = u64;
     type Error = Infallible;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<u64, Infallible> {
+    async fn connect(&self, _addr: &str) -> Result<u64, Infallible> {
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }

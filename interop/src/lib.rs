@@ -51,10 +51,11 @@ impl Default for RedisConnector {
     }
 }
 
-impl Connector<MultiplexedConnection> for RedisConnector {
+impl Connector for RedisConnector {
+    type Conn = MultiplexedConnection;
     type Error = RedisError;
 
-    async fn connect(&self, addr: &CheetahString) -> Result<MultiplexedConnection, RedisError> {
+    async fn connect(&self, addr: &str) -> Result<MultiplexedConnection, RedisError> {
         let mut config = AsyncConnectionConfig::new();
         if let Some(timeout) = self.response_timeout {
             config = config.set_response_timeout(timeout);
@@ -65,8 +66,8 @@ impl Connector<MultiplexedConnection> for RedisConnector {
             .await
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
     }
 
     async fn probe(&self, conn: &MultiplexedConnection) -> Result<(), RedisError> {
@@ -107,7 +108,7 @@ pub fn is_connection_error(err: &RedisError) -> bool {
 /// # Cancel safety
 /// Cancel safe: a dropped call is recorded as cancelled; the command may still reach the server.
 pub async fn call<T: FromRedisValue>(
-    pool: &ConnectionPool<MultiplexedConnection, impl Connector<MultiplexedConnection>>,
+    pool: &ConnectionPool<MultiplexedConnection, impl Connector<Conn = MultiplexedConnection>>,
     addr: &CheetahString,
     cmd: &Cmd,
 ) -> Result<T, CallError> {

@@ -29,16 +29,17 @@ impl std::fmt::Display for Offline {
 
 impl std::error::Error for Offline {}
 
-impl Connector<()> for ValidatingConnector {
+impl Connector for ValidatingConnector {
+    type Conn = ();
     type Error = Offline;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<(), Offline> {
+    async fn connect(&self, _addr: &str) -> Result<(), Offline> {
         self.connects.fetch_add(1, Ordering::SeqCst);
         Err(Offline)
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        validate_addr(addr)
     }
 }
 

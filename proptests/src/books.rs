@@ -498,10 +498,11 @@ impl BooksConnector {
     }
 }
 
-impl Connector<BookConn> for BooksConnector {
+impl Connector for BooksConnector {
+    type Conn = BookConn;
     type Error = BooksError;
 
-    async fn connect(&self, addr: &CheetahString) -> Result<BookConn, BooksError> {
+    async fn connect(&self, addr: &str) -> Result<BookConn, BooksError> {
         self.connects.fetch_add(1, SeqCst);
         let i = self
             .cfg
@@ -525,7 +526,7 @@ impl Connector<BookConn> for BooksConnector {
                 return Err(BooksError);
             }
         }
-        let conn = self.make(addr, Origin::Connected);
+        let conn = self.make(&addr.into(), Origin::Connected);
         self.count_open(&lock(&self.entries), conn.serial);
         Ok(conn)
     }

@@ -301,15 +301,15 @@ fn workout(pool: ConnectionPool<FakeConn, ScriptedConnector>, config: &PoolConfi
             pool.insert(addr(i), FakeConn::new(u64::from(i)));
             cap(&pool);
         }
-        if let Some(conn) = pool.get(&addr(0)) {
+        if let Some(conn) = pool.get(addr(0)) {
             for _ in 0..25 {
                 let call = conn.begin();
                 let _ = call.failure();
             }
             conn.begin().success();
         }
-        pool.record_error(&addr(1));
-        pool.record_success(&addr(1), Duration::MAX);
+        pool.record_error(addr(1));
+        pool.record_success(addr(1), Duration::MAX);
         let _ = pool.evict_unhealthy().await;
         for script in [ConnectScript::Fail, ConnectScript::Fail, ConnectScript::Ok] {
             pool.connector().script(Some(script));
@@ -317,9 +317,9 @@ fn workout(pool: ConnectionPool<FakeConn, ScriptedConnector>, config: &PoolConfi
             cap(&pool);
         }
         pool.connector().script(None);
-        let _ = pool.backoff_until(&addr(4));
-        let _ = pool.ejection_count(&addr(4));
-        pool.mark_up(&addr(4));
+        let _ = pool.backoff_until(addr(4));
+        let _ = pool.ejection_count(addr(4));
+        pool.mark_up(addr(4));
         pool.connector().script(Some(ConnectScript::Ok));
         if let Ok(conn) = pool.get_or_connect(&addr(4)).await {
             conn.mark_closed(); // dies young: a failure of its address

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keyed_pool::core::UnhealthyReason;
 use keyed_pool::{
-    CallGuard, CheetahString, ConnectionPool, Connector, PoolError, PooledConnection,
+    CallGuard, ConnectionPool, Connector, PoolError, PooledConnection,
 };
 use tokio::time::Instant;
 
@@ -116,10 +116,11 @@ impl ScriptedConnector {
     }
 }
 
-impl Connector<FakeConn> for ScriptedConnector {
+impl Connector for ScriptedConnector {
+    type Conn = FakeConn;
     type Error = ScriptedError;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<FakeConn, ScriptedError> {
+    async fn connect(&self, _addr: &str) -> Result<FakeConn, ScriptedError> {
         self.connects.fetch_add(1, Ordering::SeqCst);
         let _running = Running::new(&self.running);
         let script = self.next.lock().expect("script lock").take();
@@ -256,7 +257,7 @@ impl Harness {
             let a = rise.addr;
             let Some(until) = self
                 .pool
-                .backoff_until(&addr(a))
+                .backoff_until(addr(a))
                 .map(|t| self.since_start(t))
             else {
                 return Err(format!(
@@ -330,8 +331,8 @@ impl Harness {
                         self.adopt(a, conn)?;
                     }
                     (InsertPlan::Closed, Err(PoolError::Closed)) => {}
-                    (InsertPlan::Rejected, Err(PoolError::AtCapacity { max }))
-                        if max == self.m.s.max => {}
+                    (InsertPlan::Rejected, Err(PoolError::AtCapacity { max, live, connecting }))
+                        if max == self.m.s.max && live + connecting == max => {}
                     (InsertPlan::Placed, Err(e)) if replacing => {
                         return Err(format!(
                             "I2 violated: re-inserting a present address failed: {e}"
@@ -361,13 +362,13 @@ impl Harness {
             Op::Get { addr: a } => {
                 let a = a % ADDRS;
                 let want = self.m.get(a);
-                let got = self.pool.get(&addr(a));
+                let got = self.pool.get(addr(a));
                 self.compare_get(a, want, got.as_ref())?;
             }
             Op::Remove { addr: a } => {
                 let a = a % ADDRS;
                 let want = self.m.remove(a);
-                let got = self.pool.remove(&addr(a));
+                let got = self.pool.take_unclosed(addr(a));
                 let got_idx = got.as_ref().and_then(|c| self.idx(c));
                 ensure(want == got_idx, || {
                     format!(
@@ -452,14 +453,14 @@ impl Harness {
                 if let Some(&i) = self.m.live.get(&a) {
                     self.m.success(i, latency);
                 }
-                self.pool.record_success(&addr(a), latency);
+                self.pool.record_success(addr(a), latency);
             }
             Op::RecordError { addr: a } => {
                 let a = a % ADDRS;
                 if let Some(&i) = self.m.live.get(&a) {
                     self.m.failure(i);
                 }
-                self.pool.record_error(&addr(a));
+                self.pool.record_error(addr(a));
             }
             Op::Advance(step) => {
                 let d = self.step(step);
@@ -608,7 +609,7 @@ impl Harness {
             Op::MarkUp { addr: a } => {
                 let a = a % ADDRS;
                 self.m.mark_up(a);
-                self.pool.mark_up(&addr(a));
+                self.pool.mark_up(addr(a));
             }
             Op::CloseWhileConnecting { addr: a, script } => {
                 self.close_while_connecting(a % ADDRS, script).await?;
@@ -713,7 +714,7 @@ impl Harness {
     /// Whether connection `i` is the one the pool holds for its address.
     fn pooled(&self, i: usize) -> bool {
         self.pool
-            .peek(&addr(self.m.conns[i].addr))
+            .peek(addr(self.m.conns[i].addr))
             .is_some_and(|c| c.id().get() == self.m.conns[i].id)
     }
 
@@ -870,7 +871,14 @@ impl Harness {
                     )
                 },
             ),
-            (ConnectPlan::AtCapacity, Err(PoolError::AtCapacity { max })) if max == s.max => Ok(()),
+            (
+                ConnectPlan::AtCapacity,
+                Err(PoolError::AtCapacity {
+                    max,
+                    live,
+                    connecting,
+                }),
+            ) if max == s.max && live + connecting == max => Ok(()),
             (ConnectPlan::Connected, Ok(conn)) => {
                 ensure(self.idx(&conn).is_none(), || {
                     format!(
@@ -944,15 +952,15 @@ impl Harness {
             )
         })?;
         for a in 0..ADDRS {
-            let got = self.pool.peek(&addr(a)).map(|c| c.id().get());
+            let got = self.pool.peek(addr(a)).map(|c| c.id().get());
             let want = m.live.get(&a).map(|&i| m.conns[i].id);
             ensure(got == want, || {
                 format!("I14 violated: {} holds {got:?}, model {want:?}", addr(a))
             })?;
             let e = m.ejection(a);
             let (count, failures) = (
-                self.pool.ejection_count(&addr(a)),
-                self.pool.backoff_failures(&addr(a)),
+                self.pool.ejection_count(addr(a)),
+                self.pool.backoff_failures(addr(a)),
             );
             let want = m.count(a);
             ensure(count == want && failures == want, || {
@@ -964,7 +972,7 @@ impl Harness {
             })?;
             let until = self
                 .pool
-                .backoff_until(&addr(a))
+                .backoff_until(addr(a))
                 .map(|t| self.since_start(t));
             let want_until = e.backing_off(m.now).then_some(e.until);
             ensure(until == want_until, || {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, ConnectionPool, Connector, PoolError, WhenFull};
+use keyed_pool::{ConnectionPool, Connector, PoolError, WhenFull};
 use keyed_pool_proptests::{ConnectScript, FakeConn, ScriptedConnector, addr};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -129,7 +129,7 @@ fn i1_i3_cap_holds_at_every_instant() {
                                         held.push(c);
                                     }
                                 }
-                                4 => drop(pool.remove(&a)),
+                                4 => drop(pool.take_unclosed(&a)),
                                 5 => {
                                     if let Some(c) = held.pop() {
                                         pool.remove_connection(&c);
@@ -182,10 +182,11 @@ struct YieldingConnector {
     n: AtomicU64,
 }
 
-impl Connector<FakeConn> for YieldingConnector {
+impl Connector for YieldingConnector {
+    type Conn = FakeConn;
     type Error = std::io::Error;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<FakeConn, std::io::Error> {
+    async fn connect(&self, _addr: &str) -> Result<FakeConn, std::io::Error> {
         let n = self.n.fetch_add(1, Ordering::Relaxed);
         tokio::task::yield_now().await;
         if n % 3 == 2 {
@@ -213,10 +214,11 @@ struct GatedConnector {
     fail: bool,
 }
 
-impl Connector<FakeConn> for GatedConnector {
+impl Connector for GatedConnector {
+    type Conn = FakeConn;
     type Error = std::io::Error;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<FakeConn, std::io::Error> {
+    async fn connect(&self, _addr: &str) -> Result<FakeConn, std::io::Error> {
         let n = self.connects.fetch_add(1, Ordering::SeqCst);
         let mut gate = self.gate.clone();
         gate.wait_for(|open| *open)

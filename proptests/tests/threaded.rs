@@ -293,7 +293,7 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
     let mut events = Vec::with_capacity(steps.len());
     for &step in steps {
         let (inv, op, res, ret) = match step {
-            Step::InsertIfEmpty(a) if pool.peek(&addr(a)).is_some() => continue,
+            Step::InsertIfEmpty(a) if pool.peek(addr(a)).is_some() => continue,
             Step::TryInsert(a) | Step::Insert(a) | Step::InsertIfEmpty(a) => {
                 let conn = books.by_hand(&addr(a));
                 let serial = conn.serial();
@@ -319,7 +319,7 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
                     Ok(pooled) => {
                         books.accepted(serial);
                         let handle = pooled
-                            .or_else(|| pool.peek(&addr(a)).filter(|c| serial_of(c) == serial));
+                            .or_else(|| pool.peek(addr(a)).filter(|c| serial_of(c) == serial));
                         if let Some(c) = handle {
                             hold(&mut held, c);
                         }
@@ -337,7 +337,7 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
             }
             Step::Get(a) => {
                 let inv = tick();
-                let got = pool.get(&addr(a));
+                let got = pool.get(addr(a));
                 let ret = tick();
                 let res = Res::Found(got.as_ref().map(serial_of));
                 if let Some(c) = got {
@@ -347,7 +347,7 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
             }
             Step::Remove(a) => {
                 let inv = tick();
-                let got = pool.remove(&addr(a));
+                let got = pool.take_unclosed(addr(a));
                 let ret = tick();
                 let res = Res::Found(got.as_ref().map(serial_of));
                 // The connection is the caller's now: close it, as its owner.
@@ -395,7 +395,7 @@ fn run_thread(pool: &Pool, clock: &AtomicU64, rt: &Handle, t: usize, steps: &[St
             }
             Step::Call(a, ok) => {
                 let inv = tick();
-                let got = pool.get(&addr(a));
+                let got = pool.get(addr(a));
                 if let Some(c) = &got {
                     let call = c.begin();
                     std::thread::yield_now();

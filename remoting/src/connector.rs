@@ -1,7 +1,6 @@
 //! [`RemotingConnector`]: the pool's [`Connector`] for [`RemotingClient`]s, and [`pool_request`],
 //! a request made through the pool whose outcome feeds the connection's health.
 
-use cheetah_string::CheetahString;
 
 use crate::client::{ClientConfig, RemotingClient, RemotingError};
 use crate::codec::{RemotingCommand, code};
@@ -41,15 +40,16 @@ impl RemotingConnector {
     }
 }
 
-impl Connector<RemotingClient> for RemotingConnector {
+impl Connector for RemotingConnector {
+    type Conn = RemotingClient;
     type Error = RemotingError;
 
-    async fn connect(&self, addr: &CheetahString) -> Result<RemotingClient, RemotingError> {
-        RemotingClient::connect(addr.as_str(), self.config.clone()).await
+    async fn connect(&self, addr: &str) -> Result<RemotingClient, RemotingError> {
+        RemotingClient::connect(addr, self.config.clone()).await
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
     }
 
     fn is_open(&self, conn: &RemotingClient) -> bool {
@@ -105,11 +105,11 @@ pub fn is_server_failure(response_code: i32) -> bool {
 /// Cancel safe: a dropped call is recorded as cancelled, the request is forgotten.
 pub async fn pool_request<K>(
     pool: &ConnectionPool<RemotingClient, K>,
-    addr: &CheetahString,
+    addr: impl AsRef<str>,
     cmd: RemotingCommand,
 ) -> Result<RemotingCommand, CallError>
 where
-    K: Connector<RemotingClient>,
+    K: Connector<Conn = RemotingClient>,
 {
     let conn = pool.get_or_connect(addr).await?;
     let call = conn.begin();

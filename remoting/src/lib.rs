@@ -5,18 +5,17 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), keyed_pool_remoting::CallError> {
 //! use keyed_pool::ConnectionPool;
-//! use keyed_pool_remoting::{pool_request, RemotingClient, RemotingCommand, RemotingConnector};
+//! use keyed_pool_remoting::{pool_request, RemotingCommand, RemotingConnector};
 //! use keyed_pool_remoting::codec::code;
 //!
 //! let pool = ConnectionPool::builder()
 //!     .connector(RemotingConnector::default())
-//!     .build::<RemotingClient>()
+//!     .build()
 //!     .expect("valid config");
-//! let addr = "127.0.0.1:9876".into();
 //! let get = RemotingCommand::request(code::GET_KV_CONFIG)
 //!     .with_field("namespace", "demo")
 //!     .with_field("key", "greeting");
-//! let response = pool_request(&pool, &addr, get).await?;   // connects on first use
+//! let response = pool_request(&pool, "127.0.0.1:9876", get).await?;   // connects on first use
 //! println!("{:?}", response.field("value"));
 //! # Ok(()) }
 //! ```

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, Connector};
+use keyed_pool::Connector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -210,18 +210,19 @@ impl SimConnector {
     }
 }
 
-impl Connector<SimConn> for SimConnector {
+impl Connector for SimConnector {
+    type Conn = SimConn;
     type Error = io::Error;
 
-    async fn connect(&self, addr: &CheetahString) -> io::Result<SimConn> {
-        let attempt: ConnectAttempt = self.reg.begin_connect(addr.as_str());
+    async fn connect(&self, addr: &str) -> io::Result<SimConn> {
+        let attempt: ConnectAttempt = self.reg.begin_connect(addr);
         let dialed = self
-            .dial(addr.as_str(), |local| attempt.socket(local))
+            .dial(addr, |local| attempt.socket(local))
             .await;
         match dialed {
             Ok(stream) => {
                 attempt.finish(true);
-                Ok(self.adopt(addr.as_str(), stream, false))
+                Ok(self.adopt(addr, stream, false))
             }
             Err(err) => {
                 attempt.finish(false);
@@ -230,8 +231,8 @@ impl Connector<SimConn> for SimConnector {
         }
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
     }
 
     fn is_open(&self, conn: &SimConn) -> bool {

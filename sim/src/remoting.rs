@@ -176,16 +176,17 @@ impl Booked {
     }
 }
 
-impl Connector<Tagged> for Booked {
+impl Connector for Booked {
+    type Conn = Tagged;
     type Error = keyed_pool_remoting::RemotingError;
 
-    async fn connect(&self, addr: &CheetahString) -> Result<Tagged, Self::Error> {
+    async fn connect(&self, addr: &str) -> Result<Tagged, Self::Error> {
         self.books.connecting.fetch_add(1, Ordering::SeqCst);
         let connecting = Connecting(Arc::clone(&self.books));
         self.check_cap(&format!("connect to {addr}"));
         let client = self.inner.connect(addr).await?;
         drop(connecting);
-        self.books.opened(addr.as_str(), 1);
+        self.books.opened(addr, 1);
         self.books.live.fetch_add(1, Ordering::SeqCst);
         Ok(Tagged {
             serial: self.books.next_serial.fetch_add(1, Ordering::SeqCst),
@@ -196,7 +197,7 @@ impl Connector<Tagged> for Booked {
         })
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
+    fn validate(&self, addr: &str) -> Result<(), String> {
         self.inner.validate(addr)
     }
 
@@ -311,7 +312,7 @@ impl Run {
             Err(PoolError::Backoff { retry_after, .. }) => {
                 return Err(format!("backoff {retry_after:?}"));
             }
-            Err(PoolError::AtCapacity { max }) => {
+            Err(PoolError::AtCapacity { max, .. }) => {
                 // I3 from outside: refused for capacity, so every slot holds a connection or a
                 // connect the connector sees, or one a caller of another server waits for.
                 let open = self.books.open.load(Ordering::SeqCst);

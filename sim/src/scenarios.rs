@@ -617,7 +617,7 @@ async fn cleanup_race() -> Outcome {
                             }
                         }
                         4 => {
-                            if let Some(conn) = pool.remove(&addr) {
+                            if let Some(conn) = pool.take_unclosed(&addr) {
                                 // The caller owns it now; close it as the pool would.
                                 ctx.reg.manual.store(true, Ordering::SeqCst);
                                 keyed_pool::Connector::close(pool.connector(), conn.client());

@@ -27,6 +27,9 @@ use crate::sync::atomic::{AtomicUsize, Ordering};
 pub struct CapacityLedger {
     max: usize,
     used: AtomicUsize,
+    /// How many of the `used` slots are reserved by connects in flight (for error messages and
+    /// stats: the cap is held against `used` alone).
+    connecting: AtomicUsize,
 }
 
 /// One capacity slot, held until dropped. Not `Clone`: a slot is released exactly once.
@@ -34,10 +37,31 @@ pub struct CapacityLedger {
 #[must_use = "dropping a permit releases its slot at once"]
 pub struct Permit {
     ledger: Arc<CapacityLedger>,
+    connecting: bool,
+}
+
+impl Permit {
+    /// Marks this slot as reserved by a connect in flight (counted in
+    /// [`CapacityLedger::connecting`]) until [`mark_live`](Self::mark_live) or drop.
+    pub fn mark_connecting(&mut self) {
+        if !self.connecting {
+            self.connecting = true;
+            self.ledger.connecting.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Marks this slot as held by a live connection.
+    pub fn mark_live(&mut self) {
+        if self.connecting {
+            self.connecting = false;
+            self.ledger.connecting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.mark_live();
         // Every permit was counted by `try_acquire`, so the count is at least 1 here.
         let prev = self.ledger.used.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(prev > 0, "a capacity slot was released twice");
@@ -50,6 +74,7 @@ impl CapacityLedger {
         Self {
             max,
             used: AtomicUsize::new(0),
+            connecting: AtomicUsize::new(0),
         }
     }
 
@@ -61,6 +86,12 @@ impl CapacityLedger {
     /// Slots held now (live connections plus connects in flight).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
+    }
+
+    /// Slots reserved by connects in flight now (a part of [`used`](Self::used); the two are
+    /// read apart, so under concurrent change they may disagree for a moment).
+    pub fn connecting(&self) -> usize {
+        self.connecting.load(Ordering::Acquire)
     }
 
     /// Takes one slot if one is free. Never lets the count exceed `max`.
@@ -77,6 +108,7 @@ impl CapacityLedger {
         };
         taken.then(|| Permit {
             ledger: Arc::clone(self),
+            connecting: false,
         })
     }
 }

@@ -84,10 +84,11 @@ impl Script {
     }
 }
 
-impl Connector<Conn> for Script {
+impl Connector for Script {
+    type Conn = Conn;
     type Error = ScriptError;
 
-    async fn connect(&self, _addr: &CheetahString) -> Result<Conn, ScriptError> {
+    async fn connect(&self, _addr: &str) -> Result<Conn, ScriptError> {
         let serial = self.0.connects.fetch_add(1, Ordering::SeqCst) + 1;
         self.0.connect_times.lock().unwrap().push(Instant::now());
         let outcome = self
@@ -120,8 +121,8 @@ impl Connector<Conn> for Script {
         }
     }
 
-    fn validate(&self, addr: &CheetahString) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr.as_str())
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
     }
 
     fn is_open(&self, conn: &Conn) -> bool {
