@@ -84,6 +84,26 @@ pub trait Connector: Send + Sync + 'static {
 /// The connector of a pool filled by hand with [`insert`](crate::ConnectionPool::insert), as the
 /// original pool was: it cannot connect, so such a pool has no `get_or_connect` (a compile-time
 /// error, not a run-time one), and every connection counts as open unless marked closed.
+///
+/// ```compile_fail
+/// # async fn f() {
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<String> = ConnectionPool::new(8, Duration::ZERO);
+/// // error[E0599]: `get_or_connect` exists only for pools built with a `Connector`.
+/// let _ = pool.get_or_connect("127.0.0.1:1").await;
+/// # }
+/// ```
+///
+/// The same pool filled by hand:
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<String> = ConnectionPool::new(8, Duration::ZERO);
+/// assert!(pool.insert("127.0.0.1:1", "a client".to_string()));
+/// assert!(pool.get("127.0.0.1:1").is_some());
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoConnector;
 
