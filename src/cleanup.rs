@@ -55,12 +55,17 @@ where
     K: ManagesConnections<C>,
 {
     /// Starts a task that runs [`evict_idle`](Self::evict_idle),
-    /// [`evict_unhealthy`](Self::evict_unhealthy) and [`prune_addresses`](Self::prune_addresses)
-    /// every `interval` (so an idle connection is gone by `max_idle + interval`, I6, and a settled
-    /// address by one interval after it settles, I18). An interval under 1 ms is raised to 1 ms.
+    /// [`evict_unhealthy`](Self::evict_unhealthy), [`probe_idle`](Self::probe_idle) (when
+    /// [`PoolConfig::probe_idle`](crate::PoolConfig::probe_idle) is set) and
+    /// [`prune_addresses`](Self::prune_addresses) every `interval` (so an idle connection is gone
+    /// by `max_idle + interval`, I6, a dead one found by `probe_idle + interval + probe timeout`,
+    /// and a settled address by one interval after it settles, I18). An interval under 1 ms is
+    /// raised to 1 ms.
     ///
-    /// The task holds only a weak reference: it ends when the last handle of the pool is dropped,
-    /// or on [`shutdown`](Self::shutdown) / [`close`](Self::close), which wait for it (I17).
+    /// The task holds only a weak reference between rounds: it ends when the last handle of the
+    /// pool is dropped (after the round under way, which a probing round can stretch by up to one
+    /// probe timeout), or on [`shutdown`](Self::shutdown) / [`close`](Self::close), which stop it
+    /// at once and wait for it (I17).
     /// Aborting the returned handle stops it too. Must be called inside a runtime.
     ///
     /// ```
@@ -115,9 +120,24 @@ where
                 }
                 let idle = pool.evict_idle().await;
                 let unhealthy = pool.evict_unhealthy().await;
+                // After the idle sweep, so nothing about to be evicted as idle is probed. A
+                // probing round waits on the network (up to one probe timeout): a stop ends it
+                // at once, dropping the probes in flight (they record nothing).
+                let probes = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|g| *g != generation) => break,
+                    round = pool.probe_idle() => round,
+                };
                 let forgotten = pool.prune_addresses().await;
-                if idle + unhealthy + forgotten > 0 {
-                    tracing::debug!(idle, unhealthy, forgotten, "cleanup sweep");
+                if idle + unhealthy + forgotten + probes.evicted > 0 {
+                    tracing::debug!(
+                        idle,
+                        unhealthy,
+                        forgotten,
+                        probed = probes.probed,
+                        probe_failures = probes.evicted,
+                        "cleanup sweep"
+                    );
                 }
             }
             tracing::debug!("cleanup task stopped");

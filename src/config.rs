@@ -44,6 +44,21 @@ pub struct PoolConfig {
     /// Shards of the address map; a power of two in `2..=4096`. Fixed rather than derived from the CPU count
     /// so that a simulation seed replays the same on any machine. Default: 32.
     pub shard_amount: usize,
+    /// Liveness between uses: each round of the cleanup task probes, through the connector's
+    /// [`probe`](crate::Connector::probe), every connection with no call in flight that has
+    /// neither been used nor probed for longer than this, so a connection whose server died is
+    /// found before a caller finds it. Must be below `max_idle`. A probe is not a use: it never
+    /// keeps a connection from being evicted as idle. `None` (the default) disables probing.
+    pub probe_idle: Option<Duration>,
+    /// Bound on each probe; a probe that has not answered by then counts as failed. `None` (the
+    /// default) uses `connect_timeout`.
+    pub probe_timeout: Option<Duration>,
+    /// How many probes one probing round runs at once; the rest wait their turn. Default: 16.
+    pub probe_concurrency: usize,
+    /// Check before use: [`get_or_connect`](crate::ConnectionPool::get_or_connect) probes a pooled
+    /// connection neither used nor probed for longer than this before handing it out, and connects
+    /// afresh if the probe fails. `None` (the default) hands pooled connections out unprobed.
+    pub check_idle_before_use: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -57,6 +72,10 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(3),
             when_full: WhenFull::Reject,
             shard_amount: 32,
+            probe_idle: None,
+            probe_timeout: None,
+            probe_concurrency: 16,
+            check_idle_before_use: None,
         }
     }
 }
@@ -85,6 +104,39 @@ impl PoolConfig {
                 shards: self.shard_amount,
             });
         }
+        self.validate_probing()
+    }
+
+    fn validate_probing(&self) -> Result<(), ConfigError> {
+        let short = |setting, value: Option<Duration>| match value {
+            Some(value) if value < Duration::from_millis(1) => {
+                Err(ConfigError::ProbeIdleTooShort { setting, value })
+            }
+            _ => Ok(()),
+        };
+        short("probe_idle", self.probe_idle)?;
+        short("check_idle_before_use", self.check_idle_before_use)?;
+        if let (Some(probe_idle), Some(max_idle)) = (self.probe_idle, self.max_idle)
+            && probe_idle >= max_idle
+        {
+            return Err(ConfigError::ProbeIdleNotBelowMaxIdle {
+                probe_idle,
+                max_idle,
+            });
+        }
+        if let Some(timeout) = self.probe_timeout
+            && timeout < Duration::from_millis(1)
+        {
+            return Err(ConfigError::ProbeTimeoutTooShort { timeout });
+        }
+        if self.probe_concurrency == 0 {
+            return Err(ConfigError::ZeroProbeConcurrency);
+        }
         Ok(())
+    }
+
+    /// The bound on one probe: `probe_timeout`, or else `connect_timeout`.
+    pub(crate) fn probe_timeout(&self) -> Duration {
+        self.probe_timeout.unwrap_or(self.connect_timeout)
     }
 }

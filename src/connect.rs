@@ -96,6 +96,10 @@ where
     ///   address backs off (I12): until the delay has passed, callers get [`PoolError::Backoff`] at
     ///   once, with the last cause. The delay grows with the address's ejection count, which a
     ///   successful connect does not reset (see [`ejection_count`](Self::ejection_count)).
+    /// - With [`check_idle_before_use`](crate::PoolConfig::check_idle_before_use) set, a pooled
+    ///   connection neither used nor probed for longer than it is [probed](Self::probe) first; if
+    ///   the probe fails the connection is evicted and the caller gets a fresh connect, or the
+    ///   backoff error if the failure backed the address off (a server that did not answer, I12).
     ///
     /// # Errors
     /// [`PoolError::InvalidAddress`] (no connect attempted), [`PoolError::Backoff`],
@@ -104,7 +108,8 @@ where
     ///
     /// # Cancel safety
     /// Cancel safe. Dropping the future at any await point leaks no slot and leaves no flight
-    /// behind: the connect runs in its own task, which pools its connection or returns its slot.
+    /// behind: the connect runs in its own task, which pools its connection or returns its slot;
+    /// a check before use dropped mid-probe records nothing and leaves no call in flight.
     /// A call racing [`close`](Self::close) returns [`PoolError::Closed`] or a connection that the
     /// close then closes.
     pub async fn get_or_connect(
@@ -115,7 +120,12 @@ where
         if self.is_closed() {
             return Err(PoolError::Closed);
         }
-        if let Some(conn) = self.get(addr) {
+        // With the check off, a hit costs a `get` and this one branch.
+        if let Some(quiet) = self.inner.config.check_idle_before_use {
+            if let Some(conn) = self.get_checked(addr, quiet).await {
+                return Ok(conn);
+            }
+        } else if let Some(conn) = self.get(addr) {
             return Ok(conn);
         }
         // Validated only on the way to a connect: a pooled address was validated when it was
@@ -229,8 +239,7 @@ where
                 PoolCounters::bump(&self.inner.counters.backoff_rejections);
                 return Decision::Done(Err(err));
             }
-            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire())
-            else {
+            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
                 return Decision::Full;
             };
             permit.mark_connecting();
@@ -416,10 +425,9 @@ where
             Ok(())
         })
     }
-
 }
 
-/// An address's backoff state, and active checks: for every pool, with or without a connector.
+/// An address's backoff state: for every pool, with or without a connector.
 impl<C, K> ConnectionPool<C, K>
 where
     C: Send + Sync + 'static,
@@ -460,35 +468,5 @@ where
             slot.cause = None;
         });
         tracing::debug!(addr = %addr, "marked up: backoff ended");
-    }
-
-    /// Checks `conn` actively with the connector's [`probe`](Connector::probe), bounded by the
-    /// connect timeout, and records the outcome as a call on it.
-    ///
-    /// # Errors
-    /// [`PoolError::Connect`] with the probe's error, or [`PoolError::ConnectTimeout`].
-    pub async fn probe(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
-        let timeout = self.inner.config.connect_timeout;
-        let call = conn.begin();
-        match tokio::time::timeout(timeout, self.inner.connector.probe_conn(conn.client())).await {
-            Ok(Ok(())) => {
-                call.success();
-                Ok(())
-            }
-            Ok(Err(cause)) => {
-                call.failure();
-                Err(PoolError::Connect {
-                    addr: conn.addr().clone(),
-                    cause,
-                })
-            }
-            Err(_) => {
-                call.failure();
-                Err(PoolError::ConnectTimeout {
-                    addr: conn.addr().clone(),
-                    timeout,
-                })
-            }
-        }
     }
 }

@@ -11,8 +11,11 @@ use std::future::Future;
 /// - [`validate`](Self::validate) before anything else, so a malformed address is refused with
 ///   [`PoolError::InvalidAddress`](crate::PoolError::InvalidAddress) without a connect attempt;
 /// - [`is_open`](Self::is_open) on every `get` (keep it cheap: a flag read, no I/O);
-/// - [`probe`](Self::probe) when it checks a connection actively
-///   ([`ConnectionPool::probe`](crate::ConnectionPool::probe));
+/// - [`probe`](Self::probe) when it checks a connection actively: on demand
+///   ([`ConnectionPool::probe`](crate::ConnectionPool::probe)), in the cleanup task for connections
+///   quiet longer than [`PoolConfig::probe_idle`](crate::PoolConfig::probe_idle), and before
+///   handing out one quiet longer than
+///   [`PoolConfig::check_idle_before_use`](crate::PoolConfig::check_idle_before_use);
 /// - [`close`](Self::close) when it evicts a connection or is closed (keep it quick: signal, do not
 ///   wait).
 ///
@@ -67,7 +70,10 @@ pub trait Connector: Send + Sync + 'static {
         true
     }
 
-    /// An active check (a cheap request). The default does nothing and succeeds.
+    /// An active check (a cheap request, such as a Redis `PING`), bounded by the pool's probe
+    /// timeout. An error (or no answer in time) while [`is_open`](Self::is_open) still says open
+    /// means the server does not answer: the connection is evicted as unhealthy and its address
+    /// backs off. Must be cancel safe. The default does nothing and succeeds.
     fn probe(&self, conn: &Self::Conn) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let _ = conn;
         async { Ok(()) }

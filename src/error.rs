@@ -207,6 +207,33 @@ pub enum ConfigError {
         /// The value given.
         shards: usize,
     },
+    /// `probe_idle` and `check_idle_before_use` must be at least 1 ms.
+    #[error("{setting} {value:?} is shorter than 1 ms")]
+    ProbeIdleTooShort {
+        /// Which setting.
+        setting: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// `probe_idle` must be below `max_idle`, or no connection would live long enough to be probed.
+    #[error(
+        "probe_idle {probe_idle:?} is not below max_idle {max_idle:?}: nothing would be probed"
+    )]
+    ProbeIdleNotBelowMaxIdle {
+        /// The `probe_idle` given.
+        probe_idle: Duration,
+        /// The `max_idle` given.
+        max_idle: Duration,
+    },
+    /// The probe timeout must be at least 1 ms.
+    #[error("probe timeout {timeout:?} is shorter than 1 ms")]
+    ProbeTimeoutTooShort {
+        /// The value given.
+        timeout: Duration,
+    },
+    /// At least one probe must be allowed at a time.
+    #[error("probe concurrency must be at least 1")]
+    ZeroProbeConcurrency,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod bounded;
 mod cleanup;
 mod config;
 mod connect;
@@ -10,9 +11,11 @@ pub mod core;
 mod error;
 mod metrics;
 mod pool;
+mod probe;
 mod slot;
 mod sweep;
 mod sync;
+mod warmup;
 // tokio compiles `tokio::net` out under `cfg(loom)` (its own loom switch, which the `--cfg loom`
 // of `scripts/loom.sh` also turns on), so the TCP connector is left out there. The loom tier
 // checks the core and the metrics, which use no socket.
@@ -26,6 +29,8 @@ pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
 pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
 pub use pool::{ConnectionPool, PoolBuilder};
+pub use probe::ProbeRound;
+pub use warmup::WarmUpReport;
 
 /// Proof, in CI, that the madsim build really is one: `.ci/run` requires this test to have passed.
 #[cfg(all(test, madsim))]

@@ -32,6 +32,9 @@ pub struct ConnectionMetrics {
     /// `FLAG_UNHEALTHY` (the record's latch closed) and `FLAG_CLOSED`, for a lock-free `get`.
     flags: AtomicU8,
     record: Mutex<CallRecord>,
+    /// Nanoseconds since `created_at` of the last liveness probe that ended (0: never). Apart from
+    /// the idle clock: a probe is not a use (I5, I6), but it spaces the next probe.
+    probed_ns: AtomicU64,
 }
 
 impl ConnectionMetrics {
@@ -45,6 +48,7 @@ impl ConnectionMetrics {
             claim: CallClaim::default(),
             flags: AtomicU8::new(0),
             record: Mutex::new(CallRecord::default()),
+            probed_ns: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +142,66 @@ impl ConnectionMetrics {
         self.claim.call_ended();
     }
 
+    /// A liveness probe starts: it counts as a call in flight (so no sweep evicts the connection
+    /// under it, I5) but does not move the idle clock (a probe is not a use, I6).
+    pub(crate) fn probe_started(&self) {
+        self.claim.call_started();
+    }
+
+    /// A liveness probe ended at `now` with `end`: its outcome is recorded as a call, the probe
+    /// clock moves, the idle clock does not. Returns the verdict after it.
+    pub(crate) fn probe_ended(&self, now: Instant, end: ProbeEnd) -> Verdict {
+        let at = self.at(now);
+        let verdict = {
+            let mut record = self.record.lock();
+            match end {
+                ProbeEnd::Answered(latency) => record.success(&self.health, at, latency),
+                ProbeEnd::Silent => {
+                    record.probe_failure(&self.health, at);
+                }
+                ProbeEnd::Closed => {
+                    record.failure(&self.health, at);
+                }
+                ProbeEnd::Dropped => {}
+            }
+            record
+                .unhealthy()
+                .map_or(Verdict::Healthy, Verdict::Unhealthy)
+        };
+        if verdict.is_unhealthy() {
+            self.flags.fetch_or(FLAG_UNHEALTHY, Ordering::AcqRel);
+        }
+        if end == ProbeEnd::Closed {
+            self.mark_closed();
+        }
+        if end != ProbeEnd::Dropped {
+            // At least 1 ns: 0 means "never probed".
+            let ns = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX).max(1);
+            self.probed_ns.fetch_max(ns, Ordering::AcqRel);
+        }
+        self.claim.call_ended();
+        verdict
+    }
+
+    /// When a liveness probe of this connection last ended, if one has.
+    pub fn last_probed(&self) -> Option<Instant> {
+        match self.probed_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.created_at + Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Time at `now` since the connection last showed it was alive: its last use or its last
+    /// probe, whichever is later. What [`PoolConfig::probe_idle`](crate::PoolConfig::probe_idle)
+    /// and [`PoolConfig::check_idle_before_use`](crate::PoolConfig::check_idle_before_use) are
+    /// compared with.
+    pub fn since_last_checked(&self, now: Instant) -> Duration {
+        let last = self
+            .last_used()
+            .max(self.last_probed().unwrap_or(self.created_at));
+        now.saturating_duration_since(last)
+    }
+
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
         self.record.lock().cancelled();
         self.touch(now);
@@ -224,6 +288,21 @@ impl ConnectionMetrics {
     pub fn record(&self) -> CallRecord {
         self.record.lock().clone()
     }
+}
+
+/// How a liveness probe ended, as [`ConnectionMetrics::probe_ended`] records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProbeEnd {
+    /// The server answered, after this long: a success.
+    Answered(Duration),
+    /// No answer (an error or the timeout) while the transport looked open: a failure, and
+    /// decisive (the server does not answer).
+    Silent,
+    /// The transport was found closed: a failure, and the connection is marked closed (so it is
+    /// evicted as closed, which backs its address off only if it died young, I12).
+    Closed,
+    /// The probe was dropped unfinished: nothing recorded, the probe clock stays.
+    Dropped,
 }
 
 /// Why a connection left the pool.

@@ -339,6 +339,32 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// See [`PoolConfig::probe_idle`]: the cleanup task probes connections quiet for longer than
+    /// `quiet`.
+    pub fn probe_idle(mut self, quiet: Duration) -> Self {
+        self.config.probe_idle = Some(quiet);
+        self
+    }
+
+    /// See [`PoolConfig::probe_timeout`].
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.config.probe_timeout = Some(timeout);
+        self
+    }
+
+    /// See [`PoolConfig::probe_concurrency`].
+    pub fn probe_concurrency(mut self, probes: usize) -> Self {
+        self.config.probe_concurrency = probes;
+        self
+    }
+
+    /// See [`PoolConfig::check_idle_before_use`]: `get_or_connect` probes a connection quiet for
+    /// longer than `quiet` before handing it out.
+    pub fn check_idle_before_use(mut self, quiet: Duration) -> Self {
+        self.config.check_idle_before_use = Some(quiet);
+        self
+    }
+
     /// Validates the configuration and builds the pool.
     ///
     /// # Errors
@@ -741,7 +767,8 @@ where
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
     pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref()).map(|conn| Arc::clone(conn.metrics()))
+        self.pooled(addr.as_ref())
+            .map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.

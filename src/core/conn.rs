@@ -129,6 +129,24 @@ impl CallRecord {
         verdict
     }
 
+    /// A failed liveness probe, finished `at`: counted as a failure (in the run and the window) and
+    /// decisive, so the latch closes with [`UnhealthyReason::ProbeFailed`] unless it had already
+    /// closed on another reason, which it keeps. Returns the verdict after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::core::{CallRecord, HealthPolicy, UnhealthyReason, Verdict};
+    /// let mut record = CallRecord::default();
+    /// let verdict = record.probe_failure(&HealthPolicy::default(), Duration::from_secs(1));
+    /// assert_eq!(verdict, Verdict::Unhealthy(UnhealthyReason::ProbeFailed));
+    /// assert_eq!(record.failures(), 1);
+    /// ```
+    pub fn probe_failure(&mut self, policy: &HealthPolicy, at: Duration) -> Verdict {
+        self.failure(policy, at);
+        let reason = *self.unhealthy.get_or_insert(UnhealthyReason::ProbeFailed);
+        Verdict::Unhealthy(reason)
+    }
+
     /// A call dropped before it finished: neither outcome.
     pub fn cancelled(&mut self) {
         self.cancelled += 1;

@@ -115,6 +115,10 @@ pub enum UnhealthyReason {
     },
     /// The transport is known closed (the connector's `is_open` said so, or `mark_closed`).
     Closed,
+    /// A liveness probe (the connector's `probe`) failed or timed out while the transport still
+    /// looked open: the server does not answer. Decisive on its own, unlike a call's failure,
+    /// which may be the application's (see `docs/DESIGN.md`, "Liveness between uses").
+    ProbeFailed,
 }
 
 impl fmt::Display for UnhealthyReason {
@@ -125,6 +129,7 @@ impl fmt::Display for UnhealthyReason {
                 write!(f, "{failures} of {total} calls failed in the window")
             }
             Self::Closed => f.write_str("transport closed"),
+            Self::ProbeFailed => f.write_str("liveness probe failed"),
         }
     }
 }
