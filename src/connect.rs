@@ -91,7 +91,8 @@ where
     /// - Concurrent callers for one address share a single connect and its result, error included
     ///   (I4).
     /// - A capacity slot is reserved before connecting and returned if the connect fails (I3).
-    /// - Waiting is bounded by the connect timeout (I16).
+    /// - Waiting is bounded by the connect timeout (I16), plus the probe timeout when a check
+    ///   before use probes (below).
     /// - After a failed connect, an unhealthy eviction, or a connection that died young, the
     ///   address backs off (I12): until the delay has passed, callers get [`PoolError::Backoff`] at
     ///   once, with the last cause. The delay grows with the address's ejection count, which a

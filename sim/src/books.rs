@@ -55,7 +55,12 @@ pub struct ConnBook {
     /// Last use as the client sees it, in virtual nanoseconds since the start.
     pub last_use_ns: AtomicU64,
     /// When a call's verdict said "unhealthy", in virtual nanoseconds since the start (0 = never).
+    /// A liveness probe the broker did not answer condemns it too (the pool's rule: decisive).
     pub condemned_ns: AtomicU64,
+    /// Liveness probes the broker answered (the pool records each as a successful call).
+    pub probes_ok: AtomicU64,
+    /// Liveness probes that failed or timed out (the pool records each as a failed call).
+    pub probes_failed: AtomicU64,
 }
 
 impl ConnBook {
@@ -185,6 +190,9 @@ pub struct Registry {
     /// While set, the pool may close healthy connections (close, drop, clear, manual removal), and
     /// what it closes is no ejection.
     pub manual: AtomicBool,
+    /// The pool's bound on a liveness probe: a probe the pool drops at it timed out (a failure it
+    /// records); one dropped sooner was cancelled (nothing recorded).
+    pub probe_timeout: Duration,
     /// The connector pings the broker before handing a connection out (default). Without it a
     /// connect is the TCP connect alone, as the library's TCP connector does.
     pub handshake: AtomicBool,
@@ -219,6 +227,7 @@ impl Registry {
             max_connections: config.max_connections,
             lru: config.when_full == keyed_pool::WhenFull::EvictLeastRecentlyUsed,
             manual: AtomicBool::new(false),
+            probe_timeout: config.probe_timeout.unwrap_or(config.connect_timeout),
             handshake: AtomicBool::new(true),
             sweep_ns: AtomicU64::new(0),
             brokers,
@@ -539,6 +548,8 @@ impl Registry {
             in_flight: AtomicU64::new(0),
             last_use_ns: AtomicU64::new(self.rec.now_ns()),
             condemned_ns: AtomicU64::new(0),
+            probes_ok: AtomicU64::new(0),
+            probes_failed: AtomicU64::new(0),
         });
         self.live.fetch_add(1, Ordering::SeqCst);
         self.open

@@ -151,6 +151,12 @@ pub const ALL: &[Scenario] = &[
         seed_cap: 0,
     },
     Scenario {
+        name: "silent-between-uses",
+        about: "brokers that hang while their connections sit idle: found by the cleanup task's probes before any call, compared with a pool that does not probe (I5, I6, I12)",
+        run: || Box::pin(silent_between_uses()),
+        seed_cap: 0,
+    },
+    Scenario {
         name: "churning-addresses",
         about: "100,000 addresses that each fail once, never used again, cleanup running: bounded per-address state (I18)",
         run: || Box::pin(churning_addresses()),
@@ -1036,6 +1042,126 @@ async fn fail_every_request() -> Outcome {
         .await;
     })
     .await
+}
+
+/// Rounds of `silent-between-uses`, per pool.
+const SILENT_ROUNDS: usize = 3;
+
+/// Servers that die silently between uses (deadpool #191, hyper #2136): each round, traffic to
+/// two brokers, then a quiet spell in which one of them hangs (paused: its connections stay open
+/// and nothing answers), then one call to each. Run twice in one world, on disjoint brokers: a
+/// pool without probing (brokers 0, 1), then one whose cleanup task probes connections quiet
+/// longer than `probe_idle` (brokers 2, 3).
+///
+/// Judged from the calls the scenario makes: without probing, every round's call to the hung
+/// broker goes out on its dead connection and times out; with probing, none does (the probe finds
+/// the connection first, the pool evicts it and backs the address off, and the caller gets an
+/// error from `get_or_connect` at once instead of a call that hangs). Every other check of the
+/// world runs throughout: the probes do not move the client's idle clock, so the close audit (I5)
+/// and I6 judge connections by their calls; a probe left unanswered condemns its connection in
+/// the books, so the unhealthy eviction it causes is an ejection they account for (I9, I12); the
+/// probes' outcomes are in the books' per-connection counts (I13).
+async fn silent_between_uses() -> Outcome {
+    let mut setup = Setup::new(4);
+    // Long enough that the quiet spells never make a connection idle: the dead one is still
+    // pooled when the calls come back, which is the case probing is for.
+    setup.config.max_idle = Some(Duration::from_secs(10));
+    setup.config.probe_timeout = Some(ms(200));
+    let probe_idle = ms(draw(500..1500));
+    let quiet = probe_idle * 2 + ms(draw(1000..3000));
+    let info = format!("probe_idle={probe_idle:?} quiet={quiet:?}");
+    world(setup, info, move |ctx| async move {
+        ctx.tidy.store(false, Ordering::SeqCst);
+        let plain = ctx.pool();
+        let without = silent_phase(&ctx, plain, [0, 1], quiet).await;
+        let mut config = ctx.setup.config.clone();
+        config.probe_idle = Some(probe_idle);
+        let probing = keyed_pool::ConnectionPool::builder()
+            .config(config)
+            .connector(crate::client::SimConnector {
+                reg: Arc::clone(&ctx.reg),
+            })
+            .build()
+            .expect("valid probing config");
+        let with = silent_phase(&ctx, probing, [2, 3], quiet).await;
+        trace!(
+            ctx.rec,
+            "calls on dead connections: {without} without probing, {with} with"
+        );
+        if with != 0 {
+            ctx.rec.fail(
+                "SIM",
+                format!("with probing, {with} call(s) went out on a connection to a hung broker"),
+            );
+        }
+        if without < SILENT_ROUNDS as u64 {
+            ctx.rec.fail(
+                "SIM",
+                format!(
+                    "without probing, only {without} call(s) in {SILENT_ROUNDS} rounds hit a hung \
+                     broker's connection: the comparison shows nothing"
+                ),
+            );
+        }
+    })
+    .await
+}
+
+/// One pool's run of `silent-between-uses`: returns the calls that failed (every call here is a
+/// ping, so a failure is a call on a dead connection). Ends with the liveness phase, quiescence
+/// and `close` (the next phase's pool is judged by the same books).
+async fn silent_phase(ctx: &Arc<Ctx>, pool: Pool, targets: [usize; 2], quiet: Duration) -> u64 {
+    ctx.stop.store(false, Ordering::SeqCst);
+    let cleanup = ctx.start_cleanup(&pool);
+    let monitor = ctx.monitor(&pool, ms(5));
+    let mut failed_calls = 0;
+    for round in 0..SILENT_ROUNDS {
+        // Traffic until each target has answered a call (a target may still be backing off from
+        // the previous round).
+        for &b in &targets {
+            let addr = &ctx.brokers[b].addr;
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                if let Ok(conn) = ctx.get_or_connect(&pool, addr).await
+                    && ctx.call(&conn, 0, 0).await.is_ok()
+                {
+                    break;
+                }
+                sleep(ms(20)).await;
+            }
+        }
+        ctx.step(&pool, format_args!("round {round}: traffic done"));
+        // The quiet spell: one target hangs early in it.
+        let victim = targets[draw(0..2) as usize];
+        let hang_at = ms(draw(50..400));
+        sleep(hang_at).await;
+        ctx.pause(victim);
+        sleep(quiet - hang_at).await;
+        ctx.step(
+            &pool,
+            format_args!("round {round}: quiet spell over, b{victim} hung"),
+        );
+        // The calls come back: one to each target.
+        for &b in &targets {
+            let addr = &ctx.brokers[b].addr;
+            if let Ok(conn) = ctx.get_or_connect(&pool, addr).await
+                && ctx.call(&conn, 0, 0).await.is_err()
+            {
+                failed_calls += 1;
+            }
+        }
+        ctx.resume(victim);
+        sleep(ms(500)).await;
+        ctx.step(&pool, format_args!("round {round}: b{victim} back"));
+    }
+    let targets = targets.to_vec();
+    ctx.liveness(&pool, &targets).await;
+    ctx.quiesce(&pool, cleanup).await;
+    let _ = monitor.await;
+    ctx.reg.manual.store(true, Ordering::SeqCst);
+    pool.close().await;
+    ctx.reg.manual.store(false, Ordering::SeqCst);
+    failed_calls
 }
 
 /// Addresses in `churning-addresses`.

@@ -398,7 +398,12 @@ impl Ctx {
             };
             let m = conn.metrics();
             if let Some(cm) = model.get(&conn.id().get()) {
-                if m.consecutive_errors() != cm.trailing {
+                // Liveness probes are recorded as calls too: the books count them (by outcome,
+                // not in order with the calls, so the trailing run is not judged once probed).
+                let book = &conn.client().book;
+                let probes_ok = book.probes_ok.load(Ordering::SeqCst);
+                let probes_failed = book.probes_failed.load(Ordering::SeqCst);
+                if probes_ok + probes_failed == 0 && m.consecutive_errors() != cm.trailing {
                     rec.fail(
                         "I10",
                         format!(
@@ -410,11 +415,14 @@ impl Ctx {
                         ),
                     );
                 }
-                if m.success_count() != cm.successes || m.total_errors() != cm.failures {
+                if m.success_count() != cm.successes + probes_ok
+                    || m.total_errors() != cm.failures + probes_failed
+                {
                     rec.fail(
                         "I13",
                         format!(
-                            "{} ({}): metrics say {} ok / {} failed, its own calls were {} / {}",
+                            "{} ({}): metrics say {} ok / {} failed, its own calls were {} / {} \
+                             and its probes {probes_ok} / {probes_failed}",
                             b.addr,
                             conn.id(),
                             m.success_count(),
