@@ -1161,6 +1161,7 @@ async fn silent_phase(ctx: &Arc<Ctx>, pool: Pool, targets: [usize; 2], quiet: Du
     ctx.reg.manual.store(true, Ordering::SeqCst);
     pool.close().await;
     ctx.reg.manual.store(false, Ordering::SeqCst);
+    ctx.forget_calls();
     failed_calls
 }
 

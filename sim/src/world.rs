@@ -191,6 +191,13 @@ impl Ctx {
             .expect("scenario config is valid")
     }
 
+    /// Forgets the model of the calls made so far, for a scenario that runs a second pool in the
+    /// same world once the first is closed: the model is keyed by connection id, and the new
+    /// pool's ids start again from 1.
+    pub fn forget_calls(&self) {
+        self.model.lock().expect("model lock").clear();
+    }
+
     /// Starts the cleanup task if the setup has one.
     pub fn start_cleanup(&self, pool: &Pool) -> Option<JoinHandle<()>> {
         let task = self.setup.cleanup.map(|i| pool.start_cleanup_task(i));
