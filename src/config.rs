@@ -136,7 +136,7 @@ impl PoolConfig {
     }
 
     /// The bound on one probe: `probe_timeout`, or else `connect_timeout`.
-    pub(crate) fn probe_timeout(&self) -> Duration {
+    pub(crate) fn effective_probe_timeout(&self) -> Duration {
         self.probe_timeout.unwrap_or(self.connect_timeout)
     }
 }

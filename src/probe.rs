@@ -114,7 +114,7 @@ where
 
     /// The probe and its record, without the eviction.
     async fn probe_recorded(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
-        let timeout = self.inner.config.probe_timeout();
+        let timeout = self.inner.config.effective_probe_timeout();
         let claim = ProbeClaim::new(conn.metrics());
         let started = Instant::now();
         let answer =
