@@ -135,7 +135,7 @@ where
                         unhealthy,
                         forgotten,
                         probed = probes.probed,
-                        probe_failures = probes.evicted,
+                        probe_evictions = probes.evicted,
                         "cleanup sweep"
                     );
                 }
