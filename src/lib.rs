@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod call;
 mod cleanup;
 mod config;
 mod connect;
@@ -19,6 +20,7 @@ mod sync;
 #[cfg(all(feature = "tcp", not(loom)))]
 pub mod tcp;
 
+pub use call::{Call, CallError, CallOutcome, CallTarget, EveryErrorFails, FromPool};
 pub use cheetah_string::CheetahString;
 pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};
