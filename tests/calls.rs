@@ -52,7 +52,11 @@ async fn a_successful_call_records_its_latency() {
     let (pool, script) = pool(3);
     let value = pool
         .call(addr(0), |conn| async move {
-            assert_eq!(conn.metrics().in_flight(), 1, "I5: in flight during the call");
+            assert_eq!(
+                conn.metrics().in_flight(),
+                1,
+                "I5: in flight during the call"
+            );
             answer(30 * MS, Ok(conn.client().serial)).await
         })
         .await
@@ -196,7 +200,10 @@ async fn i16_the_call_timeout_ends_the_call_and_counts_as_a_failure() {
         "the timed-out call's future was dropped"
     );
     let m = pool.get_metrics(addr(0)).unwrap();
-    assert_eq!((m.success_count(), m.total_errors(), m.in_flight()), (0, 1, 0));
+    assert_eq!(
+        (m.success_count(), m.total_errors(), m.in_flight()),
+        (0, 1, 0)
+    );
 
     // Per call: a longer bound lets a slow call finish; `no_timeout` lifts it.
     pool.call(addr(0), |_| answer(300 * MS, Ok(())))
@@ -245,7 +252,10 @@ async fn a_dropped_call_is_cancelled_and_leaks_nothing() {
     });
     // The caller gives up after 50 ms: the call's future is dropped mid-call.
     assert!(tokio::time::timeout(50 * MS, call).await.is_err());
-    assert!(dropped.load(Ordering::SeqCst), "the call's future was dropped");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the call's future was dropped"
+    );
     let m = pool.get_metrics(addr(0)).unwrap();
     assert_eq!(
         (m.success_count(), m.total_errors(), m.cancelled_count()),
@@ -253,7 +263,10 @@ async fn a_dropped_call_is_cancelled_and_leaks_nothing() {
         "cancelled: neither success nor failure"
     );
     assert_eq!(m.in_flight(), 0, "I5: no call left in flight");
-    assert!(pool.get(addr(0)).is_some(), "a cancellation is not a failure");
+    assert!(
+        pool.get(addr(0)).is_some(),
+        "a cancellation is not a failure"
+    );
     assert_eq!(pool.used_slots(), 1);
     assert_eq!(script.connects(), 1);
 }
@@ -331,7 +344,10 @@ async fn a_hand_filled_pool_calls_through_the_connection() {
         "I9 violated: a timeout and a failure in a row"
     );
     assert_eq!(
-        (conn.metrics().success_count(), conn.metrics().total_errors()),
+        (
+            conn.metrics().success_count(),
+            conn.metrics().total_errors()
+        ),
         (1, 2)
     );
 }
@@ -344,7 +360,10 @@ async fn a_closed_pool_refuses_the_call_before_running_it() {
         .call(addr(0), |_| async { Ok::<_, AppError>(()) })
         .await
         .unwrap_err();
-    assert!(matches!(err.pool_error(), Some(PoolError::Closed)), "{err:?}");
+    assert!(
+        matches!(err.pool_error(), Some(PoolError::Closed)),
+        "{err:?}"
+    );
 }
 
 /// The silent case, side by side: the guard written by hand with `?` between `begin` and
@@ -353,7 +372,10 @@ async fn a_closed_pool_refuses_the_call_before_running_it() {
 #[tokio::test(start_paused = true)]
 async fn i9_the_call_api_records_what_a_hand_written_guard_loses() {
     async fn by_hand(pool: &ConnectionPool<Conn, Script>) -> Result<(), AppError> {
-        let conn = pool.get_or_connect(addr(0)).await.map_err(|_| AppError::Io)?;
+        let conn = pool
+            .get_or_connect(addr(0))
+            .await
+            .map_err(|_| AppError::Io)?;
         let call = conn.begin();
         answer(MS, Err(AppError::Io)).await?; // the `?` drops the guard: cancelled
         call.success();
@@ -368,7 +390,9 @@ async fn i9_the_call_api_records_what_a_hand_written_guard_loses() {
     assert!(pool.get(addr(0)).is_some(), "health never saw a failure");
 
     for _ in 0..3 {
-        let _ = pool.call(addr(0), |_| answer::<()>(MS, Err(AppError::Io))).await;
+        let _ = pool
+            .call(addr(0), |_| answer::<()>(MS, Err(AppError::Io)))
+            .await;
     }
     assert_eq!(m.total_errors(), 3);
     assert!(pool.get(addr(0)).is_none(), "I9 violated");
