@@ -36,7 +36,8 @@ pub enum CallOutcome {
 ///
 /// Each variant's source chain has each cause once: [`Pool`](Self::Pool) and
 /// [`Call`](Self::Call) display as the error they carry (they are transparent), and
-/// [`TimedOut`](Self::TimedOut) has no cause.
+/// [`TimedOut`](Self::TimedOut) has no cause. The three variants are the whole story of a call
+/// (no connection, its own error, out of time), so the enum is exhaustive: match all three.
 ///
 /// ```
 /// use std::time::Duration;
@@ -52,7 +53,6 @@ pub enum CallOutcome {
 /// assert!(matches!(err.pool_error(), Some(PoolError::Closed)));
 /// ```
 #[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
 pub enum CallError<E> {
     /// No connection could be had (backoff, capacity, a failed connect, a closed pool); the call
     /// was not made and nothing was recorded.
