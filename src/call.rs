@@ -164,7 +164,9 @@ fn every_error_fails<E>(_: &E) -> CallOutcome {
 /// A call that records its own outcome, made by [`ConnectionPool::call`] or
 /// [`PooledConnection::call`]. Set it up with [`failure_if`](Self::failure_if) (or
 /// [`classify`](Self::classify)) and [`timeout`](Self::timeout), then `.await` it (or
-/// [`run`](Self::run) it, for a call future that is not `Send`).
+/// [`run`](Self::run) it, for a call future that is not `Send`). A `Call` is
+/// [`IntoFuture`], not a `Future`: where a `Future` is asked for (`select!`, a `join_all`,
+/// madsim's `timeout`), pass `call.into_future()` or `call.run()`.
 ///
 /// Awaited, it:
 /// 1. gets the connection (a pool call connects if needed; a [`PoolError`] ends it as

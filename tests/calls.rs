@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -170,6 +171,8 @@ async fn i16_the_call_timeout_ends_the_call_and_counts_as_a_failure() {
         .build()
         .unwrap();
     let dropped = Arc::new(AtomicBool::new(false));
+    // Connected first, so the clock below times the call alone.
+    pool.get_or_connect(addr(0)).await.unwrap();
     let start = Instant::now();
     let err = pool
         .call(addr(0), |_| {
@@ -251,7 +254,11 @@ async fn a_dropped_call_is_cancelled_and_leaks_nothing() {
         }
     });
     // The caller gives up after 50 ms: the call's future is dropped mid-call.
-    assert!(tokio::time::timeout(50 * MS, call).await.is_err());
+    assert!(
+        tokio::time::timeout(50 * MS, call.into_future())
+            .await
+            .is_err()
+    );
     assert!(
         dropped.load(Ordering::SeqCst),
         "the call's future was dropped"
@@ -281,7 +288,11 @@ async fn i3_a_call_dropped_while_connecting_records_nothing_and_its_connect_comp
         counter.fetch_add(1, Ordering::SeqCst);
         answer(MS, Ok(()))
     });
-    assert!(tokio::time::timeout(100 * MS, call).await.is_err());
+    assert!(
+        tokio::time::timeout(100 * MS, call.into_future())
+            .await
+            .is_err()
+    );
     assert_eq!(ran.load(Ordering::SeqCst), 0, "the call never started");
     assert_eq!(pool.used_slots(), 1, "I3: the connect holds its slot");
     advance(SEC).await;
@@ -483,10 +494,10 @@ fn an_unfinished_guard_is_logged_at_warn_once_per_connection_and_at_debug_after(
 
             // A call the caller drops is a choice, not a mistake: debug only.
             let call = first.call(|_| std::future::pending::<Result<(), AppError>>());
-            assert!(tokio::time::timeout(MS, call).await.is_err());
+            assert!(tokio::time::timeout(MS, call.into_future()).await.is_err());
             let fresh = pool.try_insert(addr(2), 3).unwrap();
             let call = fresh.call(|_| std::future::pending::<Result<(), AppError>>());
-            assert!(tokio::time::timeout(MS, call).await.is_err());
+            assert!(tokio::time::timeout(MS, call.into_future()).await.is_err());
             assert_eq!(
                 counts.warn.load(Ordering::SeqCst),
                 2,
