@@ -331,6 +331,8 @@ impl Drop for CallGuard {
                  which health eviction does not see; use pool.call() or finish the guard (further \
                  ones on this connection are logged at debug)"
             );
+        } else if self.quiet {
+            tracing::debug!(addr = %addr, conn = %conn, "call cancelled: its caller dropped it");
         } else {
             tracing::debug!(addr = %addr, conn = %conn, "call cancelled: its guard was dropped unfinished");
         }
