@@ -21,6 +21,32 @@ use crate::error::{PoolError, human};
 /// for an `Err` whatever its classifier says ([`Call::failure_if`], [`Call::classify`]; by default
 /// every error is a [`Failure`](Self::Failure)). An error that does not count against the server
 /// (an application's "not found") is a success of the transport: the server answered.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use keyed_pool::{CallOutcome, ConnectionPool};
+///
+/// #[derive(Debug)]
+/// enum Error { Unavailable, NotFound, TooLarge }
+///
+/// fn counts(e: &Error) -> CallOutcome {
+///     match e {
+///         Error::Unavailable => CallOutcome::Failure, // the server is in trouble
+///         Error::NotFound => CallOutcome::Success,    // the server answered
+///         Error::TooLarge => CallOutcome::Neither,    // never reached the server
+///     }
+/// }
+///
+/// let pool: ConnectionPool<()> = ConnectionPool::new(8, Duration::ZERO);
+/// let conn = pool.try_insert("127.0.0.1:9876", ()).unwrap();
+/// for e in [Error::Unavailable, Error::NotFound, Error::TooLarge] {
+///     let _ = conn.call(|_| async { Err::<(), _>(e) }).classify(counts).await;
+/// }
+/// let m = conn.metrics();
+/// assert_eq!((m.total_errors(), m.success_count(), m.cancelled_count()), (1, 1, 1));
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CallOutcome {
     /// The server did its part: latency recorded, the failure run (I10) ends.
@@ -115,6 +141,12 @@ mod sealed {
 
 /// Where a [`Call`] gets its connection: a pool with a connector ([`FromPool`]), or a
 /// [`PooledConnection`] already in hand. Sealed.
+///
+/// ```
+/// use keyed_pool::{CallTarget, PooledConnection};
+/// fn calls_on<T: CallTarget<Conn = String>>() {}
+/// calls_on::<PooledConnection<String>>();
+/// ```
 pub trait CallTarget: sealed::Sealed {
     /// The connection type.
     type Conn: Send + Sync + 'static;
@@ -126,6 +158,19 @@ pub trait CallTarget: sealed::Sealed {
 
 /// The target of [`ConnectionPool::call`]: the pool and the address, connected on demand with
 /// [`get_or_connect`](ConnectionPool::get_or_connect).
+///
+/// A call's type names it, for a call kept in a variable or a field before it is awaited:
+///
+/// ```
+/// use keyed_pool::{Call, ConnectionPool, EveryErrorFails, FromPool};
+/// use keyed_pool::tcp::{TcpConnection, TcpConnector};
+/// # async fn f() {
+/// let pool = ConnectionPool::builder().connector(TcpConnector).build().unwrap();
+/// let call: Call<'_, FromPool<'_, TcpConnection, TcpConnector>, _, EveryErrorFails<std::io::Error>> =
+///     pool.call("127.0.0.1:6379", |_conn| async { Ok(()) });
+/// let _ = call.await;
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct FromPool<'a, C, K: Connector<Conn = C>> {
     pool: &'a ConnectionPool<C, K>,
@@ -154,6 +199,17 @@ impl<C: Send + Sync + 'static> CallTarget for PooledConnection<C> {
 }
 
 /// The classifier a [`Call`] starts with: every error is a [`CallOutcome::Failure`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<()> = ConnectionPool::new(8, Duration::ZERO);
+/// let conn = pool.try_insert("127.0.0.1:9876", ()).unwrap();
+/// let _ = conn.call(|_| async { Err::<(), _>("not found") }).await; // no classifier: a failure
+/// assert_eq!(conn.metrics().total_errors(), 1);
+/// # }
+/// ```
 pub type EveryErrorFails<E> = fn(&E) -> CallOutcome;
 
 /// The default classifier: every error counts against the connection.
@@ -184,6 +240,35 @@ fn every_error_fails<E>(_: &E) -> CallOutcome {
 /// the call as cancelled (neither success nor failure; logged at `debug`); dropping it while it
 /// connects leaves the connect to its own task (see
 /// [`get_or_connect`](ConnectionPool::get_or_connect)). Nothing leaks.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// use std::time::Duration;
+/// use keyed_pool::{CallError, ConnectionPool};
+///
+/// #[derive(Debug, PartialEq)]
+/// enum Error { NotFound, Reset }
+///
+/// let pool: ConnectionPool<()> = ConnectionPool::new(8, Duration::ZERO);
+/// let conn = pool.try_insert("127.0.0.1:9876", ()).unwrap();
+/// let result: Result<u32, _> = conn
+///     .call(|_conn| async { Err(Error::NotFound) })
+///     .failure_if(|e| *e == Error::Reset) // "not found": the server answered
+///     .timeout(Duration::from_millis(500))
+///     .await;
+/// assert!(matches!(result, Err(CallError::Call(Error::NotFound))));
+/// assert_eq!(conn.metrics().success_count(), 1);
+///
+/// // Dropped by its caller mid-call: cancelled, neither success nor failure.
+/// let slow = conn.call(|_conn| async {
+///     tokio::time::sleep(Duration::from_secs(10)).await;
+///     Ok::<_, Error>(1)
+/// });
+/// assert!(tokio::time::timeout(Duration::from_millis(10), slow.run()).await.is_err());
+/// assert_eq!(conn.metrics().cancelled_count(), 1);
+/// assert_eq!(conn.metrics().in_flight(), 0);
+/// # }
+/// ```
 #[must_use = "a call does nothing until it is awaited"]
 pub struct Call<'a, S, F, G> {
     target: S,
