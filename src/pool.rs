@@ -760,8 +760,7 @@ where
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
     pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref())
-            .map(|conn| Arc::clone(conn.metrics()))
+        self.pooled(addr.as_ref()).map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
