@@ -41,6 +41,12 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// What to do when every slot is taken. Default: [`WhenFull::Reject`].
     pub when_full: WhenFull,
+    /// Bound on each call made with [`ConnectionPool::call`](crate::ConnectionPool::call) or
+    /// [`PooledConnection::call`](crate::PooledConnection::call) (not on the connect, which
+    /// `connect_timeout` bounds); a call that runs longer is dropped and recorded as a failure.
+    /// Overridable per call. `None`: unbounded. Default: `None` (most clients bound their requests
+    /// themselves).
+    pub call_timeout: Option<Duration>,
     /// Shards of the address map; a power of two in `2..=4096`. Fixed rather than derived from the CPU count
     /// so that a simulation seed replays the same on any machine. Default: 32.
     pub shard_amount: usize,
@@ -71,6 +77,7 @@ impl Default for PoolConfig {
             ejection: EjectionPolicy::default(),
             connect_timeout: Duration::from_secs(3),
             when_full: WhenFull::Reject,
+            call_timeout: None,
             shard_amount: 32,
             probe_idle: None,
             probe_timeout: None,
@@ -98,6 +105,11 @@ impl PoolConfig {
             return Err(ConfigError::ConnectTimeoutTooShort {
                 timeout: self.connect_timeout,
             });
+        }
+        if let Some(timeout) = self.call_timeout
+            && timeout < Duration::from_millis(1)
+        {
+            return Err(ConfigError::CallTimeoutTooShort { timeout });
         }
         if !(2..=MAX_SHARDS).contains(&self.shard_amount) || !self.shard_amount.is_power_of_two() {
             return Err(ConfigError::BadShardAmount {

@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
+use crate::call::CallOutcome;
 use crate::core::Verdict;
 use crate::metrics::ConnectionMetrics;
 
@@ -29,10 +31,21 @@ impl fmt::Display for ConnId {
     }
 }
 
-struct Entry<C> {
+/// What a [`CallGuard`] needs of its connection: one `Arc` clone per call.
+#[derive(Debug)]
+struct Shared {
     id: ConnId,
     addr: CheetahString,
     metrics: Arc<ConnectionMetrics>,
+    /// The pool's [`call_timeout`](crate::PoolConfig::call_timeout) when the connection was made:
+    /// the default of [`PooledConnection::call`].
+    call_timeout: Option<Duration>,
+    /// Set by the first guard dropped unfinished, which alone is logged at `warn`.
+    warned_unfinished: AtomicBool,
+}
+
+struct Entry<C> {
+    shared: Arc<Shared>,
     conn: C,
 }
 
@@ -56,10 +69,10 @@ impl<C> Clone for PooledConnection<C> {
 impl<C> fmt::Debug for PooledConnection<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledConnection")
-            .field("addr", &self.entry.addr)
-            .field("id", &self.entry.id)
-            .field("in_flight", &self.entry.metrics.in_flight())
-            .field("healthy", &self.entry.metrics.is_healthy())
+            .field("addr", &self.entry.shared.addr)
+            .field("id", &self.entry.shared.id)
+            .field("in_flight", &self.entry.shared.metrics.in_flight())
+            .field("healthy", &self.entry.shared.metrics.is_healthy())
             .finish_non_exhaustive()
     }
 }
@@ -70,12 +83,17 @@ impl<C> PooledConnection<C> {
         addr: CheetahString,
         conn: C,
         metrics: ConnectionMetrics,
+        call_timeout: Option<Duration>,
     ) -> Self {
         Self {
             entry: Arc::new(Entry {
-                id,
-                addr,
-                metrics: Arc::new(metrics),
+                shared: Arc::new(Shared {
+                    id,
+                    addr,
+                    metrics: Arc::new(metrics),
+                    call_timeout,
+                    warned_unfinished: AtomicBool::new(false),
+                }),
                 conn,
             }),
         }
@@ -83,12 +101,12 @@ impl<C> PooledConnection<C> {
 
     /// This connection's identity.
     pub fn id(&self) -> ConnId {
-        self.entry.id
+        self.entry.shared.id
     }
 
     /// The address it is pooled under.
     pub fn addr(&self) -> &CheetahString {
-        &self.entry.addr
+        &self.entry.shared.addr
     }
 
     /// The connection (named as in the original pool, which held RocketMQ clients).
@@ -98,47 +116,72 @@ impl<C> PooledConnection<C> {
 
     /// This connection's metrics.
     pub fn metrics(&self) -> &Arc<ConnectionMetrics> {
-        &self.entry.metrics
+        &self.entry.shared.metrics
     }
 
     /// `false` once judged unhealthy or known closed; such a connection is never handed out again.
     pub fn is_healthy(&self) -> bool {
-        self.entry.metrics.is_healthy()
+        self.entry.shared.metrics.is_healthy()
     }
 
     /// The idle predicate now: nothing in flight and unused for longer than `max_idle`.
     pub fn is_idle(&self, max_idle: Duration) -> bool {
         self.entry
+            .shared
             .metrics
             .is_idle_at(Instant::now(), Some(max_idle))
     }
 
     /// Time since the connection was created.
     pub fn age(&self) -> Duration {
-        Instant::now().saturating_duration_since(self.entry.metrics.created_at())
+        Instant::now().saturating_duration_since(self.entry.shared.metrics.created_at())
     }
 
     /// Records a successful call of `latency` made without a [`CallGuard`].
     pub fn record_success(&self, latency: Duration) {
         self.entry
+            .shared
             .metrics
             .record_success_at(Instant::now(), latency);
     }
 
     /// Records a failed call made without a [`CallGuard`]; returns the verdict after it.
     pub fn record_error(&self) -> Verdict {
-        self.entry.metrics.record_error_at(Instant::now())
+        self.entry.shared.metrics.record_error_at(Instant::now())
     }
 
     /// Marks the transport closed: `get` never returns this connection again (I8), and the next
     /// health sweep removes it.
     pub fn mark_closed(&self) {
-        self.entry.metrics.mark_closed();
+        self.entry.shared.metrics.mark_closed();
     }
 
-    /// Starts a call: the connection counts as in flight until the guard is finished with
-    /// [`CallGuard::success`] or [`CallGuard::failure`], or dropped (cancelled: neither outcome is
-    /// recorded, but the idle clock moves).
+    /// The default timeout of [`call`](Self::call) on this connection: the pool's
+    /// [`call_timeout`](crate::PoolConfig::call_timeout) when the connection was made.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool = ConnectionPool::builder()
+    ///     .call_timeout(Duration::from_millis(250))
+    ///     .build::<&str>()
+    ///     .unwrap();
+    /// let conn = pool.try_insert("127.0.0.1:9876", "a client").unwrap();
+    /// assert_eq!(conn.call_timeout(), Some(Duration::from_millis(250)));
+    /// ```
+    pub fn call_timeout(&self) -> Option<Duration> {
+        self.entry.shared.call_timeout
+    }
+
+    /// Starts a call by hand: the connection counts as in flight until the guard is finished with
+    /// [`CallGuard::success`], [`CallGuard::failure`] or [`CallGuard::finish`], or dropped
+    /// (cancelled: neither outcome is recorded, but the idle clock moves).
+    ///
+    /// A guard dropped unfinished (an early `return` or `?` between `begin` and `success`) is not
+    /// a failure: the connection's health never sees it. It is counted
+    /// ([`ConnectionMetrics::cancelled_count`]) and logged: at `debug` every time, and at `warn`
+    /// the first time on each connection. Prefer [`ConnectionPool::call`](crate::ConnectionPool::call)
+    /// or [`call`](Self::call), which record the outcome from the call's `Result`.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -152,28 +195,46 @@ impl<C> PooledConnection<C> {
     /// call.success();
     /// assert_eq!(conn.metrics().in_flight(), 0);
     /// assert_eq!(conn.metrics().success_count(), 1);
+    ///
+    /// // Dropped unfinished: cancelled, not failed (and logged).
+    /// drop(conn.begin());
+    /// assert_eq!(conn.metrics().cancelled_count(), 1);
+    /// assert_eq!(conn.metrics().total_errors(), 0);
     /// # }
     /// ```
     pub fn begin(&self) -> CallGuard {
+        self.start(false)
+    }
+
+    /// A guard whose cancellation is expected (the call API's: its caller dropped the call's
+    /// future), so it is logged at `debug` only.
+    pub(crate) fn begin_quiet(&self) -> CallGuard {
+        self.start(true)
+    }
+
+    fn start(&self, quiet: bool) -> CallGuard {
         let started = Instant::now();
-        self.entry.metrics.call_started(started);
+        self.entry.shared.metrics.call_started(started);
         CallGuard {
-            metrics: Arc::clone(&self.entry.metrics),
+            shared: Arc::clone(&self.entry.shared),
             started,
             finished: false,
+            quiet,
         }
     }
 }
 
-/// One call in flight on a pooled connection. Finish it with [`success`](Self::success) or
-/// [`failure`](Self::failure); dropping it unfinished counts the call as cancelled. It owns what it
-/// needs, so it can move into another task.
+/// One call in flight on a pooled connection. Finish it with [`success`](Self::success),
+/// [`failure`](Self::failure) or [`finish`](Self::finish); dropping it unfinished counts the call
+/// as cancelled, which the connection's health does not see, and logs it (see
+/// [`PooledConnection::begin`]). It owns what it needs, so it can move into another task.
 #[must_use = "a call guard dropped at once records a cancelled call"]
 #[derive(Debug)]
 pub struct CallGuard {
-    metrics: Arc<ConnectionMetrics>,
+    shared: Arc<Shared>,
     started: Instant,
     finished: bool,
+    quiet: bool,
 }
 
 impl CallGuard {
@@ -183,31 +244,97 @@ impl CallGuard {
     }
 
     /// The call succeeded; its latency is the time since [`PooledConnection::begin`].
-    pub fn success(mut self) {
-        let now = Instant::now();
-        self.metrics
-            .record_success_at(now, now.saturating_duration_since(self.started));
-        self.finish();
+    pub fn success(self) {
+        self.finish(CallOutcome::Success);
     }
 
     /// The call failed; returns the connection's verdict after it.
-    pub fn failure(mut self) -> Verdict {
-        let verdict = self.metrics.record_error_at(Instant::now());
-        self.finish();
+    pub fn failure(self) -> Verdict {
+        self.finish(CallOutcome::Failure)
+    }
+
+    /// Finishes the call with `outcome`: as [`success`](Self::success) or
+    /// [`failure`](Self::failure) would, or, for [`CallOutcome::Neither`], counted as cancelled
+    /// without the warning of a guard dropped unfinished (the outcome says nothing about the
+    /// server). Returns the connection's health verdict after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::{CallOutcome, ConnectionPool};
+    /// let pool: ConnectionPool<&str> = ConnectionPool::new(8, Duration::ZERO);
+    /// let conn = pool.try_insert("127.0.0.1:9876", "a client").unwrap();
+    /// conn.begin().finish(CallOutcome::Failure);
+    /// conn.begin().finish(CallOutcome::Neither);
+    /// assert_eq!(conn.metrics().total_errors(), 1);
+    /// assert_eq!(conn.metrics().cancelled_count(), 1);
+    /// ```
+    pub fn finish(mut self, outcome: CallOutcome) -> Verdict {
+        let now = Instant::now();
+        let metrics = &self.shared.metrics;
+        let verdict = match outcome {
+            CallOutcome::Failure => metrics.record_error_at(now),
+            CallOutcome::Success => {
+                metrics.record_success_at(now, now.saturating_duration_since(self.started));
+                latched(metrics)
+            }
+            CallOutcome::Neither => {
+                metrics.record_cancelled_at(now);
+                latched(metrics)
+            }
+        };
+        self.end();
         verdict
     }
 
-    fn finish(&mut self) {
+    /// The connection's address.
+    pub(crate) fn addr(&self) -> &CheetahString {
+        &self.shared.addr
+    }
+
+    /// The connection's id.
+    pub(crate) fn conn_id(&self) -> ConnId {
+        self.shared.id
+    }
+
+    fn end(&mut self) {
         self.finished = true;
-        self.metrics.call_ended();
+        self.shared.metrics.call_ended();
+    }
+}
+
+/// The health verdict latched so far (a closed transport is not a health verdict).
+fn latched(metrics: &ConnectionMetrics) -> Verdict {
+    match metrics.unusable_reason() {
+        Some(reason) if reason != crate::core::UnhealthyReason::Closed => {
+            Verdict::Unhealthy(reason)
+        }
+        _ => Verdict::Healthy,
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            self.metrics.record_cancelled_at(Instant::now());
-            self.metrics.call_ended();
+        if self.finished {
+            return;
+        }
+        self.shared.metrics.record_cancelled_at(Instant::now());
+        self.shared.metrics.call_ended();
+        let (addr, conn) = (&self.shared.addr, self.shared.id);
+        // The first unfinished guard of a connection is worth a warning (a `?` between `begin` and
+        // `success` hides every failure from health eviction); the rest would flood the log.
+        let first = !self.quiet && !self.shared.warned_unfinished.swap(true, Ordering::Relaxed);
+        if first {
+            tracing::warn!(
+                addr = %addr,
+                conn = %conn,
+                "a call guard was dropped without success() or failure(): counted as cancelled, \
+                 which health eviction does not see; use pool.call() or finish the guard (further \
+                 ones on this connection are logged at debug)"
+            );
+        } else if self.quiet {
+            tracing::debug!(addr = %addr, conn = %conn, "call cancelled: its caller dropped it");
+        } else {
+            tracing::debug!(addr = %addr, conn = %conn, "call cancelled: its guard was dropped unfinished");
         }
     }
 }

@@ -195,6 +195,12 @@ pub enum ConfigError {
         /// The value given.
         timeout: Duration,
     },
+    /// The call timeout, when set, must be at least 1 ms.
+    #[error("call timeout {timeout:?} is shorter than 1 ms")]
+    CallTimeoutTooShort {
+        /// The value given.
+        timeout: Duration,
+    },
     /// The cleanup interval must be at least 1 ms.
     #[error("cleanup interval {interval:?} is shorter than 1 ms")]
     IntervalTooShort {

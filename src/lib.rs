@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod bounded;
+mod call;
 mod cleanup;
 mod config;
 mod connect;
@@ -22,6 +23,7 @@ mod warmup;
 #[cfg(all(feature = "tcp", not(loom)))]
 pub mod tcp;
 
+pub use call::{Call, CallError, CallOutcome, CallTarget, EveryErrorFails, FromPool};
 pub use cheetah_string::CheetahString;
 pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};

@@ -43,7 +43,7 @@ pub(crate) fn key(addr: &str) -> CheetahString {
 /// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
 /// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
 ///
-/// `C` is the connection type; `K` the [`Connector`] that creates and checks connections
+/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks connections
 /// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
 ///
 /// ```
@@ -333,6 +333,25 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// See [`PoolConfig::call_timeout`]: bounds each [`ConnectionPool::call`] unless the call
+    /// sets its own.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder()
+    ///     .call_timeout(Duration::from_millis(500))
+    ///     .build::<String>()
+    ///     .unwrap();
+    /// assert_eq!(pool.config().call_timeout, Some(Duration::from_millis(500)));
+    /// let bad = ConnectionPool::builder().call_timeout(Duration::ZERO).build::<String>();
+    /// assert!(matches!(bad, Err(ConfigError::CallTimeoutTooShort { .. })));
+    /// ```
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = Some(timeout);
+        self
+    }
+
     /// See [`PoolConfig::shard_amount`].
     pub fn shard_amount(mut self, shards: usize) -> Self {
         self.config.shard_amount = shards;
@@ -424,7 +443,7 @@ where
     pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let metrics = ConnectionMetrics::new(Instant::now(), Arc::clone(&self.inner.health));
-        PooledConnection::new(id, addr, conn, metrics)
+        PooledConnection::new(id, addr, conn, metrics, self.inner.config.call_timeout)
     }
 
     /// Whether `conn` may be handed out (I8, I9); a transport found closed is marked so.

@@ -87,8 +87,9 @@ async fn main() {
     let pool: Pool = ConnectionPool::builder()
         .max_connections(8)
         .connect_timeout(Duration::from_secs(1))
+        .call_timeout(Duration::from_secs(1))
         .backoff(Duration::from_millis(200), Duration::from_secs(2), 0.2)
-        .connector(RedisConnector::default())
+        .connector(RedisConnector)
         .build()
         .expect("valid config");
 

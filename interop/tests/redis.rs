@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, ConnId, ConnectionPool, PoolError, PoolStats};
+use keyed_pool::{CallError, CheetahString, ConnId, ConnectionPool, PoolError, PoolStats};
 use keyed_pool_interop::server::{RedisServer, find_redis_server};
-use keyed_pool_interop::{CallError, RedisConnector, call};
+use keyed_pool_interop::{RedisConnector, call};
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
@@ -28,6 +28,8 @@ const TASKS: usize = 4;
 const MAX_ROUNDS: u64 = 20_000;
 const TRAFFIC_LIMIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The bound on every command (the pool's `call_timeout`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const JITTER: f64 = 0.2;
@@ -36,7 +38,7 @@ const JITTER: f64 = 0.2;
 #[derive(Default)]
 struct Seen {
     ok: AtomicU64,
-    /// The command failed on its connection (reset, closed, timed out...).
+    /// The command failed on its connection (reset, closed...) or timed out.
     redis_errors: AtomicU64,
     /// `PoolError::Backoff`: refused without a connect.
     backoffs: AtomicU64,
@@ -70,7 +72,7 @@ impl Seen {
         self.ok.load(Ordering::Relaxed)
     }
 
-    fn record<T>(&self, result: &Result<T, CallError>, epoch: Instant) {
+    fn record<T>(&self, result: &Result<T, CallError<redis::RedisError>>, epoch: Instant) {
         let counter = match result {
             Ok(_) => {
                 let now = u64::try_from(epoch.elapsed().as_nanos())
@@ -81,7 +83,7 @@ impl Seen {
                         .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
                 &self.ok
             }
-            Err(CallError::Redis(_)) => &self.redis_errors,
+            Err(CallError::Call(_) | CallError::TimedOut { .. }) => &self.redis_errors,
             Err(CallError::Pool(PoolError::Backoff { .. })) => &self.backoffs,
             Err(CallError::Pool(PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })) => {
                 &self.connect_errors
@@ -363,8 +365,9 @@ async fn the_pool_survives_a_redis_server_killed_and_restarted() {
     let pool: Pool = ConnectionPool::builder()
         .max_connections(8)
         .connect_timeout(CONNECT_TIMEOUT)
+        .call_timeout(CALL_TIMEOUT)
         .backoff(BACKOFF_BASE, BACKOFF_MAX, JITTER)
-        .connector(RedisConnector::default())
+        .connector(RedisConnector)
         .build()
         .expect("valid config");
 
@@ -382,7 +385,7 @@ async fn the_pool_survives_a_redis_server_killed_and_restarted() {
         .await
         .expect_err("GET of a list");
     assert!(
-        matches!(&err, CallError::Redis(e) if e.code() == Some("WRONGTYPE")),
+        matches!(&err, CallError::Call(e) if e.code() == Some("WRONGTYPE")),
         "expected WRONGTYPE, got {err}"
     );
     let conn = pool.get(list).expect("still pooled and healthy");

@@ -1,12 +1,13 @@
 //! [`RemotingConnector`]: the pool's [`Connector`] for [`RemotingClient`]s, and [`pool_request`],
 //! a request made through the pool whose outcome feeds the connection's health.
 
-
 use crate::client::{ClientConfig, RemotingClient, RemotingError};
 use crate::codec::{RemotingCommand, code};
-use keyed_pool::ConnectionPool;
-use keyed_pool::Connector;
-use keyed_pool::PoolError;
+use std::time::Duration;
+
+use keyed_pool::{
+    CallError as PoolCallError, CallOutcome, CheetahString, ConnectionPool, Connector, PoolError,
+};
 
 /// Connects [`RemotingClient`]s for a [`ConnectionPool`].
 ///
@@ -75,6 +76,16 @@ pub enum CallError {
     /// The request failed on the connection.
     #[error(transparent)]
     Remoting(#[from] RemotingError),
+    /// No response within the pool's [`call_timeout`](keyed_pool::PoolConfig::call_timeout)
+    /// (only when the pool sets one; the client's own request timeout is a
+    /// [`RemotingError::Timeout`]).
+    #[error("request to {addr} timed out after {} ms", timeout.as_millis())]
+    TimedOut {
+        /// The connection's address.
+        addr: CheetahString,
+        /// The pool's call timeout.
+        timeout: Duration,
+    },
 }
 
 /// `true` for response codes that say the *server* failed (`SYSTEM_ERROR`, `SYSTEM_BUSY`): those
@@ -85,21 +96,28 @@ pub fn is_server_failure(response_code: i32) -> bool {
     matches!(response_code, code::SYSTEM_ERROR | code::SYSTEM_BUSY)
 }
 
-/// Sends `cmd` to `addr` through the pool: takes (or connects) the pooled client with
-/// [`get_or_connect`](ConnectionPool::get_or_connect), makes the request inside the connection's
-/// in-flight guard, and records the outcome on that connection:
+/// What a request through the pool ended with, as the pool's call API classifies it.
+enum Failed {
+    /// A response whose code says the server failed: returned to the caller as `Ok`.
+    Server(RemotingCommand),
+    Request(RemotingError),
+}
+
+/// Sends `cmd` to `addr` with [`ConnectionPool::call`], which gets or connects the pooled client
+/// and records the outcome on that connection:
 ///
 /// - a response counts as a success with its latency, unless its code is a server failure
 ///   ([`is_server_failure`]);
-/// - a timeout or a dead connection counts as a failure (the connection's `is_open` is then false,
+/// - a timeout or a dead connection counts as a failure (a dead connection is also marked closed,
 ///   so `get` stops returning it and the next sweep evicts it);
-/// - an encoding error is the caller's and records nothing (the guard is dropped: cancelled).
+/// - an encoding error is the caller's and says nothing about the server: counted as cancelled
+///   ([`CallOutcome::Neither`]).
 ///
 /// A response with a non-success code is returned as `Ok`: look at its `code`.
 ///
 /// # Errors
 /// [`CallError::Pool`] if no connection could be had, [`CallError::Remoting`] if the request
-/// failed.
+/// failed, [`CallError::TimedOut`] past the pool's call timeout.
 ///
 /// # Cancel safety
 /// Cancel safe: a dropped call is recorded as cancelled, the request is forgotten.
@@ -111,27 +129,30 @@ pub async fn pool_request<K>(
 where
     K: Connector<Conn = RemotingClient>,
 {
-    let conn = pool.get_or_connect(addr).await?;
-    let call = conn.begin();
-    match conn.client().request(cmd).await {
-        Ok(response) if is_server_failure(response.code) => {
-            call.failure();
-            Ok(response)
-        }
-        Ok(response) => {
-            call.success();
-            Ok(response)
-        }
-        Err(err) if err.is_transport() => {
-            call.failure();
-            if !conn.client().is_open() {
-                conn.mark_closed();
+    let result = pool
+        .call(addr, |conn| async move {
+            match conn.client().request(cmd).await {
+                Ok(response) if is_server_failure(response.code) => Err(Failed::Server(response)),
+                Ok(response) => Ok(response),
+                Err(err) => {
+                    if err.is_transport() && !conn.client().is_open() {
+                        conn.mark_closed();
+                    }
+                    Err(Failed::Request(err))
+                }
             }
-            Err(err.into())
-        }
-        Err(err) => {
-            drop(call);
-            Err(err.into())
+        })
+        .classify(|failed| match failed {
+            Failed::Request(err) if !err.is_transport() => CallOutcome::Neither,
+            _ => CallOutcome::Failure,
+        })
+        .await;
+    match result {
+        Ok(response) | Err(PoolCallError::Call(Failed::Server(response))) => Ok(response),
+        Err(PoolCallError::Call(Failed::Request(err))) => Err(CallError::Remoting(err)),
+        Err(PoolCallError::Pool(err)) => Err(CallError::Pool(err)),
+        Err(PoolCallError::TimedOut { addr, timeout }) => {
+            Err(CallError::TimedOut { addr, timeout })
         }
     }
 }

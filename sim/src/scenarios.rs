@@ -2,7 +2,7 @@
 //! invariants after every step (and a monitor checks them every few ms), and ends with the liveness
 //! phase (I15, I16) and a quiescence check (pool = connector = broker counts).
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use keyed_pool::core::BackoffPolicy;
-use keyed_pool::{CheetahString, PoolError, WhenFull};
+use keyed_pool::{CheetahString, PoolError, PooledConnection, WhenFull};
 use tokio::time::{Instant, sleep};
 
 use crate::books::decay_interval;
 use crate::broker::CloseMode;
-use crate::client::CallError;
+use crate::client::{CallError, SimConn};
 use crate::record::{Recorder, Violation};
 use crate::trace;
 use crate::world::{Ctx, Pool, Setup, chance, draw, ms};
@@ -154,6 +154,12 @@ pub const ALL: &[Scenario] = &[
         name: "silent-between-uses",
         about: "brokers that hang while their connections sit idle: found by the cleanup task's probes before any call, compared with a pool that does not probe (I5, I6, I12)",
         run: || Box::pin(silent_between_uses()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "call-api",
+        about: "pool.call with a call timeout against brokers made slow and erroring; calls dropped by their callers (I9, I13, I16)",
+        run: || Box::pin(call_api()),
         seed_cap: 0,
     },
     Scenario {
@@ -1301,4 +1307,212 @@ async fn churning_addresses() -> Outcome {
         let _ = monitor.await;
     })
     .await
+}
+
+/// Each connection `call-api` called on, with what its calls returned.
+type CallBooks = StdMutex<Vec<(PooledConnection<SimConn>, CallBook)>>;
+
+/// What the calls of `call-api` saw on one connection, as the call API must have recorded it.
+#[derive(Default)]
+struct CallBook {
+    successes: u64,
+    failures: u64,
+    cancelled: u64,
+}
+
+/// `pool.call` (issue 14) with the pool's call timeout, against brokers made slow (past the
+/// timeout, or not) and failing part of their requests with an application error, at random.
+/// Workers call through `ConnectionPool::call`, counting a broker's error answer as a success of
+/// the transport (`failure_if`), and some callers give up mid-call. Judged: every call ends by
+/// its bound, and a timed-out one exactly at its timeout (I16); each connection's metrics equal
+/// what its calls returned, as classified (a timeout is a failure, a dropped call cancelled, a
+/// call that got no connection nothing: I13); a connection the calls judged unhealthy is closed
+/// by the next sweep (I9, from the books); the usual liveness and quiescence.
+async fn call_api() -> Outcome {
+    let mut setup = Setup::new(3);
+    let timeout_ms = draw(50..300);
+    let call_timeout = ms(timeout_ms);
+    setup.config.call_timeout = Some(call_timeout);
+    setup.config.health.consecutive_failures = draw(2..6) as u32;
+    let info = format!(
+        "call_timeout={call_timeout:?} consecutive_failures={}",
+        setup.config.health.consecutive_failures
+    );
+    world(setup, info, move |ctx| async move {
+        // No standard workers: the calls here go through the call API only, so the world's
+        // model of `ctx.call` never meets these connections.
+        let traffic = Traffic {
+            workers: 0,
+            length: ms(6000),
+            work: 0..1,
+            think: 1..2,
+        };
+        standard(ctx, traffic, move |ctx, pool, until| async move {
+            let books: Arc<CallBooks> = Arc::default();
+            let workers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (ctx, pool, books) = (Arc::clone(&ctx), pool.clone(), Arc::clone(&books));
+                    tokio::spawn(async move {
+                        while Instant::now() < until {
+                            api_call(&ctx, &pool, &books, timeout_ms).await;
+                            sleep(ms(draw(1..20))).await;
+                        }
+                    })
+                })
+                .collect();
+            while Instant::now() < until {
+                let b = pick(&ctx);
+                let delay = if chance(0.5) { draw(0..2 * timeout_ms) } else { 0 };
+                ctx.slow(b, ms(delay));
+                ctx.errors(b, if chance(0.5) { draw(0..1000) as u32 } else { 0 });
+                ctx.step(&pool, format_args!("b{b} slowed by {delay} ms"));
+                sleep(ms(draw(100..1500))).await;
+            }
+            for b in 0..ctx.brokers.len() {
+                ctx.slow(b, Duration::ZERO);
+                ctx.errors(b, 0);
+            }
+            let bound = ctx.setup.config.connect_timeout + call_timeout + ms(100);
+            ctx.join("call-api worker", workers, bound).await;
+            // I13: every connection's metrics against its calls.
+            let books = std::mem::take(&mut *books.lock().expect("books"));
+            for (conn, book) in &books {
+                let m = conn.metrics();
+                let recorded = (m.success_count(), m.total_errors(), m.cancelled_count());
+                if recorded != (book.successes, book.failures, book.cancelled) {
+                    ctx.rec.fail(
+                        "I13",
+                        format!(
+                            "{} ({}): recorded ok/failed/cancelled {recorded:?}, its calls returned \
+                             {:?}",
+                            conn.addr(),
+                            conn.id(),
+                            (book.successes, book.failures, book.cancelled)
+                        ),
+                    );
+                }
+                if m.in_flight() != 0 {
+                    ctx.rec
+                        .fail("I5", format!("{}: {} calls left in flight", conn.id(), m.in_flight()));
+                }
+                // Out of the way of the liveness phase, whose model starts each connection at 0.
+                if pool.peek(conn.addr()).is_some_and(|p| p.id() == conn.id()) {
+                    ctx.remove_stale(&pool, conn);
+                }
+            }
+            ctx.step(&pool, format_args!("call-api books checked"));
+        })
+        .await;
+    })
+    .await
+}
+
+/// One call through `pool.call` to a random broker, judged and booked.
+async fn api_call(ctx: &Arc<Ctx>, pool: &Pool, books: &CallBooks, timeout_ms: u64) {
+    /// Ends the call in the connector's books however the call's future ends.
+    struct InFlight(PooledConnection<SimConn>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.client().call_ended();
+        }
+    }
+    /// Counts the caller as waiting on its address in the books while the call may connect (as
+    /// `Ctx::get_or_connect` does), for the books' bound on tracked addresses (I18).
+    struct Waiting<'a>(&'a Ctx, &'a str);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.reg.call_end(self.1);
+        }
+    }
+    let addr = ctx.brokers[pick(ctx)].addr.clone();
+    ctx.reg.call_begin(addr.as_str());
+    let _waiting = Waiting(ctx, addr.as_str());
+    let arg = draw(0..50) as u32;
+    // The connection the call ran on, and when it started on it.
+    type Used = StdMutex<Option<(PooledConnection<SimConn>, Instant)>>;
+    let used: Arc<Used> = Arc::default();
+    let slot = Arc::clone(&used);
+    let call = pool
+        .call(&addr, move |conn| async move {
+            *slot.lock().expect("slot") = Some((conn.clone(), Instant::now()));
+            conn.client().call_started();
+            let _in_flight = InFlight(conn.clone());
+            // The pool's call timeout bounds it, not the client's.
+            conn.client()
+                .call(u8::from(arg > 0), arg, Duration::from_secs(3600))
+                .await
+        })
+        .failure_if(|e| *e != CallError::Remote);
+    let started = Instant::now();
+    // A fifth of the callers give up, perhaps mid-call.
+    let result = if chance(0.2) {
+        tokio::time::timeout(ms(draw(1..2 * timeout_ms)), call.into_future())
+            .await
+            .ok()
+    } else {
+        Some(call.await)
+    };
+    let took = started.elapsed();
+    let bound = ctx.setup.config.connect_timeout + ms(timeout_ms) + ms(3);
+    if took > bound {
+        ctx.rec.fail(
+            "I16",
+            format!("pool.call({addr}) took {took:?}, bound {bound:?}"),
+        );
+    }
+    let used = used.lock().expect("slot").take();
+    let Some((conn, call_started)) = used else {
+        if let Some(
+            Ok(_) | Err(keyed_pool::CallError::Call(_) | keyed_pool::CallError::TimedOut { .. }),
+        ) = &result
+        {
+            ctx.rec.fail(
+                "SIM",
+                format!("pool.call({addr}) returned {result:?} without running"),
+            );
+        }
+        return;
+    };
+    let mut books = books.lock().expect("books");
+    let index = match books.iter().position(|(c, _)| c.id() == conn.id()) {
+        Some(i) => i,
+        None => {
+            books.push((conn.clone(), CallBook::default()));
+            books.len() - 1
+        }
+    };
+    let book = &mut books[index].1;
+    match &result {
+        None => book.cancelled += 1,
+        Some(Ok(())) | Some(Err(keyed_pool::CallError::Call(CallError::Remote))) => {
+            book.successes += 1;
+        }
+        Some(Err(keyed_pool::CallError::Call(_))) => book.failures += 1,
+        Some(Err(keyed_pool::CallError::TimedOut { timeout, .. })) => {
+            book.failures += 1;
+            let ran = call_started.elapsed();
+            if ran < *timeout || ran > *timeout + ms(1) {
+                ctx.rec.fail(
+                    "I16",
+                    format!(
+                        "a call on {} timed out after {ran:?}, its timeout {timeout:?}",
+                        conn.id()
+                    ),
+                );
+            }
+        }
+        Some(Err(keyed_pool::CallError::Pool(err))) => ctx.rec.fail(
+            "SIM",
+            format!("pool.call({addr}) ran its call, then returned the pool error {err}"),
+        ),
+    }
+    // I9 from the books: a connection its calls judged unhealthy must be closed by the next sweep.
+    if conn
+        .metrics()
+        .unusable_reason()
+        .is_some_and(|why| why != keyed_pool::core::UnhealthyReason::Closed)
+    {
+        conn.client().condemn();
+    }
+    trace!(ctx.rec, "api-call {} {result:?}", conn.id());
 }
