@@ -229,8 +229,7 @@ where
                 PoolCounters::bump(&self.inner.counters.backoff_rejections);
                 return Decision::Done(Err(err));
             }
-            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire())
-            else {
+            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
                 return Decision::Full;
             };
             permit.mark_connecting();
@@ -416,7 +415,6 @@ where
             Ok(())
         })
     }
-
 }
 
 /// An address's backoff state, and active checks: for every pool, with or without a connector.

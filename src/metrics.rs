@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::{CallClaim, CallRecord, HealthPolicy, UnhealthyReason, Verdict, is_idle};
+use crate::core::{
+    CallClaim, CallRecord, HealthPolicy, LatencyHistogram, LatencySnapshot, UnhealthyReason,
+    Verdict, is_idle,
+};
 use crate::sync::Mutex;
 use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -20,6 +23,10 @@ const FLAG_CLOSED: u8 = 2;
 /// under a short lock taken once per finished call. What `get` reads on every hit (the health flags
 /// and the idle clock) are atomics beside it. Time is the runtime's clock (virtual under madsim and
 /// under tokio's paused time), relative to the connection's creation.
+///
+/// Every outcome is also added to the pool's cumulative [`CallTotals`] (shared by all the pool's
+/// connections, so they survive evictions), and each successful call's latency to this
+/// connection's [`LatencyHistogram`]: a few relaxed atomic adds per call on top of the lock.
 #[derive(Debug)]
 pub struct ConnectionMetrics {
     created_at: Instant,
@@ -32,12 +39,40 @@ pub struct ConnectionMetrics {
     /// `FLAG_UNHEALTHY` (the record's latch closed) and `FLAG_CLOSED`, for a lock-free `get`.
     flags: AtomicU8,
     record: Mutex<CallRecord>,
+    /// Latencies of this connection's successful calls. One per connection: a replacement starts
+    /// empty, like the rest of its metrics (I13).
+    latency: LatencyHistogram,
+    /// The pool's cumulative counters (or this connection's own, made without a pool).
+    totals: Arc<CallTotals>,
 }
 
 impl ConnectionMetrics {
     /// Fresh metrics for a connection created at `created_at`, judged by `health` (a policy, or
-    /// one shared by many connections as the pool does).
+    /// one shared by many connections as the pool does). Made without a pool, its outcomes add up
+    /// in cumulative totals of its own; a pooled connection's go to the pool's as well (see
+    /// [`PoolStats`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionMetrics;
+    /// use keyed_pool::core::HealthPolicy;
+    /// let now = tokio::time::Instant::now();
+    /// let m = ConnectionMetrics::new(now, HealthPolicy::default());
+    /// m.record_success_at(now, Duration::from_millis(3));
+    /// assert_eq!(m.success_count(), 1);
+    /// assert_eq!(m.latency().count(), 1);
+    /// ```
     pub fn new(created_at: Instant, health: impl Into<Arc<HealthPolicy>>) -> Self {
+        Self::with_totals(created_at, health, Arc::default())
+    }
+
+    /// Like [`new`](Self::new), but every outcome is also added to `totals`, which outlive the
+    /// connection: the pool's.
+    pub(crate) fn with_totals(
+        created_at: Instant,
+        health: impl Into<Arc<HealthPolicy>>,
+        totals: Arc<CallTotals>,
+    ) -> Self {
         Self {
             created_at,
             health: health.into(),
@@ -45,7 +80,14 @@ impl ConnectionMetrics {
             claim: CallClaim::default(),
             flags: AtomicU8::new(0),
             record: Mutex::new(CallRecord::default()),
+            latency: LatencyHistogram::default(),
+            totals,
         }
+    }
+
+    /// The distribution of this connection's successful calls' latencies.
+    pub fn latency(&self) -> LatencySnapshot {
+        self.latency.snapshot()
     }
 
     fn at(&self, now: Instant) -> Duration {
@@ -63,6 +105,8 @@ impl ConnectionMetrics {
         self.record
             .lock()
             .success(&self.health, self.at(now), latency);
+        self.latency.record(latency);
+        self.totals.success(latency);
         self.touch(now);
     }
 
@@ -70,6 +114,7 @@ impl ConnectionMetrics {
     /// is latched with its reason: the connection stays unhealthy whatever comes after (I9).
     pub fn record_error_at(&self, now: Instant) -> Verdict {
         let verdict = self.record.lock().failure(&self.health, self.at(now));
+        self.totals.failure();
         self.touch(now);
         if verdict.is_unhealthy() {
             self.flags.fetch_or(FLAG_UNHEALTHY, Ordering::AcqRel);
@@ -140,6 +185,7 @@ impl ConnectionMetrics {
 
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
         self.record.lock().cancelled();
+        self.totals.cancelled();
         self.touch(now);
     }
 
@@ -223,6 +269,46 @@ impl ConnectionMetrics {
     /// A consistent copy of the outcome record.
     pub fn record(&self) -> CallRecord {
         self.record.lock().clone()
+    }
+}
+
+/// Cumulative call outcomes over every connection that shares them (for a pool: every connection it
+/// ever had, including calls finished on a connection after it left the pool). They only grow,
+/// whatever is evicted, so a rate over them is meaningful.
+///
+/// Four relaxed atomic counters, one cache line shared by the pool's connections: each is exact on
+/// its own; read together while calls finish they may be a few calls apart (a success counted
+/// before its latency is added), never going back.
+#[derive(Debug, Default)]
+pub(crate) struct CallTotals {
+    successes: AtomicU64,
+    failures: AtomicU64,
+    cancelled: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+impl CallTotals {
+    fn success(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fills the cumulative call fields of `stats`.
+    pub(crate) fn fill(&self, stats: &mut PoolStats) {
+        stats.total_successes = self.successes.load(Ordering::Relaxed);
+        stats.total_errors = self.failures.load(Ordering::Relaxed);
+        stats.total_requests = stats.total_successes.saturating_add(stats.total_errors);
+        stats.total_cancelled = self.cancelled.load(Ordering::Relaxed);
+        stats.latency_sum = Duration::from_micros(self.latency_sum_us.load(Ordering::Relaxed));
     }
 }
 
@@ -336,32 +422,63 @@ pub struct ConnectStats {
     pub backoff_rejections: u64,
 }
 
-/// A snapshot of the pool. The per-connection sums cover the connections live at the time of the
-/// call; the counters cover the pool's whole life.
+/// A snapshot of the pool.
+///
+/// Two kinds of fields:
+/// - **gauges**, the state now: `total`, `healthy`, `idle`, `in_flight`, `reserved`,
+///   `max_connections`;
+/// - **cumulative counters**, since the pool was built, which never go back, whatever is evicted:
+///   `total_requests`, `total_successes`, `total_errors`, `total_cancelled`, `latency_sum`,
+///   `evictions`, `rejected_capacity`, `connects`. The call counters cover every call recorded on
+///   any connection the pool made or was given, also one recorded after its connection left.
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<&str> = ConnectionPool::new(0, Duration::ZERO);
+/// pool.insert("127.0.0.1:1", "client");
+/// let conn = pool.get("127.0.0.1:1").unwrap();
+/// conn.record_error();
+/// conn.record_success(Duration::from_millis(2));
+/// assert!(pool.remove_connection(&conn));
+/// let stats = pool.stats();
+/// assert_eq!(stats.total, 0, "a gauge: nothing is pooled now");
+/// assert_eq!((stats.total_requests, stats.total_errors), (2, 1), "cumulative: kept");
+/// assert_eq!(stats.avg_latency(), Duration::from_millis(2));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PoolStats {
-    /// Live connections.
+    /// Live connections (gauge).
     pub total: usize,
-    /// Live connections neither unhealthy nor closed.
+    /// Live connections neither unhealthy nor closed (gauge).
     pub healthy: usize,
-    /// Live connections that are idle now.
+    /// Live connections that are idle now (gauge).
     pub idle: usize,
-    /// Calls in flight over all live connections.
+    /// Calls in flight over all live connections (gauge).
     pub in_flight: u64,
-    /// Slots held by connects in flight.
+    /// Slots held by connects in flight (gauge).
     pub reserved: usize,
     /// The configured cap; `0` = unlimited.
     pub max_connections: usize,
-    /// Finished calls over all live connections.
+    /// Finished calls, successes plus failures, since the pool was built (cumulative). Until 0.2
+    /// this summed only the live connections and dropped when one was evicted.
     pub total_requests: u64,
-    /// Failed calls over all live connections.
+    /// Successful calls since the pool was built (cumulative).
+    pub total_successes: u64,
+    /// Failed calls since the pool was built (cumulative). Until 0.2 this summed only the live
+    /// connections.
     pub total_errors: u64,
-    /// Evictions by reason.
+    /// Calls dropped before they finished, since the pool was built (cumulative).
+    pub total_cancelled: u64,
+    /// The sum of the successful calls' latencies since the pool was built (cumulative; its count
+    /// is `total_successes`).
+    pub latency_sum: Duration,
+    /// Evictions by reason (cumulative).
     pub evictions: EvictionStats,
-    /// Inserts and connects refused because the pool was full.
+    /// Inserts and connects refused because the pool was full (cumulative).
     pub rejected_capacity: u64,
-    /// Connect outcomes.
+    /// Connect outcomes (cumulative).
     pub connects: ConnectStats,
 }
 
@@ -375,7 +492,7 @@ impl PoolStats {
         }
     }
 
-    /// `total_errors / total_requests`; zero before any request.
+    /// `total_errors / total_requests`, over the pool's life; zero before any request.
     pub fn error_rate(&self) -> f64 {
         if self.total_requests == 0 {
             0.0
@@ -387,6 +504,17 @@ impl PoolStats {
     /// Live connections that are not idle.
     pub fn active(&self) -> usize {
         self.total.saturating_sub(self.idle)
+    }
+
+    /// Mean latency of the successful calls since the pool was built; zero before the first.
+    pub fn avg_latency(&self) -> Duration {
+        match u32::try_from(self.total_successes) {
+            Ok(0) => Duration::ZERO,
+            Ok(n) => self.latency_sum / n,
+            Err(_) => Duration::from_secs_f64(
+                self.latency_sum.as_secs_f64() / self.total_successes as f64,
+            ),
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
 use crate::metrics::{
-    ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
+    CallTotals, ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters,
+    PoolStats,
 };
 use crate::slot::{Pooled, Slot};
 use crate::sweep::LruTake;
@@ -92,6 +93,8 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     health: Arc<crate::core::HealthPolicy>,
     pub(crate) connector: K,
     pub(crate) counters: PoolCounters,
+    /// Call outcomes of every connection the pool ever had, shared with each one's metrics.
+    pub(crate) calls: Arc<CallTotals>,
     pub(crate) next_id: AtomicU64,
     pub(crate) closed: AtomicBool,
     /// Serialises making room under `WhenFull::EvictLeastRecentlyUsed`, so that two callers never
@@ -367,6 +370,7 @@ where
                 health: Arc::new(config.health),
                 connector,
                 counters: PoolCounters::default(),
+                calls: Arc::default(),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 room: crate::sync::Mutex::new(()),
@@ -397,7 +401,11 @@ where
 
     pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let metrics = ConnectionMetrics::new(Instant::now(), Arc::clone(&self.inner.health));
+        let metrics = ConnectionMetrics::with_totals(
+            Instant::now(),
+            Arc::clone(&self.inner.health),
+            Arc::clone(&self.inner.calls),
+        );
         PooledConnection::new(id, addr, conn, metrics)
     }
 
@@ -741,7 +749,8 @@ where
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
     pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref()).map(|conn| Arc::clone(conn.metrics()))
+        self.pooled(addr.as_ref())
+            .map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
@@ -811,10 +820,8 @@ where
             stats.healthy += usize::from(m.is_healthy());
             stats.idle += usize::from(m.is_idle_at(now, max_idle));
             stats.in_flight += m.in_flight();
-            let record = m.record();
-            stats.total_requests += record.successes() + record.failures();
-            stats.total_errors += record.failures();
         }
+        self.inner.calls.fill(&mut stats);
         let c = &self.inner.counters;
         let load = |a: &crate::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         stats.evictions = EvictionStats {

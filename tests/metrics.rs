@@ -116,3 +116,91 @@ async fn stats_count_live_healthy_idle_and_in_flight() {
     assert_eq!(s.active(), 1);
     call.success();
 }
+
+/// Issue 14: 5 failures trip the health policy and the connection is evicted; the pool's error
+/// count is cumulative and stays 5 (it used to sum the live connections and fall to 0).
+#[tokio::test(start_paused = true)]
+async fn cumulative_errors_survive_the_eviction_of_the_connection_that_made_them() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
+    pool.insert(addr(0), 1);
+    let conn = pool.get(addr(0)).unwrap();
+    conn.begin().success();
+    for _ in 0..5 {
+        conn.begin().failure();
+    }
+    drop(conn.begin()); // cancelled
+    assert!(
+        !conn.is_healthy(),
+        "I9: 5 consecutive failures trip the policy"
+    );
+    assert_eq!(pool.evict_unhealthy().await, 1);
+    assert!(pool.is_empty());
+    let s = pool.stats();
+    assert_eq!(
+        (
+            s.total_requests,
+            s.total_successes,
+            s.total_errors,
+            s.total_cancelled
+        ),
+        (6, 1, 5, 1),
+        "cumulative counters went back after an eviction"
+    );
+    assert_eq!(s.evictions.unhealthy, 1);
+}
+
+/// Calls on connections that were replaced, removed, or evicted as idle, and calls recorded on a
+/// handle after its connection left, all count; the latency sum is the sum of every success.
+#[tokio::test(start_paused = true)]
+async fn cumulative_counters_cover_every_connection_the_pool_ever_had() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, 10 * SEC);
+    pool.insert(addr(0), 1);
+    let first = pool.get(addr(0)).unwrap();
+    first.record_success(3 * MS);
+    pool.insert(addr(0), 2); // replaces `first`
+    first.record_error(); // recorded after it left: still a call the pool's connection made
+    let second = pool.get(addr(0)).unwrap();
+    second.record_success(5 * MS);
+    let taken = pool.take_unclosed(addr(0)).unwrap();
+    taken.record_error();
+    pool.insert(addr(1), 3);
+    pool.get(addr(1)).unwrap().record_success(7 * MS);
+    advance(11 * SEC).await;
+    assert_eq!(pool.evict_idle().await, 1);
+    let s = pool.stats();
+    assert_eq!(s.total, 0);
+    assert_eq!((s.total_requests, s.total_errors), (5, 2));
+    assert_eq!(s.latency_sum, 15 * MS);
+    assert_eq!(s.avg_latency(), 5 * MS);
+    assert!((s.error_rate() - 0.4).abs() < 1e-9);
+}
+
+/// Each connection keeps the distribution of its own successes' latencies (a replacement starts
+/// empty, I13); failures and cancellations have no latency.
+#[tokio::test(start_paused = true)]
+async fn each_connection_keeps_its_latency_distribution() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, 60 * SEC);
+    pool.insert(addr(0), 1);
+    let conn = pool.get(addr(0)).unwrap();
+    for ms in 1..=100 {
+        conn.record_success(ms * MS);
+    }
+    conn.record_error();
+    drop(conn.begin());
+    let latency = conn.metrics().latency();
+    assert_eq!(latency.count(), 100);
+    assert_eq!(latency.sum(), 5050 * MS);
+    for (q, exact) in [(0.5, 50.0), (0.9, 90.0), (0.99, 99.0)] {
+        let got = latency.quantile(q).unwrap().as_secs_f64() * 1e3;
+        assert!(
+            (got - exact).abs() / exact <= keyed_pool::core::MAX_RELATIVE_ERROR,
+            "p{q}: {got} ms, exact {exact} ms"
+        );
+    }
+    pool.insert(addr(0), 2);
+    assert_eq!(
+        pool.get_metrics(addr(0)).unwrap().latency().count(),
+        0,
+        "I13 violated: a replacement inherited its predecessor's latencies"
+    );
+}

@@ -1,7 +1,6 @@
 //! [`RemotingConnector`]: the pool's [`Connector`] for [`RemotingClient`]s, and [`pool_request`],
 //! a request made through the pool whose outcome feeds the connection's health.
 
-
 use crate::client::{ClientConfig, RemotingClient, RemotingError};
 use crate::codec::{RemotingCommand, code};
 use keyed_pool::ConnectionPool;

@@ -216,9 +216,7 @@ impl Connector for SimConnector {
 
     async fn connect(&self, addr: &str) -> io::Result<SimConn> {
         let attempt: ConnectAttempt = self.reg.begin_connect(addr);
-        let dialed = self
-            .dial(addr, |local| attempt.socket(local))
-            .await;
+        let dialed = self.dial(addr, |local| attempt.socket(local)).await;
         match dialed {
             Ok(stream) => {
                 attempt.finish(true);
