@@ -8,6 +8,7 @@ mod connection;
 mod connector;
 pub mod core;
 mod error;
+mod events;
 mod metrics;
 mod pool;
 mod slot;
@@ -24,6 +25,7 @@ pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};
 pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
+pub use events::PoolEvents;
 pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
 pub use pool::{ConnectionPool, PoolBuilder};
 

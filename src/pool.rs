@@ -20,6 +20,7 @@ use crate::connection::{ConnId, PooledConnection};
 use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
+use crate::events::{Hook, PoolEvents};
 use crate::metrics::{
     CallTotals, ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters,
     PoolStats,
@@ -108,6 +109,10 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) cleanup: CleanupControl,
     jitter_seed: RandomState,
     jitter_draws: AtomicU64,
+    /// The user's [`PoolEvents`], if any.
+    pub(crate) events: Hook,
+    /// The pool's name: the `pool` label of its exported metrics.
+    pub(crate) name: Arc<str>,
 }
 
 impl<C, K: ManagesConnections<C>> Inner<C, K> {
@@ -140,12 +145,16 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
             self.jitter_unit(),
         );
         slot.cause = Some(cause);
-        tracing::debug!(
-            addr = %addr,
-            ejections = slot.ejection.count_at(self.offset(now), &config.ejection),
-            ?delay,
-            "backing off"
-        );
+        let ejections = slot.ejection.count_at(self.offset(now), &config.ejection);
+        tracing::debug!(addr = %addr, ejections, ?delay, "backing off");
+        self.events.backoff(addr, delay, ejections);
+    }
+
+    /// Counts an eviction and tells the user's hook: every connection that leaves the pool comes
+    /// through here once, under its address's entry lock.
+    pub(crate) fn note_evicted(&self, addr: &str, id: ConnId, reason: EvictionReason) {
+        self.counters.evicted(reason);
+        self.events.evict(addr, id, reason);
     }
 
     /// Closes a connection the pool lets go of and only then frees its capacity slot (I1 as the
@@ -160,7 +169,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         now: Instant,
     ) {
         let conn = &pooled.conn;
-        self.counters.evicted(reason);
+        self.note_evicted(conn.addr(), conn.id(), reason);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
         self.connector.close_conn(conn.client());
         let age = now.saturating_duration_since(conn.metrics().created_at());
@@ -187,7 +196,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
     /// the room, under the victim's entry lock.
     pub(crate) fn retire_for_room(&self, pooled: Pooled<C>) -> crate::core::Permit {
         let Pooled { conn, permit, .. } = pooled;
-        self.counters.evicted(EvictionReason::MakeRoom);
+        self.note_evicted(conn.addr(), conn.id(), EvictionReason::MakeRoom);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "make_room", "connection evicted");
         self.connector.close_conn(conn.client());
         permit
@@ -216,7 +225,7 @@ impl<C: Send + Sync + 'static> ConnectionPool<C, NoConnector> {
             max_idle: (!max_idle.is_zero()).then_some(max_idle),
             ..PoolConfig::default()
         };
-        Self::from_parts(config, NoConnector)
+        Self::from_parts(config, NoConnector, PoolExtras::default())
     }
 }
 
@@ -240,6 +249,7 @@ impl ConnectionPool<(), NoConnector> {
         PoolBuilder {
             config: PoolConfig::default(),
             connector: NoConnector,
+            extras: PoolExtras::default(),
         }
     }
 }
@@ -250,6 +260,23 @@ impl ConnectionPool<(), NoConnector> {
 pub struct PoolBuilder<K> {
     config: PoolConfig,
     connector: K,
+    extras: PoolExtras,
+}
+
+/// What a pool is built with besides its configuration and connector.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolExtras {
+    events: Hook,
+    name: Arc<str>,
+}
+
+impl Default for PoolExtras {
+    fn default() -> Self {
+        Self {
+            events: Hook::default(),
+            name: Arc::from("default"),
+        }
+    }
 }
 
 impl<K> PoolBuilder<K> {
@@ -258,6 +285,7 @@ impl<K> PoolBuilder<K> {
         PoolBuilder {
             config: self.config,
             connector,
+            extras: self.extras,
         }
     }
 
@@ -336,6 +364,35 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// Calls `events` when the pool connects, fails to connect, evicts, backs off and is told
+    /// `mark_up` (see [`PoolEvents`] for the rules a hook follows). Without it, each of those
+    /// places costs one branch.
+    ///
+    /// ```
+    /// use keyed_pool::{ConnectionPool, PoolEvents};
+    /// struct Quiet;
+    /// impl PoolEvents for Quiet {}
+    /// let pool = ConnectionPool::builder().events(Quiet).build::<u32>().unwrap();
+    /// assert!(pool.insert("127.0.0.1:1", 1));
+    /// ```
+    pub fn events(mut self, events: impl PoolEvents) -> Self {
+        self.extras.events = Hook::new(events);
+        self
+    }
+
+    /// Names the pool: the `pool` label of its exported metrics, so several pools in one process
+    /// are told apart. Default: `"default"`.
+    ///
+    /// ```
+    /// use keyed_pool::ConnectionPool;
+    /// let pool = ConnectionPool::builder().name("brokers").build::<u32>().unwrap();
+    /// assert_eq!(pool.name(), "brokers");
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.extras.name = Arc::from(name.into());
+        self
+    }
+
     /// See [`PoolConfig::shard_amount`].
     pub fn shard_amount(mut self, shards: usize) -> Self {
         self.config.shard_amount = shards;
@@ -352,7 +409,11 @@ impl<K> PoolBuilder<K> {
         K: ManagesConnections<C>,
     {
         self.config.validate()?;
-        Ok(ConnectionPool::from_parts(self.config, self.connector))
+        Ok(ConnectionPool::from_parts(
+            self.config,
+            self.connector,
+            self.extras,
+        ))
     }
 }
 
@@ -361,7 +422,7 @@ where
     C: Send + Sync + 'static,
     K: ManagesConnections<C>,
 {
-    fn from_parts(config: PoolConfig, connector: K) -> Self {
+    fn from_parts(config: PoolConfig, connector: K, extras: PoolExtras) -> Self {
         let shards = config.shard_amount;
         Self {
             inner: Arc::new(Inner {
@@ -379,6 +440,8 @@ where
                 cleanup: CleanupControl::new(),
                 jitter_seed: RandomState::new(),
                 jitter_draws: AtomicU64::new(0),
+                events: extras.events,
+                name: extras.name,
                 config,
             }),
         }
@@ -387,6 +450,11 @@ where
     /// The validated configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
+    }
+
+    /// The pool's name (see [`PoolBuilder::name`]).
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// The connector.
@@ -616,7 +684,8 @@ where
                         permit,
                         handoff: None,
                     });
-                    self.inner.counters.evicted(EvictionReason::Replaced);
+                    self.inner
+                        .note_evicted(conn.addr(), conn.id(), EvictionReason::Replaced);
                     tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "replaced", "connection evicted");
                     self.inner.connector.close_conn(conn.client());
                 }
@@ -668,7 +737,8 @@ where
                 slot.conn.take().map(|pooled| pooled.conn)
             })
             .flatten()?;
-        self.inner.counters.evicted(EvictionReason::Manual);
+        self.inner
+            .note_evicted(addr, conn.id(), EvictionReason::Manual);
         tracing::debug!(addr = %addr, conn = %conn.id(), reason = "manual", "connection removed");
         Some(conn)
     }
