@@ -26,7 +26,10 @@ pub use connection::{CallGuard, ConnId, PooledConnection};
 pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
 pub use events::PoolEvents;
-pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
+pub use metrics::{
+    AddressState, ConnectStats, ConnectionMetrics, ConnectionState, EvictionReason, EvictionStats,
+    PoolStats,
+};
 pub use pool::{ConnectionPool, PoolBuilder};
 
 /// Proof, in CI, that the madsim build really is one: `.ci/run` requires this test to have passed.

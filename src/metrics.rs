@@ -3,7 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cheetah_string::CheetahString;
 use tokio::time::Instant;
+
+use crate::ConnectionPool;
+use crate::connection::ConnId;
+use crate::connector::ManagesConnections;
+use crate::slot::Slot;
 
 use crate::core::{
     CallClaim, CallRecord, HealthPolicy, LatencyHistogram, LatencySnapshot, UnhealthyReason,
@@ -514,6 +520,133 @@ impl PoolStats {
             Err(_) => Duration::from_secs_f64(
                 self.latency_sum.as_secs_f64() / self.total_successes as f64,
             ),
+        }
+    }
+}
+
+/// One address the pool keeps state for, as [`ConnectionPool::addresses`] saw it: its connection
+/// (if any), whether a connect is in flight, and its ejection state (I12).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct AddressState {
+    /// The address.
+    pub addr: CheetahString,
+    /// Its pooled connection, if it has one.
+    pub connection: Option<ConnectionState>,
+    /// `true` while a connect for it is in flight.
+    pub connecting: bool,
+    /// Its ejection count now (see [`ConnectionPool::ejection_count`]).
+    pub ejection_count: u32,
+    /// When it may be connected again, while it backs off.
+    pub backoff_until: Option<Instant>,
+}
+
+/// A pooled connection's state, in an [`AddressState`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ConnectionState {
+    /// Its identity.
+    pub id: ConnId,
+    /// Neither judged unhealthy nor known closed. The connector's `is_open` is not asked for a
+    /// snapshot: a transport that closed since the last `get` or sweep shows as healthy here.
+    pub healthy: bool,
+    /// Its transport was found closed.
+    pub closed: bool,
+    /// Calls in flight.
+    pub in_flight: u64,
+    /// Time since its last use.
+    pub idle_for: Duration,
+    /// Time since it was made.
+    pub age: Duration,
+    /// Finished calls on it (successes plus failures).
+    pub requests: u64,
+    /// Failed calls on it.
+    pub errors: u64,
+    /// Its trailing run of failures (I10).
+    pub consecutive_errors: u32,
+    /// The distribution of its successful calls' latencies.
+    pub latency: LatencySnapshot,
+}
+
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: ManagesConnections<C>,
+{
+    /// Every address the pool keeps state for, sorted: those with a connection, a connect in
+    /// flight, or an ejection state that has not settled (I18), so an address backing off with no
+    /// connection is listed too. A snapshot: each address is read under its shard's read lock and
+    /// copied; no lock is held once it returns, so the caller may do anything with it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+    /// pool.insert("127.0.0.1:2", 2);
+    /// pool.insert("127.0.0.1:1", 1);
+    /// pool.get("127.0.0.1:1").unwrap().record_success(Duration::from_millis(4));
+    /// let addrs = pool.addresses();
+    /// assert_eq!(addrs.len(), 2);
+    /// assert_eq!(addrs[0].addr, "127.0.0.1:1");
+    /// let conn = addrs[0].connection.as_ref().unwrap();
+    /// assert!(conn.healthy);
+    /// assert_eq!(conn.latency.count(), 1);
+    /// assert_eq!(addrs[0].ejection_count, 0);
+    /// ```
+    pub fn addresses(&self) -> Vec<AddressState> {
+        let now = Instant::now();
+        let mut states: Vec<_> = self
+            .inner
+            .map
+            .iter()
+            .map(|e| self.address_state(e.key(), e.value(), now))
+            .collect();
+        states.sort_unstable_by(|a, b| a.addr.cmp(&b.addr));
+        states
+    }
+
+    /// The state of one address, or `None` if the pool keeps nothing for it. See
+    /// [`addresses`](Self::addresses).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+    /// assert!(pool.address("127.0.0.1:1").is_none());
+    /// pool.insert("127.0.0.1:1", 1);
+    /// let state = pool.address("127.0.0.1:1").unwrap();
+    /// assert!(!state.connecting && state.backoff_until.is_none());
+    /// ```
+    pub fn address(&self, addr: impl AsRef<str>) -> Option<AddressState> {
+        let now = Instant::now();
+        let entry = self.inner.map.get(addr.as_ref())?;
+        Some(self.address_state(entry.key(), entry.value(), now))
+    }
+
+    fn address_state(&self, addr: &CheetahString, slot: &Slot<C>, now: Instant) -> AddressState {
+        let at = self.inner.offset(now);
+        let connection = slot.conn.as_ref().map(|pooled| {
+            let m = pooled.conn.metrics();
+            let record = m.record();
+            ConnectionState {
+                id: pooled.conn.id(),
+                healthy: m.is_healthy(),
+                closed: m.is_closed(),
+                in_flight: m.in_flight(),
+                idle_for: m.since_last_use(now),
+                age: now.saturating_duration_since(m.created_at()),
+                requests: record.successes() + record.failures(),
+                errors: record.failures(),
+                consecutive_errors: record.consecutive_failures(),
+                latency: m.latency(),
+            }
+        });
+        AddressState {
+            addr: addr.clone(),
+            connection,
+            connecting: slot.flight.is_some(),
+            ejection_count: slot.ejection.count_at(at, &self.inner.config.ejection),
+            backoff_until: slot.ejection.retry_after(at).map(|left| now + left),
         }
     }
 }

@@ -204,3 +204,62 @@ async fn each_connection_keeps_its_latency_distribution() {
         "I13 violated: a replacement inherited its predecessor's latencies"
     );
 }
+
+/// `addresses()` lists every address the pool keeps state for (I18), sorted: one with a
+/// connection, one whose connect is in flight, one backing off with no connection (I12).
+#[tokio::test(start_paused = true)]
+async fn addresses_lists_connections_connects_in_flight_and_backoffs() {
+    use common::{Outcome, Script};
+    let script = Script::default();
+    script
+        .then(Outcome::Ok(MS))
+        .then(Outcome::Fail(MS))
+        .then(Outcome::Hang);
+    let pool = ConnectionPool::builder()
+        .connector(script.clone())
+        .backoff(SEC, 60 * SEC, 0.0)
+        .connect_timeout(10 * SEC)
+        .build()
+        .unwrap();
+    let conn = pool.get_or_connect(addr(0)).await.unwrap();
+    conn.record_success(2 * MS);
+    conn.record_error();
+    assert!(pool.get_or_connect(addr(1)).await.is_err());
+    let waiting = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get_or_connect(addr(2)).await })
+    };
+    advance(5 * MS).await;
+    let all = pool.addresses();
+    let names: Vec<_> = all.iter().map(|s| s.addr.to_string()).collect();
+    assert_eq!(
+        names,
+        [addr(0), addr(1), addr(2)].map(|a| a.to_string()),
+        "I18: exactly the addresses with state, sorted"
+    );
+    let live = all[0]
+        .connection
+        .as_ref()
+        .expect("addr 0 has its connection");
+    assert_eq!(live.id, conn.id());
+    assert!(live.healthy && !live.closed);
+    assert_eq!(
+        (live.requests, live.errors, live.consecutive_errors),
+        (2, 1, 1)
+    );
+    assert_eq!(live.latency.count(), 1);
+    // Made and last used at 1 ms; now is 1 ms (the failed connect) + 5 ms later.
+    assert_eq!((live.age, live.idle_for), (6 * MS, 6 * MS));
+    assert!(!all[0].connecting && all[0].backoff_until.is_none());
+
+    let backing_off = &all[1];
+    assert!(backing_off.connection.is_none() && !backing_off.connecting);
+    assert_eq!(backing_off.ejection_count, 1, "I12: one failed connect");
+    assert_eq!(backing_off.backoff_until, pool.backoff_until(addr(1)));
+    assert!(backing_off.backoff_until.is_some());
+
+    assert!(all[2].connecting && all[2].connection.is_none());
+    assert_eq!(pool.address(addr(2)).unwrap(), all[2]);
+    assert!(pool.address(addr(3)).is_none());
+    waiting.abort();
+}
