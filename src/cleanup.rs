@@ -116,6 +116,8 @@ where
                 let idle = pool.evict_idle().await;
                 let unhealthy = pool.evict_unhealthy().await;
                 let forgotten = pool.prune_addresses().await;
+                #[cfg(feature = "metrics")]
+                pool.export_metrics();
                 if idle + unhealthy + forgotten > 0 {
                     tracing::debug!(idle, unhealthy, forgotten, "cleanup sweep");
                 }

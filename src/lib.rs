@@ -9,6 +9,8 @@ mod connector;
 pub mod core;
 mod error;
 mod events;
+#[cfg(feature = "metrics")]
+mod export;
 mod metrics;
 mod pool;
 mod slot;
@@ -26,6 +28,8 @@ pub use connection::{CallGuard, ConnId, PooledConnection};
 pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
 pub use events::PoolEvents;
+#[cfg(feature = "metrics")]
+pub use export::{DEFAULT_EXPORTED_ADDRESSES, describe_metrics};
 pub use metrics::{
     AddressState, ConnectStats, ConnectionMetrics, ConnectionState, EvictionReason, EvictionStats,
     PoolStats,

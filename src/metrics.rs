@@ -30,7 +30,7 @@ const FLAG_CLOSED: u8 = 2;
 /// and the idle clock) are atomics beside it. Time is the runtime's clock (virtual under madsim and
 /// under tokio's paused time), relative to the connection's creation.
 ///
-/// Every outcome is also added to the pool's cumulative [`CallTotals`] (shared by all the pool's
+/// Every outcome is also added to the pool's cumulative call counters (shared by all the pool's
 /// connections, so they survive evictions), and each successful call's latency to this
 /// connection's [`LatencyHistogram`]: a few relaxed atomic adds per call on top of the lock.
 #[derive(Debug)]

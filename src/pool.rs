@@ -45,7 +45,7 @@ pub(crate) fn key(addr: &str) -> CheetahString {
 /// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
 /// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
 ///
-/// `C` is the connection type; `K` the [`Connector`] that creates and checks connections
+/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks connections
 /// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
 ///
 /// ```
@@ -113,6 +113,8 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) events: Hook,
     /// The pool's name: the `pool` label of its exported metrics.
     pub(crate) name: Arc<str>,
+    #[cfg(feature = "metrics")]
+    pub(crate) export: crate::export::ExportState,
 }
 
 impl<C, K: ManagesConnections<C>> Inner<C, K> {
@@ -268,6 +270,8 @@ pub struct PoolBuilder<K> {
 pub(crate) struct PoolExtras {
     events: Hook,
     name: Arc<str>,
+    #[cfg(feature = "metrics")]
+    export_addresses: usize,
 }
 
 impl Default for PoolExtras {
@@ -275,6 +279,8 @@ impl Default for PoolExtras {
         Self {
             events: Hook::default(),
             name: Arc::from("default"),
+            #[cfg(feature = "metrics")]
+            export_addresses: crate::export::DEFAULT_EXPORTED_ADDRESSES,
         }
     }
 }
@@ -393,6 +399,22 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// At most `max` addresses get per-address series in
+    /// [`export_metrics`](ConnectionPool::export_metrics) (the first in sorted order; `0`: none),
+    /// which bounds the `addr` label's cardinality. Default:
+    /// [`DEFAULT_EXPORTED_ADDRESSES`](crate::DEFAULT_EXPORTED_ADDRESSES).
+    ///
+    /// ```
+    /// use keyed_pool::ConnectionPool;
+    /// let pool = ConnectionPool::builder().export_addresses(16).build::<u32>().unwrap();
+    /// # drop(pool);
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn export_addresses(mut self, max: usize) -> Self {
+        self.extras.export_addresses = max;
+        self
+    }
+
     /// See [`PoolConfig::shard_amount`].
     pub fn shard_amount(mut self, shards: usize) -> Self {
         self.config.shard_amount = shards;
@@ -442,6 +464,8 @@ where
                 jitter_draws: AtomicU64::new(0),
                 events: extras.events,
                 name: extras.name,
+                #[cfg(feature = "metrics")]
+                export: crate::export::ExportState::new(extras.export_addresses),
                 config,
             }),
         }
