@@ -45,8 +45,8 @@ pub(crate) fn key(addr: &str) -> CheetahString {
 /// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
 /// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
 ///
-/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks connections
-/// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
+/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks
+/// connections ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
