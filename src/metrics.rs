@@ -48,15 +48,16 @@ pub struct ConnectionMetrics {
     /// Latencies of this connection's successful calls. One per connection: a replacement starts
     /// empty, like the rest of its metrics (I13).
     latency: LatencyHistogram,
-    /// The pool's cumulative counters (or this connection's own, made without a pool).
-    totals: Arc<CallTotals>,
+    /// The pool's cumulative counters (none for a connection made without a pool), and this
+    /// connection's stripe of them.
+    totals: Option<Arc<CallTotals>>,
+    stripe: usize,
 }
 
 impl ConnectionMetrics {
     /// Fresh metrics for a connection created at `created_at`, judged by `health` (a policy, or
-    /// one shared by many connections as the pool does). Made without a pool, its outcomes add up
-    /// in cumulative totals of its own; a pooled connection's go to the pool's as well (see
-    /// [`PoolStats`]).
+    /// one shared by many connections as the pool does). A pooled connection's outcomes also go to
+    /// the pool's cumulative counters (see [`PoolStats`]); these, made without a pool, only here.
     ///
     /// ```
     /// use std::time::Duration;
@@ -69,24 +70,33 @@ impl ConnectionMetrics {
     /// assert_eq!(m.latency().count(), 1);
     /// ```
     pub fn new(created_at: Instant, health: impl Into<Arc<HealthPolicy>>) -> Self {
-        Self::with_totals(created_at, health, Arc::default())
+        Self::build(created_at, health.into(), None)
     }
 
     /// Like [`new`](Self::new), but every outcome is also added to `totals`, which outlive the
     /// connection: the pool's.
     pub(crate) fn with_totals(
         created_at: Instant,
-        health: impl Into<Arc<HealthPolicy>>,
+        health: Arc<HealthPolicy>,
         totals: Arc<CallTotals>,
+    ) -> Self {
+        Self::build(created_at, health, Some(totals))
+    }
+
+    fn build(
+        created_at: Instant,
+        health: Arc<HealthPolicy>,
+        totals: Option<Arc<CallTotals>>,
     ) -> Self {
         Self {
             created_at,
-            health: health.into(),
+            health,
             last_used_ns: AtomicU64::new(0),
             claim: CallClaim::default(),
             flags: AtomicU8::new(0),
             record: Mutex::new(CallRecord::default()),
             latency: LatencyHistogram::default(),
+            stripe: totals.as_ref().map_or(0, |t| t.next_stripe()),
             totals,
         }
     }
@@ -112,7 +122,9 @@ impl ConnectionMetrics {
             .lock()
             .success(&self.health, self.at(now), latency);
         self.latency.record(latency);
-        self.totals.success(latency);
+        if let Some(totals) = &self.totals {
+            totals.success(self.stripe, latency);
+        }
         self.touch(now);
     }
 
@@ -120,7 +132,9 @@ impl ConnectionMetrics {
     /// is latched with its reason: the connection stays unhealthy whatever comes after (I9).
     pub fn record_error_at(&self, now: Instant) -> Verdict {
         let verdict = self.record.lock().failure(&self.health, self.at(now));
-        self.totals.failure();
+        if let Some(totals) = &self.totals {
+            totals.failure(self.stripe);
+        }
         self.touch(now);
         if verdict.is_unhealthy() {
             self.flags.fetch_or(FLAG_UNHEALTHY, Ordering::AcqRel);
@@ -191,7 +205,9 @@ impl ConnectionMetrics {
 
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
         self.record.lock().cancelled();
-        self.totals.cancelled();
+        if let Some(totals) = &self.totals {
+            totals.cancelled(self.stripe);
+        }
         self.touch(now);
     }
 
@@ -282,11 +298,26 @@ impl ConnectionMetrics {
 /// ever had, including calls finished on a connection after it left the pool). They only grow,
 /// whatever is evicted, so a rate over them is meaningful.
 ///
-/// Four relaxed atomic counters, one cache line shared by the pool's connections: each is exact on
-/// its own; read together while calls finish they may be a few calls apart (a success counted
-/// before its latency is added), never going back.
+/// Striped: each connection adds to one of [`STRIPES`] cells of four relaxed counters, each cell on
+/// cache lines of its own, so calls on different connections on different cores do not fight over
+/// one line (as they would over a single pool-wide line written by every call). A read sums the
+/// cells. Each counter is exact on its own and only grows, so a later read never sums less; read
+/// together while calls finish, the counters may be a few calls apart (a success counted before
+/// its latency is added).
 #[derive(Debug, Default)]
 pub(crate) struct CallTotals {
+    cells: [TotalsCell; STRIPES],
+    next: AtomicU64,
+}
+
+/// How many cells [`CallTotals`] is striped over: 2 KiB per pool.
+pub(crate) const STRIPES: usize = 16;
+
+/// One stripe of [`CallTotals`], aligned to 128 bytes (two cache lines: the adjacent-line
+/// prefetcher pairs them), so no two stripes share a line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct TotalsCell {
     successes: AtomicU64,
     failures: AtomicU64,
     cancelled: AtomicU64,
@@ -294,27 +325,38 @@ pub(crate) struct CallTotals {
 }
 
 impl CallTotals {
-    fn success(&self, latency: Duration) {
+    /// The stripe for a new connection: round robin.
+    fn next_stripe(&self) -> usize {
+        (self.next.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize
+    }
+
+    fn success(&self, stripe: usize, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.successes.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        let cell = &self.cells[stripe];
+        cell.successes.fetch_add(1, Ordering::Relaxed);
+        cell.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    fn failure(&self) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+    fn failure(&self, stripe: usize) {
+        self.cells[stripe].failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn cancelled(&self) {
-        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    fn cancelled(&self, stripe: usize) {
+        self.cells[stripe].cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Fills the cumulative call fields of `stats`.
     pub(crate) fn fill(&self, stats: &mut PoolStats) {
-        stats.total_successes = self.successes.load(Ordering::Relaxed);
-        stats.total_errors = self.failures.load(Ordering::Relaxed);
+        let sum = |counter: fn(&TotalsCell) -> &AtomicU64| {
+            self.cells.iter().fold(0u64, |n, cell| {
+                n.wrapping_add(counter(cell).load(Ordering::Relaxed))
+            })
+        };
+        stats.total_successes = sum(|c| &c.successes);
+        stats.total_errors = sum(|c| &c.failures);
         stats.total_requests = stats.total_successes.saturating_add(stats.total_errors);
-        stats.total_cancelled = self.cancelled.load(Ordering::Relaxed);
-        stats.latency_sum = Duration::from_micros(self.latency_sum_us.load(Ordering::Relaxed));
+        stats.total_cancelled = sum(|c| &c.cancelled);
+        stats.latency_sum = Duration::from_micros(sum(|c| &c.latency_sum_us));
     }
 }
 
