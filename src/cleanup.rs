@@ -129,6 +129,8 @@ where
                     round = pool.probe_idle() => round,
                 };
                 let forgotten = pool.prune_addresses().await;
+                #[cfg(feature = "metrics")]
+                pool.export_metrics();
                 if idle + unhealthy + forgotten + probes.evicted > 0 {
                     tracing::debug!(
                         idle,

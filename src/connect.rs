@@ -240,8 +240,7 @@ where
                 PoolCounters::bump(&self.inner.counters.backoff_rejections);
                 return Decision::Done(Err(err));
             }
-            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire())
-            else {
+            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
                 return Decision::Full;
             };
             permit.mark_connecting();
@@ -344,11 +343,12 @@ where
                 PoolCounters::bump(&counters.connects_failed);
                 let cause: Cause = Arc::new(err);
                 tracing::warn!(addr = %addr, error = %cause, "connect failed");
-                self.fail_flight(&addr, flight, Arc::clone(&cause), permit);
-                Err(PoolError::Connect {
+                let err = PoolError::Connect {
                     addr: addr.clone(),
-                    cause,
-                })
+                    cause: Arc::clone(&cause),
+                };
+                self.fail_flight(&addr, flight, cause, &err, permit);
+                Err(err)
             }
             Some(Err(_elapsed)) => {
                 PoolCounters::bump(&counters.connects_timed_out);
@@ -357,7 +357,7 @@ where
                     timeout,
                 };
                 tracing::warn!(addr = %addr, ?timeout, "connect timed out");
-                self.fail_flight(&addr, flight, Arc::new(err.clone()), permit);
+                self.fail_flight(&addr, flight, Arc::new(err.clone()), &err, permit);
                 Err(err)
             }
         };
@@ -368,14 +368,22 @@ where
         tx.send_replace(Some(result));
     }
 
-    /// A failed connect: under the entry lock, the flight is retired, the address backs off (I12)
-    /// and the permit is given back, in one step.
-    fn fail_flight(&self, addr: &CheetahString, flight: u64, cause: Cause, permit: Option<Permit>) {
+    /// A failed connect (`err`, for the user's hook): under the entry lock, the flight is retired,
+    /// the address backs off (I12) and the permit is given back, in one step.
+    fn fail_flight(
+        &self,
+        addr: &CheetahString,
+        flight: u64,
+        cause: Cause,
+        err: &PoolError,
+        permit: Option<Permit>,
+    ) {
         let now = Instant::now();
         self.with_slot(addr, |slot| {
             if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
                 slot.flight = None;
             }
+            self.inner.events.connect_failed(addr, err);
             if !self.is_closed() {
                 self.inner.eject(addr, slot, now, cause);
             }
@@ -424,10 +432,10 @@ where
             }
             PoolCounters::bump(&self.inner.counters.connects_succeeded);
             tracing::debug!(addr = %pooled.addr(), conn = %pooled.id(), "connected");
+            self.inner.events.connect(addr, pooled.id());
             Ok(())
         })
     }
-
 }
 
 /// An address's backoff state: for every pool, with or without a connector.
@@ -471,5 +479,6 @@ where
             slot.cause = None;
         });
         tracing::debug!(addr = %addr, "marked up: backoff ended");
+        self.inner.events.mark_up(&addr);
     }
 }

@@ -10,6 +10,9 @@ mod connection;
 mod connector;
 pub mod core;
 mod error;
+mod events;
+#[cfg(feature = "metrics")]
+mod export;
 mod metrics;
 mod pool;
 mod probe;
@@ -29,7 +32,13 @@ pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection};
 pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
-pub use metrics::{ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolStats};
+pub use events::PoolEvents;
+#[cfg(feature = "metrics")]
+pub use export::{DEFAULT_EXPORTED_ADDRESSES, describe_metrics};
+pub use metrics::{
+    AddressState, ConnectStats, ConnectionMetrics, ConnectionState, EvictionReason, EvictionStats,
+    PoolStats,
+};
 pub use pool::{ConnectionPool, PoolBuilder};
 pub use probe::ProbeRound;
 pub use warmup::WarmUpReport;

@@ -3,9 +3,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
-use crate::core::{CallClaim, CallRecord, HealthPolicy, UnhealthyReason, Verdict, is_idle};
+use crate::ConnectionPool;
+use crate::connection::ConnId;
+use crate::connector::ManagesConnections;
+use crate::slot::Slot;
+
+use crate::core::{
+    CallClaim, CallRecord, HealthPolicy, LatencyHistogram, LatencySnapshot, UnhealthyReason,
+    Verdict, is_idle,
+};
 use crate::sync::Mutex;
 use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -20,6 +29,10 @@ const FLAG_CLOSED: u8 = 2;
 /// under a short lock taken once per finished call. What `get` reads on every hit (the health flags
 /// and the idle clock) are atomics beside it. Time is the runtime's clock (virtual under madsim and
 /// under tokio's paused time), relative to the connection's creation.
+///
+/// Every outcome is also added to the pool's cumulative call counters (shared by all the pool's
+/// connections, so they survive evictions), and each successful call's latency to this
+/// connection's [`LatencyHistogram`]: a few relaxed atomic adds per call on top of the lock.
 #[derive(Debug)]
 pub struct ConnectionMetrics {
     created_at: Instant,
@@ -35,21 +48,66 @@ pub struct ConnectionMetrics {
     /// Nanoseconds since `created_at` of the last liveness probe that ended (0: never). Apart from
     /// the idle clock: a probe is not a use (I5, I6), but it spaces the next probe.
     probed_ns: AtomicU64,
+    /// Latencies of this connection's successful calls. One per connection: a replacement starts
+    /// empty, like the rest of its metrics (I13).
+    latency: LatencyHistogram,
+    /// The pool's cumulative counters (none for a connection made without a pool), and this
+    /// connection's stripe of them.
+    totals: Option<Arc<CallTotals>>,
+    stripe: usize,
 }
 
 impl ConnectionMetrics {
     /// Fresh metrics for a connection created at `created_at`, judged by `health` (a policy, or
-    /// one shared by many connections as the pool does).
+    /// one shared by many connections as the pool does). A pooled connection's outcomes also go to
+    /// the pool's cumulative counters (see [`PoolStats`]); these, made without a pool, only here.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionMetrics;
+    /// use keyed_pool::core::HealthPolicy;
+    /// let now = tokio::time::Instant::now();
+    /// let m = ConnectionMetrics::new(now, HealthPolicy::default());
+    /// m.record_success_at(now, Duration::from_millis(3));
+    /// assert_eq!(m.success_count(), 1);
+    /// assert_eq!(m.latency().count(), 1);
+    /// ```
     pub fn new(created_at: Instant, health: impl Into<Arc<HealthPolicy>>) -> Self {
+        Self::build(created_at, health.into(), None)
+    }
+
+    /// Like [`new`](Self::new), but every outcome is also added to `totals`, which outlive the
+    /// connection: the pool's.
+    pub(crate) fn with_totals(
+        created_at: Instant,
+        health: Arc<HealthPolicy>,
+        totals: Arc<CallTotals>,
+    ) -> Self {
+        Self::build(created_at, health, Some(totals))
+    }
+
+    fn build(
+        created_at: Instant,
+        health: Arc<HealthPolicy>,
+        totals: Option<Arc<CallTotals>>,
+    ) -> Self {
         Self {
             created_at,
-            health: health.into(),
+            health,
             last_used_ns: AtomicU64::new(0),
             claim: CallClaim::default(),
             flags: AtomicU8::new(0),
             record: Mutex::new(CallRecord::default()),
             probed_ns: AtomicU64::new(0),
+            latency: LatencyHistogram::default(),
+            stripe: totals.as_ref().map_or(0, |t| t.next_stripe()),
+            totals,
         }
+    }
+
+    /// The distribution of this connection's successful calls' latencies.
+    pub fn latency(&self) -> LatencySnapshot {
+        self.latency.snapshot()
     }
 
     fn at(&self, now: Instant) -> Duration {
@@ -67,6 +125,10 @@ impl ConnectionMetrics {
         self.record
             .lock()
             .success(&self.health, self.at(now), latency);
+        self.latency.record(latency);
+        if let Some(totals) = &self.totals {
+            totals.success(self.stripe, latency);
+        }
         self.touch(now);
     }
 
@@ -74,6 +136,9 @@ impl ConnectionMetrics {
     /// is latched with its reason: the connection stays unhealthy whatever comes after (I9).
     pub fn record_error_at(&self, now: Instant) -> Verdict {
         let verdict = self.record.lock().failure(&self.health, self.at(now));
+        if let Some(totals) = &self.totals {
+            totals.failure(self.stripe);
+        }
         self.touch(now);
         if verdict.is_unhealthy() {
             self.flags.fetch_or(FLAG_UNHEALTHY, Ordering::AcqRel);
@@ -204,6 +269,9 @@ impl ConnectionMetrics {
 
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
         self.record.lock().cancelled();
+        if let Some(totals) = &self.totals {
+            totals.cancelled(self.stripe);
+        }
         self.touch(now);
     }
 
@@ -303,6 +371,72 @@ pub(crate) enum ProbeEnd {
     Closed,
     /// The probe was dropped unfinished: nothing recorded, the probe clock stays.
     Dropped,
+}
+
+/// Cumulative call outcomes over every connection that shares them (for a pool: every connection it
+/// ever had, including calls finished on a connection after it left the pool). They only grow,
+/// whatever is evicted, so a rate over them is meaningful.
+///
+/// Striped: each connection adds to one of [`STRIPES`] cells of four relaxed counters, each cell on
+/// cache lines of its own, so calls on different connections on different cores do not fight over
+/// one line (as they would over a single pool-wide line written by every call). A read sums the
+/// cells. Each counter is exact on its own and only grows, so a later read never sums less; read
+/// together while calls finish, the counters may be a few calls apart (a success counted before
+/// its latency is added).
+#[derive(Debug, Default)]
+pub(crate) struct CallTotals {
+    cells: [TotalsCell; STRIPES],
+    next: AtomicU64,
+}
+
+/// How many cells [`CallTotals`] is striped over: 2 KiB per pool.
+pub(crate) const STRIPES: usize = 16;
+
+/// One stripe of [`CallTotals`], aligned to 128 bytes (two cache lines: the adjacent-line
+/// prefetcher pairs them), so no two stripes share a line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct TotalsCell {
+    successes: AtomicU64,
+    failures: AtomicU64,
+    cancelled: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+impl CallTotals {
+    /// The stripe for a new connection: round robin.
+    fn next_stripe(&self) -> usize {
+        (self.next.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize
+    }
+
+    fn success(&self, stripe: usize, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let cell = &self.cells[stripe];
+        cell.successes.fetch_add(1, Ordering::Relaxed);
+        cell.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn failure(&self, stripe: usize) {
+        self.cells[stripe].failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn cancelled(&self, stripe: usize) {
+        self.cells[stripe].cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fills the cumulative call fields of `stats`.
+    pub(crate) fn fill(&self, stats: &mut PoolStats) {
+        let sum = |counter: fn(&TotalsCell) -> &AtomicU64| {
+            self.cells.iter().fold(0u64, |n, cell| {
+                n.wrapping_add(counter(cell).load(Ordering::Relaxed))
+            })
+        };
+        stats.total_successes = sum(|c| &c.successes);
+        stats.total_errors = sum(|c| &c.failures);
+        stats.total_requests = stats.total_successes.saturating_add(stats.total_errors);
+        stats.total_cancelled = sum(|c| &c.cancelled);
+        stats.latency_sum = Duration::from_micros(sum(|c| &c.latency_sum_us));
+    }
 }
 
 /// Why a connection left the pool.
@@ -415,32 +549,63 @@ pub struct ConnectStats {
     pub backoff_rejections: u64,
 }
 
-/// A snapshot of the pool. The per-connection sums cover the connections live at the time of the
-/// call; the counters cover the pool's whole life.
+/// A snapshot of the pool.
+///
+/// Two kinds of fields:
+/// - **gauges**, the state now: `total`, `healthy`, `idle`, `in_flight`, `reserved`,
+///   `max_connections`;
+/// - **cumulative counters**, since the pool was built, which never go back, whatever is evicted:
+///   `total_requests`, `total_successes`, `total_errors`, `total_cancelled`, `latency_sum`,
+///   `evictions`, `rejected_capacity`, `connects`. The call counters cover every call recorded on
+///   any connection the pool made or was given, also one recorded after its connection left.
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<&str> = ConnectionPool::new(0, Duration::ZERO);
+/// pool.insert("127.0.0.1:1", "client");
+/// let conn = pool.get("127.0.0.1:1").unwrap();
+/// conn.record_error();
+/// conn.record_success(Duration::from_millis(2));
+/// assert!(pool.remove_connection(&conn));
+/// let stats = pool.stats();
+/// assert_eq!(stats.total, 0, "a gauge: nothing is pooled now");
+/// assert_eq!((stats.total_requests, stats.total_errors), (2, 1), "cumulative: kept");
+/// assert_eq!(stats.avg_latency(), Duration::from_millis(2));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PoolStats {
-    /// Live connections.
+    /// Live connections (gauge).
     pub total: usize,
-    /// Live connections neither unhealthy nor closed.
+    /// Live connections neither unhealthy nor closed (gauge).
     pub healthy: usize,
-    /// Live connections that are idle now.
+    /// Live connections that are idle now (gauge).
     pub idle: usize,
-    /// Calls in flight over all live connections.
+    /// Calls in flight over all live connections (gauge).
     pub in_flight: u64,
-    /// Slots held by connects in flight.
+    /// Slots held by connects in flight (gauge).
     pub reserved: usize,
     /// The configured cap; `0` = unlimited.
     pub max_connections: usize,
-    /// Finished calls over all live connections.
+    /// Finished calls, successes plus failures, since the pool was built (cumulative). Until 0.2
+    /// this summed only the live connections and dropped when one was evicted.
     pub total_requests: u64,
-    /// Failed calls over all live connections.
+    /// Successful calls since the pool was built (cumulative).
+    pub total_successes: u64,
+    /// Failed calls since the pool was built (cumulative). Until 0.2 this summed only the live
+    /// connections.
     pub total_errors: u64,
-    /// Evictions by reason.
+    /// Calls dropped before they finished, since the pool was built (cumulative).
+    pub total_cancelled: u64,
+    /// The sum of the successful calls' latencies since the pool was built (cumulative; its count
+    /// is `total_successes`).
+    pub latency_sum: Duration,
+    /// Evictions by reason (cumulative).
     pub evictions: EvictionStats,
-    /// Inserts and connects refused because the pool was full.
+    /// Inserts and connects refused because the pool was full (cumulative).
     pub rejected_capacity: u64,
-    /// Connect outcomes.
+    /// Connect outcomes (cumulative).
     pub connects: ConnectStats,
 }
 
@@ -454,7 +619,7 @@ impl PoolStats {
         }
     }
 
-    /// `total_errors / total_requests`; zero before any request.
+    /// `total_errors / total_requests`, over the pool's life; zero before any request.
     pub fn error_rate(&self) -> f64 {
         if self.total_requests == 0 {
             0.0
@@ -466,6 +631,144 @@ impl PoolStats {
     /// Live connections that are not idle.
     pub fn active(&self) -> usize {
         self.total.saturating_sub(self.idle)
+    }
+
+    /// Mean latency of the successful calls since the pool was built; zero before the first.
+    pub fn avg_latency(&self) -> Duration {
+        match u32::try_from(self.total_successes) {
+            Ok(0) => Duration::ZERO,
+            Ok(n) => self.latency_sum / n,
+            Err(_) => Duration::from_secs_f64(
+                self.latency_sum.as_secs_f64() / self.total_successes as f64,
+            ),
+        }
+    }
+}
+
+/// One address the pool keeps state for, as [`ConnectionPool::addresses`] saw it: its connection
+/// (if any), whether a connect is in flight, and its ejection state (I12).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct AddressState {
+    /// The address.
+    pub addr: CheetahString,
+    /// Its pooled connection, if it has one.
+    pub connection: Option<ConnectionState>,
+    /// `true` while a connect for it is in flight.
+    pub connecting: bool,
+    /// Its ejection count now (see [`ConnectionPool::ejection_count`]).
+    pub ejection_count: u32,
+    /// When it may be connected again, while it backs off.
+    pub backoff_until: Option<Instant>,
+}
+
+/// A pooled connection's state, in an [`AddressState`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ConnectionState {
+    /// Its identity.
+    pub id: ConnId,
+    /// Neither judged unhealthy nor known closed. The connector's `is_open` is not asked for a
+    /// snapshot: a transport that closed since the last `get` or sweep shows as healthy here.
+    pub healthy: bool,
+    /// Its transport was found closed.
+    pub closed: bool,
+    /// Calls in flight.
+    pub in_flight: u64,
+    /// Time since its last use.
+    pub idle_for: Duration,
+    /// Time since it was made.
+    pub age: Duration,
+    /// Finished calls on it (successes plus failures).
+    pub requests: u64,
+    /// Failed calls on it.
+    pub errors: u64,
+    /// Its trailing run of failures (I10).
+    pub consecutive_errors: u32,
+    /// The distribution of its successful calls' latencies.
+    pub latency: LatencySnapshot,
+}
+
+impl<C, K> ConnectionPool<C, K>
+where
+    C: Send + Sync + 'static,
+    K: ManagesConnections<C>,
+{
+    /// Every address the pool keeps state for, sorted: those with a connection, a connect in
+    /// flight, or an ejection state that has not settled (I18), so an address backing off with no
+    /// connection is listed too. A snapshot: each address is read under its shard's read lock and
+    /// copied; no lock is held once it returns, so the caller may do anything with it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+    /// pool.insert("127.0.0.1:2", 2);
+    /// pool.insert("127.0.0.1:1", 1);
+    /// pool.get("127.0.0.1:1").unwrap().record_success(Duration::from_millis(4));
+    /// let addrs = pool.addresses();
+    /// assert_eq!(addrs.len(), 2);
+    /// assert_eq!(addrs[0].addr, "127.0.0.1:1");
+    /// let conn = addrs[0].connection.as_ref().unwrap();
+    /// assert!(conn.healthy);
+    /// assert_eq!(conn.latency.count(), 1);
+    /// assert_eq!(addrs[0].ejection_count, 0);
+    /// ```
+    pub fn addresses(&self) -> Vec<AddressState> {
+        let now = Instant::now();
+        let mut states: Vec<_> = self
+            .inner
+            .map
+            .iter()
+            .map(|e| self.address_state(e.key(), e.value(), now))
+            .collect();
+        states.sort_unstable_by(|a, b| a.addr.cmp(&b.addr));
+        states
+    }
+
+    /// The state of one address, or `None` if the pool keeps nothing for it. See
+    /// [`addresses`](Self::addresses).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionPool;
+    /// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+    /// assert!(pool.address("127.0.0.1:1").is_none());
+    /// pool.insert("127.0.0.1:1", 1);
+    /// let state = pool.address("127.0.0.1:1").unwrap();
+    /// assert!(!state.connecting && state.backoff_until.is_none());
+    /// ```
+    pub fn address(&self, addr: impl AsRef<str>) -> Option<AddressState> {
+        let now = Instant::now();
+        let entry = self.inner.map.get(addr.as_ref())?;
+        Some(self.address_state(entry.key(), entry.value(), now))
+    }
+
+    fn address_state(&self, addr: &CheetahString, slot: &Slot<C>, now: Instant) -> AddressState {
+        let at = self.inner.offset(now);
+        let connection = slot.conn.as_ref().map(|pooled| {
+            let m = pooled.conn.metrics();
+            let record = m.record();
+            ConnectionState {
+                id: pooled.conn.id(),
+                healthy: m.is_healthy(),
+                closed: m.is_closed(),
+                in_flight: m.in_flight(),
+                idle_for: m.since_last_use(now),
+                age: now.saturating_duration_since(m.created_at()),
+                requests: record.successes() + record.failures(),
+                errors: record.failures(),
+                consecutive_errors: record.consecutive_failures(),
+                latency: m.latency(),
+            }
+        });
+        AddressState {
+            addr: addr.clone(),
+            connection,
+            connecting: slot.flight.is_some(),
+            ejection_count: slot.ejection.count_at(at, &self.inner.config.ejection),
+            backoff_until: slot.ejection.retry_after(at).map(|left| now + left),
+        }
     }
 }
 

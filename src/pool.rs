@@ -20,8 +20,10 @@ use crate::connection::{ConnId, PooledConnection};
 use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
+use crate::events::{Hook, PoolEvents};
 use crate::metrics::{
-    ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
+    CallTotals, ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters,
+    PoolStats,
 };
 use crate::slot::{Pooled, Slot};
 use crate::sweep::LruTake;
@@ -43,8 +45,8 @@ pub(crate) fn key(addr: &str) -> CheetahString {
 /// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
 /// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
 ///
-/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks connections
-/// ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
+/// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks
+/// connections ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -92,6 +94,8 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     health: Arc<crate::core::HealthPolicy>,
     pub(crate) connector: K,
     pub(crate) counters: PoolCounters,
+    /// Call outcomes of every connection the pool ever had, shared with each one's metrics.
+    pub(crate) calls: Arc<CallTotals>,
     pub(crate) next_id: AtomicU64,
     pub(crate) closed: AtomicBool,
     /// Serialises making room under `WhenFull::EvictLeastRecentlyUsed`, so that two callers never
@@ -105,6 +109,12 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) cleanup: CleanupControl,
     jitter_seed: RandomState,
     jitter_draws: AtomicU64,
+    /// The user's [`PoolEvents`], if any.
+    pub(crate) events: Hook,
+    /// The pool's name: the `pool` label of its exported metrics.
+    pub(crate) name: Arc<str>,
+    #[cfg(feature = "metrics")]
+    pub(crate) export: crate::export::ExportState,
 }
 
 impl<C, K: ManagesConnections<C>> Inner<C, K> {
@@ -137,12 +147,16 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
             self.jitter_unit(),
         );
         slot.cause = Some(cause);
-        tracing::debug!(
-            addr = %addr,
-            ejections = slot.ejection.count_at(self.offset(now), &config.ejection),
-            ?delay,
-            "backing off"
-        );
+        let ejections = slot.ejection.count_at(self.offset(now), &config.ejection);
+        tracing::debug!(addr = %addr, ejections, ?delay, "backing off");
+        self.events.backoff(addr, delay, ejections);
+    }
+
+    /// Counts an eviction and tells the user's hook: every connection that leaves the pool comes
+    /// through here once, under its address's entry lock.
+    pub(crate) fn note_evicted(&self, addr: &str, id: ConnId, reason: EvictionReason) {
+        self.counters.evicted(reason);
+        self.events.evict(addr, id, reason);
     }
 
     /// Closes a connection the pool lets go of and only then frees its capacity slot (I1 as the
@@ -157,7 +171,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         now: Instant,
     ) {
         let conn = &pooled.conn;
-        self.counters.evicted(reason);
+        self.note_evicted(conn.addr(), conn.id(), reason);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
         self.connector.close_conn(conn.client());
         let age = now.saturating_duration_since(conn.metrics().created_at());
@@ -184,7 +198,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
     /// the room, under the victim's entry lock.
     pub(crate) fn retire_for_room(&self, pooled: Pooled<C>) -> crate::core::Permit {
         let Pooled { conn, permit, .. } = pooled;
-        self.counters.evicted(EvictionReason::MakeRoom);
+        self.note_evicted(conn.addr(), conn.id(), EvictionReason::MakeRoom);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "make_room", "connection evicted");
         self.connector.close_conn(conn.client());
         permit
@@ -213,7 +227,7 @@ impl<C: Send + Sync + 'static> ConnectionPool<C, NoConnector> {
             max_idle: (!max_idle.is_zero()).then_some(max_idle),
             ..PoolConfig::default()
         };
-        Self::from_parts(config, NoConnector)
+        Self::from_parts(config, NoConnector, PoolExtras::default())
     }
 }
 
@@ -237,6 +251,7 @@ impl ConnectionPool<(), NoConnector> {
         PoolBuilder {
             config: PoolConfig::default(),
             connector: NoConnector,
+            extras: PoolExtras::default(),
         }
     }
 }
@@ -247,6 +262,27 @@ impl ConnectionPool<(), NoConnector> {
 pub struct PoolBuilder<K> {
     config: PoolConfig,
     connector: K,
+    extras: PoolExtras,
+}
+
+/// What a pool is built with besides its configuration and connector.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolExtras {
+    events: Hook,
+    name: Arc<str>,
+    #[cfg(feature = "metrics")]
+    export_addresses: usize,
+}
+
+impl Default for PoolExtras {
+    fn default() -> Self {
+        Self {
+            events: Hook::default(),
+            name: Arc::from("default"),
+            #[cfg(feature = "metrics")]
+            export_addresses: crate::export::DEFAULT_EXPORTED_ADDRESSES,
+        }
+    }
 }
 
 impl<K> PoolBuilder<K> {
@@ -255,6 +291,7 @@ impl<K> PoolBuilder<K> {
         PoolBuilder {
             config: self.config,
             connector,
+            extras: self.extras,
         }
     }
 
@@ -352,6 +389,51 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// Calls `events` when the pool connects, fails to connect, evicts, backs off and is told
+    /// `mark_up` (see [`PoolEvents`] for the rules a hook follows). Without it, each of those
+    /// places costs one branch.
+    ///
+    /// ```
+    /// use keyed_pool::{ConnectionPool, PoolEvents};
+    /// struct Quiet;
+    /// impl PoolEvents for Quiet {}
+    /// let pool = ConnectionPool::builder().events(Quiet).build::<u32>().unwrap();
+    /// assert!(pool.insert("127.0.0.1:1", 1));
+    /// ```
+    pub fn events(mut self, events: impl PoolEvents) -> Self {
+        self.extras.events = Hook::new(events);
+        self
+    }
+
+    /// Names the pool: the `pool` label of its exported metrics, so several pools in one process
+    /// are told apart. Default: `"default"`.
+    ///
+    /// ```
+    /// use keyed_pool::ConnectionPool;
+    /// let pool = ConnectionPool::builder().name("brokers").build::<u32>().unwrap();
+    /// assert_eq!(pool.name(), "brokers");
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.extras.name = Arc::from(name.into());
+        self
+    }
+
+    /// At most `max` addresses get per-address series in
+    /// [`export_metrics`](ConnectionPool::export_metrics) (the first in sorted order; `0`: none),
+    /// which bounds the `addr` label's cardinality. Default:
+    /// [`DEFAULT_EXPORTED_ADDRESSES`](crate::DEFAULT_EXPORTED_ADDRESSES).
+    ///
+    /// ```
+    /// use keyed_pool::ConnectionPool;
+    /// let pool = ConnectionPool::builder().export_addresses(16).build::<u32>().unwrap();
+    /// # drop(pool);
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn export_addresses(mut self, max: usize) -> Self {
+        self.extras.export_addresses = max;
+        self
+    }
+
     /// See [`PoolConfig::shard_amount`].
     pub fn shard_amount(mut self, shards: usize) -> Self {
         self.config.shard_amount = shards;
@@ -394,7 +476,11 @@ impl<K> PoolBuilder<K> {
         K: ManagesConnections<C>,
     {
         self.config.validate()?;
-        Ok(ConnectionPool::from_parts(self.config, self.connector))
+        Ok(ConnectionPool::from_parts(
+            self.config,
+            self.connector,
+            self.extras,
+        ))
     }
 }
 
@@ -403,7 +489,7 @@ where
     C: Send + Sync + 'static,
     K: ManagesConnections<C>,
 {
-    fn from_parts(config: PoolConfig, connector: K) -> Self {
+    fn from_parts(config: PoolConfig, connector: K, extras: PoolExtras) -> Self {
         let shards = config.shard_amount;
         Self {
             inner: Arc::new(Inner {
@@ -412,6 +498,7 @@ where
                 health: Arc::new(config.health),
                 connector,
                 counters: PoolCounters::default(),
+                calls: Arc::default(),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 room: crate::sync::Mutex::new(()),
@@ -420,6 +507,10 @@ where
                 cleanup: CleanupControl::new(),
                 jitter_seed: RandomState::new(),
                 jitter_draws: AtomicU64::new(0),
+                events: extras.events,
+                name: extras.name,
+                #[cfg(feature = "metrics")]
+                export: crate::export::ExportState::new(extras.export_addresses),
                 config,
             }),
         }
@@ -428,6 +519,11 @@ where
     /// The validated configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
+    }
+
+    /// The pool's name (see [`PoolBuilder::name`]).
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// The connector.
@@ -442,7 +538,11 @@ where
 
     pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let metrics = ConnectionMetrics::new(Instant::now(), Arc::clone(&self.inner.health));
+        let metrics = ConnectionMetrics::with_totals(
+            Instant::now(),
+            Arc::clone(&self.inner.health),
+            Arc::clone(&self.inner.calls),
+        );
         PooledConnection::new(id, addr, conn, metrics, self.inner.config.call_timeout)
     }
 
@@ -653,7 +753,8 @@ where
                         permit,
                         handoff: None,
                     });
-                    self.inner.counters.evicted(EvictionReason::Replaced);
+                    self.inner
+                        .note_evicted(conn.addr(), conn.id(), EvictionReason::Replaced);
                     tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = "replaced", "connection evicted");
                     self.inner.connector.close_conn(conn.client());
                 }
@@ -705,7 +806,8 @@ where
                 slot.conn.take().map(|pooled| pooled.conn)
             })
             .flatten()?;
-        self.inner.counters.evicted(EvictionReason::Manual);
+        self.inner
+            .note_evicted(addr, conn.id(), EvictionReason::Manual);
         tracing::debug!(addr = %addr, conn = %conn.id(), reason = "manual", "connection removed");
         Some(conn)
     }
@@ -786,7 +888,8 @@ where
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
     pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref()).map(|conn| Arc::clone(conn.metrics()))
+        self.pooled(addr.as_ref())
+            .map(|conn| Arc::clone(conn.metrics()))
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
@@ -856,10 +959,8 @@ where
             stats.healthy += usize::from(m.is_healthy());
             stats.idle += usize::from(m.is_idle_at(now, max_idle));
             stats.in_flight += m.in_flight();
-            let record = m.record();
-            stats.total_requests += record.successes() + record.failures();
-            stats.total_errors += record.failures();
         }
+        self.inner.calls.fill(&mut stats);
         let c = &self.inner.counters;
         let load = |a: &crate::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         stats.evictions = EvictionStats {

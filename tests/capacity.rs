@@ -21,7 +21,11 @@ async fn i1_insert_refused_when_full() {
     );
     assert!(matches!(
         pool.try_insert(addr(4), 4),
-        Err(PoolError::AtCapacity { max: 3, live: 3, connecting: 0 })
+        Err(PoolError::AtCapacity {
+            max: 3,
+            live: 3,
+            connecting: 0
+        })
     ));
     assert_eq!(pool.len(), 3);
     assert_eq!(pool.used_slots(), 3);
@@ -230,12 +234,14 @@ async fn when_full_lru_rejects_if_every_connection_is_busy() {
         .unwrap();
     assert!(pool.insert(addr(0), 0));
     assert!(pool.insert(addr(1), 1));
-    let calls: Vec<_> = (0..2)
-        .map(|i| pool.get(addr(i)).unwrap().begin())
-        .collect();
+    let calls: Vec<_> = (0..2).map(|i| pool.get(addr(i)).unwrap().begin()).collect();
     assert!(matches!(
         pool.try_insert(addr(2), 2),
-        Err(PoolError::AtCapacity { max: 2, live: 2, connecting: 0 })
+        Err(PoolError::AtCapacity {
+            max: 2,
+            live: 2,
+            connecting: 0
+        })
     ));
     assert_eq!(pool.len(), 2);
     drop(calls);

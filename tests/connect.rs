@@ -118,7 +118,11 @@ async fn i3_a_reserved_slot_counts_against_the_cap_while_connecting() {
     );
     assert!(matches!(
         pool.get_or_connect(&addr(3)).await,
-        Err(PoolError::AtCapacity { max: 2, live: 1, connecting: 1 })
+        Err(PoolError::AtCapacity {
+            max: 2,
+            live: 1,
+            connecting: 1
+        })
     ));
     for t in connecting {
         assert!(matches!(
@@ -476,7 +480,11 @@ async fn get_or_connect_when_full_rejects_or_evicts_by_policy() {
     pool.get_or_connect(&addr(0)).await.unwrap();
     assert!(matches!(
         pool.get_or_connect(&addr(1)).await,
-        Err(PoolError::AtCapacity { max: 1, live: 1, connecting: 0 })
+        Err(PoolError::AtCapacity {
+            max: 1,
+            live: 1,
+            connecting: 0
+        })
     ));
     assert_eq!(pool.stats().rejected_capacity, 1);
 

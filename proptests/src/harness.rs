@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use keyed_pool::core::UnhealthyReason;
-use keyed_pool::{
-    CallGuard, ConnectionPool, Connector, PoolError, PooledConnection,
-};
+use keyed_pool::{CallGuard, ConnectionPool, Connector, PoolError, PooledConnection};
 use tokio::time::Instant;
 
 use crate::model::{ConnectPlan, HealthEviction, InsertPlan, MCause, Model, Settings, Tripped};
@@ -331,8 +329,14 @@ impl Harness {
                         self.adopt(a, conn)?;
                     }
                     (InsertPlan::Closed, Err(PoolError::Closed)) => {}
-                    (InsertPlan::Rejected, Err(PoolError::AtCapacity { max, live, connecting }))
-                        if max == self.m.s.max && live + connecting == max => {}
+                    (
+                        InsertPlan::Rejected,
+                        Err(PoolError::AtCapacity {
+                            max,
+                            live,
+                            connecting,
+                        }),
+                    ) if max == self.m.s.max && live + connecting == max => {}
                     (InsertPlan::Placed, Err(e)) if replacing => {
                         return Err(format!(
                             "I2 violated: re-inserting a present address failed: {e}"

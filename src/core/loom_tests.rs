@@ -686,3 +686,36 @@ fn loom_record_vs_verdict() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// record vs snapshot: `LatencyHistogram` (issue 14)
+// ---------------------------------------------------------------------------------------------
+
+/// Two threads record a latency each while a third takes a snapshot: whatever the interleaving
+/// (relaxed adds), the snapshot never counts more than was recorded, the final one never counts
+/// less in any bucket, and once the recorders are joined the counts and the sum are exact.
+#[test]
+fn loom_latency_record_vs_snapshot() {
+    use crate::core::LatencyHistogram;
+    model("latency_record_vs_snapshot", || {
+        let h = Arc::new(LatencyHistogram::default());
+        let recorders: Vec<_> = [Duration::from_micros(3), Duration::from_millis(40)]
+            .into_iter()
+            .map(|latency| {
+                let h = Arc::clone(&h);
+                thread::spawn(move || h.record(latency))
+            })
+            .collect();
+        let seen = h.snapshot();
+        assert!(seen.count() <= 2, "counted more than was recorded");
+        for r in recorders {
+            r.join().unwrap();
+        }
+        let done = h.snapshot();
+        for ((_, a), (_, b)) in seen.buckets().zip(done.buckets()) {
+            assert!(a <= b, "a bucket went back between two snapshots");
+        }
+        assert_eq!(done.count(), 2);
+        assert_eq!(done.sum(), Duration::from_micros(40_003));
+    });
+}

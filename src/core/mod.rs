@@ -8,6 +8,8 @@
 //! - [`BackoffPolicy`], [`EjectionPolicy`], [`Ejection`]: the backoff of an address and the count
 //!   that learns (I12, I18).
 //! - [`is_idle`]: the idle predicate (I5, I6).
+//! - [`LatencyHistogram`], [`LatencySnapshot`]: a latency distribution in fixed memory, with
+//!   quantiles within [`MAX_RELATIVE_ERROR`].
 //!
 //! See `docs/DESIGN.md` for how the pool composes them.
 
@@ -17,6 +19,7 @@ mod conn;
 mod ejection;
 mod health;
 mod idle;
+mod latency;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
@@ -26,3 +29,6 @@ pub use conn::{CallClaim, CallRecord};
 pub use ejection::{Ejection, EjectionPolicy};
 pub use health::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict, WINDOW_BUCKETS};
 pub use idle::is_idle;
+pub use latency::{
+    LATENCY_BUCKETS, LatencyHistogram, LatencySnapshot, MAX_RELATIVE_ERROR, MAX_TRACKED,
+};
