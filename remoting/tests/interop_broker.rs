@@ -818,9 +818,20 @@ async fn a_producer_through_the_pool_loses_no_acknowledged_message_when_the_brok
         books.acked.load(Ordering::Relaxed) >= KILL_AFTER_ACKS
     })
     .await;
-    let before = pool
-        .get(&CheetahString::from(broker.as_str()))
-        .expect("a pooled broker connection");
+    // The connection the producers use now (if a burst of SYSTEM_BUSY answers from the broker's
+    // flow control just had it evicted as unhealthy, the next one).
+    let broker_key = CheetahString::from(broker.as_str());
+    let wanted = Instant::now();
+    let before = loop {
+        if let Some(conn) = pool.get(&broker_key) {
+            break conn;
+        }
+        assert!(
+            wanted.elapsed() < Duration::from_secs(10),
+            "no pooled broker connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let first_conn = before.id();
     let stats_before = pool.stats();
     cluster.broker.kill();
@@ -848,9 +859,7 @@ async fn a_producer_through_the_pool_loses_no_acknowledged_message_when_the_brok
     cluster.broker.assert_running();
 
     // --- The pool's side of the restart: the dead connection evicted, a new one made.
-    let after = pool
-        .get(&CheetahString::from(broker.as_str()))
-        .expect("reconnected");
+    let after = pool.get(&broker_key).expect("reconnected");
     assert_ne!(after.id(), first_conn, "a new connection after the restart");
     drop(after);
     let stats = pool.stats();
