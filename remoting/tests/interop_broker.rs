@@ -861,6 +861,9 @@ async fn a_producer_through_the_pool_loses_no_acknowledged_message_when_the_brok
     // --- The pool's side of the restart: the dead connection evicted, a new one made.
     let after = pool.get(&broker_key).expect("reconnected");
     assert_ne!(after.id(), first_conn, "a new connection after the restart");
+    // The connector's probe (a name-server request code) works on a broker too: any answer, even
+    // "not supported", proves the connection alive.
+    pool.probe(&after).await.expect("probe of the broker connection");
     drop(after);
     let stats = pool.stats();
     let evicted = (stats.evictions.closed + stats.evictions.unhealthy)
