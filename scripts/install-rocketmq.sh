@@ -4,17 +4,22 @@
 #                             remoting/tests/interop_broker.rs)
 #   rocketmq-broker 1.0.0  -> `rocketmq-broker-rust`  (remoting/tests/interop_broker.rs)
 # Both need the nightly toolchain. They share most of their dependencies, so they are built by one
-# `cargo install` into one target directory: on a 2-core machine the name server alone takes about
-# 10 minutes, both together about 25-40 (see remoting/README.md for the measured figures).
+# `cargo install` into one target directory.
+#
+# Built unoptimised by default (`--debug`, no debug info): about 470 s of CPU for both, against
+# 1,600 s for a release build (measured on 2 cores; remoting/README.md has the figures), and the
+# tests need no speed from the servers. KEYED_POOL_ROCKETMQ_PROFILE=release builds them optimised.
 #
 # Usage: bash scripts/install-rocketmq.sh [namesrv] [broker]   (default: both)
 # Idempotent: a binary already installed (KEYED_POOL_NAMESRV_BIN / KEYED_POOL_BROKER_BIN, PATH,
-# $CARGO_HOME/bin) is left alone. The shared target directory is
-# $KEYED_POOL_ROCKETMQ_TARGET_DIR if set (and kept), else a temporary one (removed afterwards).
+# the install root's bin: $CARGO_INSTALL_ROOT, else $CARGO_HOME, else ~/.cargo) is left alone. The
+# shared target directory is $KEYED_POOL_ROCKETMQ_TARGET_DIR if set (and kept), else a temporary
+# one (removed afterwards).
 set -euo pipefail
 
 VERSION=1.0.0
-CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+BIN_DIR="${CARGO_INSTALL_ROOT:-${CARGO_HOME:-$HOME/.cargo}}/bin"
+PROFILE="${KEYED_POOL_ROCKETMQ_PROFILE:-debug}"
 
 # component -> crate, binary, environment variable naming an installed binary
 declare -A CRATE=([namesrv]=rocketmq-namesrv [broker]=rocketmq-broker)
@@ -31,12 +36,18 @@ installed() {
         echo "${!var} ($var)"
     elif command -v "$bin" >/dev/null 2>&1; then
         command -v "$bin"
-    elif [[ -x "$CARGO_BIN/$bin" ]]; then
-        echo "$CARGO_BIN/$bin"
+    elif [[ -x "$BIN_DIR/$bin" ]]; then
+        echo "$BIN_DIR/$bin"
     else
         return 1
     fi
 }
+
+case "$PROFILE" in
+    debug) profile_args=(--debug) ;;
+    release) profile_args=() ;;
+    *) echo "install-rocketmq: KEYED_POOL_ROCKETMQ_PROFILE must be debug or release" >&2; exit 2 ;;
+esac
 
 missing=()
 for c in "${components[@]}"; do
@@ -65,13 +76,21 @@ else
     target="$(mktemp -d "${TMPDIR:-/tmp}/keyed-pool-rocketmq-target.XXXXXX")"
     trap 'rm -rf "$target"' EXIT
 fi
-echo "install-rocketmq: installing ${crates[*]} with cargo +nightly (one target dir: $target)"
+echo "install-rocketmq: installing ${crates[*]} ($PROFILE build) with cargo +nightly; one target dir: $target"
 start=$(date +%s)
-CARGO_TARGET_DIR="$target" cargo +nightly install "${crates[@]}" --locked
+# No debug info in the debug build: it would make the build slower and the binaries much larger.
+CARGO_TARGET_DIR="$target" CARGO_PROFILE_DEV_DEBUG=0 \
+    cargo +nightly install "${crates[@]}" --locked "${profile_args[@]}"
 for c in "${missing[@]}"; do
-    installed "$c" >/dev/null || { echo "install-rocketmq: ${BIN[$c]} still not found" >&2; exit 1; }
+    if [[ ! -x "$BIN_DIR/${BIN[$c]}" ]]; then
+        echo "install-rocketmq: $BIN_DIR/${BIN[$c]} not found after the install" >&2
+        exit 1
+    fi
     # `cargo install` keeps the build's mtime, which can predate the last run of remoting/build.rs
-    # (a target dir built earlier); cargo would then not re-run it and keep the test ignored.
-    touch "$CARGO_BIN/${BIN[$c]}"
+    # (a target dir built earlier); cargo would then not re-run it and keep the tests ignored.
+    touch "$BIN_DIR/${BIN[$c]}"
 done
-echo "install-rocketmq: installed ${crates[*]} into $CARGO_BIN in $(( $(date +%s) - start )) s"
+echo "install-rocketmq: installed ${crates[*]} into $BIN_DIR in $(( $(date +%s) - start )) s"
+if [[ -n "${CARGO_INSTALL_ROOT:-}" ]]; then
+    echo "install-rocketmq: the tests look on PATH and in \$CARGO_HOME/bin: add $BIN_DIR to PATH"
+fi
