@@ -344,7 +344,7 @@ fn store_dir(root: &Path, broker_dir: &Path) -> PathBuf {
                 return if dir == broker_dir {
                     dir.join("store")
                 } else {
-                    dir.join(name).join("store")
+                    dir.join(name)
                 };
             }
             Some((used, _)) => seen.push((dir.clone(), used)),
