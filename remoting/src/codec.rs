@@ -44,8 +44,23 @@ pub mod code {
     pub const REQUEST_CODE_NOT_SUPPORTED: i32 = 3;
     /// Response of the name server: topic route not found.
     pub const TOPIC_NOT_EXIST: i32 = 17;
+    /// Response of a broker to [`PULL_MESSAGE`]: no message at that offset (yet).
+    pub const PULL_NOT_FOUND: i32 = 19;
+    /// Response of a broker to [`PULL_MESSAGE`]: nothing now, ask again.
+    pub const PULL_RETRY_IMMEDIATELY: i32 = 20;
+    /// Response of a broker to [`PULL_MESSAGE`]: the offset is out of range
+    /// (`extFields.nextBeginOffset` says where to go on).
+    pub const PULL_OFFSET_MOVED: i32 = 21;
     /// Response of the name server: no such KV config.
     pub const QUERY_NOT_FOUND: i32 = 22;
+    /// Request to a broker: store one message (`extFields`: `producerGroup`, `topic`, `queueId`,
+    /// `properties`...; body: the message body). Answer: `extFields.queueId`, `queueOffset`,
+    /// `msgId`.
+    pub const SEND_MESSAGE: i32 = 10;
+    /// Request to a broker: read messages of one queue from an offset (`extFields`:
+    /// `consumerGroup`, `topic`, `queueId`, `queueOffset`, `maxMsgNums`...). Answer: the stored
+    /// messages back to back in the body, `extFields.nextBeginOffset`, `minOffset`, `maxOffset`.
+    pub const PULL_MESSAGE: i32 = 11;
     /// Request: put a KV config (`extFields`: `namespace`, `key`, `value`).
     pub const PUT_KV_CONFIG: i32 = 100;
     /// Request: get a KV config (`extFields`: `namespace`, `key`; answer in `extFields.value`).
