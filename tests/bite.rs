@@ -1,0 +1,68 @@
+//! Tests that kill mutants which survived every other test (issue 17, `scripts/mutants.sh pool`):
+//! each asserts a behaviour the rest of the suite only exercised, at exact instants (paused time).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MS, SEC, addr, advance};
+use keyed_pool::ConnectionPool;
+
+const MAX_IDLE: Duration = Duration::from_secs(10);
+
+/// `PooledConnection::age` is the time since the connection was made, and `is_idle` is the idle
+/// predicate at this instant: fresh at exactly `max_idle`, idle just past it, never with a call in
+/// flight (I5, I6).
+#[tokio::test(start_paused = true)]
+async fn i5_i6_a_connection_knows_its_age_and_whether_it_is_idle() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+    pool.insert(addr(0), 7);
+    let conn = pool.peek(addr(0)).expect("pooled");
+    assert_eq!(conn.age(), Duration::ZERO);
+    advance(3 * SEC).await;
+    assert_eq!(conn.age(), 3 * SEC);
+    advance(MAX_IDLE - 3 * SEC).await;
+    assert!(
+        !conn.is_idle(MAX_IDLE),
+        "I5 violated: idle at exactly max_idle"
+    );
+    advance(MS).await;
+    assert!(
+        conn.is_idle(MAX_IDLE),
+        "I6 violated: not idle past max_idle"
+    );
+    assert!(
+        !conn.is_idle(MAX_IDLE + MS),
+        "fresh against a longer max_idle"
+    );
+    let call = conn.begin();
+    assert!(
+        !conn.is_idle(MAX_IDLE),
+        "I5 violated: idle with a call in flight"
+    );
+    call.success();
+    assert!(
+        !conn.is_idle(MAX_IDLE),
+        "I5 violated: idle right after a call"
+    );
+    assert_eq!(conn.age(), MAX_IDLE + MS, "a call does not change the age");
+}
+
+/// `len` and `is_empty` count live connections, not addresses that only remember a backoff.
+#[tokio::test(start_paused = true)]
+async fn len_and_is_empty_count_live_connections() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+    assert!(pool.is_empty());
+    assert_eq!(pool.len(), 0);
+    pool.insert(addr(0), 0);
+    assert!(!pool.is_empty());
+    assert_eq!(pool.len(), 1);
+    pool.insert(addr(1), 1);
+    assert_eq!(pool.len(), 2);
+    assert!(pool.take_unclosed(addr(0)).is_some());
+    assert_eq!(pool.len(), 1);
+    assert!(!pool.is_empty());
+    assert!(pool.take_unclosed(addr(1)).is_some());
+    assert!(pool.is_empty());
+    assert_eq!(pool.len(), 0);
+}
