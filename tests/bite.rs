@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{MS, SEC, addr, advance};
-use keyed_pool::ConnectionPool;
+use common::{Conn, MS, Outcome, SEC, Script, addr, advance};
+use keyed_pool::{CallError, ConnectionPool};
 
 const MAX_IDLE: Duration = Duration::from_secs(10);
 
@@ -65,4 +65,61 @@ async fn len_and_is_empty_count_live_connections() {
     assert!(pool.take_unclosed(addr(1)).is_some());
     assert!(pool.is_empty());
     assert_eq!(pool.len(), 0);
+}
+
+fn calling_pool(script: &Script) -> ConnectionPool<Conn, Script> {
+    ConnectionPool::builder()
+        .max_idle(MAX_IDLE)
+        .connector(script.clone())
+        .build()
+        .unwrap()
+}
+
+/// `CallError::is_timeout` is `true` for a timeout only (it was checked only on timeouts, and only
+/// in doctests for the other variants).
+#[tokio::test(start_paused = true)]
+async fn i16_only_a_timeout_is_a_timeout() {
+    let script = Script::default();
+    script.then(Outcome::Fail(Duration::ZERO));
+    let pool = calling_pool(&script);
+    let refused = pool
+        .call(addr(0), |_| async { Ok::<(), &str>(()) })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, CallError::Pool(_)), "{refused:?}");
+    assert!(!refused.is_timeout());
+    let own = pool
+        .call(addr(1), |_| async { Err::<(), _>("refused") })
+        .await
+        .unwrap_err();
+    assert_eq!(own.call_error(), Some(&"refused"));
+    assert!(!own.is_timeout());
+    let late = pool
+        .call(addr(1), |_| async {
+            advance(SEC).await;
+            Ok::<(), &str>(())
+        })
+        .timeout(10 * MS)
+        .await
+        .unwrap_err();
+    assert!(late.is_timeout(), "{late:?}");
+}
+
+/// A call's `Debug` shows the timeout it will use (the default, none, or its own).
+#[tokio::test(start_paused = true)]
+async fn a_call_shows_its_timeout() {
+    let pool = calling_pool(&Script::default());
+    let call = |_| async { Ok::<(), &str>(()) };
+    assert_eq!(
+        format!("{:?}", pool.call(addr(0), call)),
+        "Call { timeout: None, .. }"
+    );
+    assert_eq!(
+        format!("{:?}", pool.call(addr(0), call).no_timeout()),
+        "Call { timeout: Some(None), .. }"
+    );
+    assert_eq!(
+        format!("{:?}", pool.call(addr(0), call).timeout(MS)),
+        "Call { timeout: Some(Some(1ms)), .. }"
+    );
 }
