@@ -108,6 +108,7 @@ case "$rc" in
 esac
 
 dir="$out/mutants.out"
+mkdir -p "$dir" # cargo-mutants makes no output when no mutant is in scope
 for f in caught missed timeout unviable; do touch "$dir/$f.txt"; done
 echo
 echo "== score per area ($mode): caught+timeout / (caught+timeout+missed), unviable left out"
