@@ -76,6 +76,10 @@ case "$mode" in
   diff)
     max_s="${MUTANTS_MAX_SECONDS:-600}"
     base="${BASE:-HEAD~1}"
+    if ! git rev-parse --verify -q "$base^{commit}" >/dev/null; then
+      echo "mutants: no commit $base here (a shallow clone, or the first commit); nothing to compare"
+      exit 0
+    fi
     git diff "$base" -- src >"$out/diff.patch"
     if [[ ! -s "$out/diff.patch" ]]; then
       echo "mutants: no change under src/ since $base; nothing to test"
