@@ -123,3 +123,17 @@ async fn a_call_shows_its_timeout() {
         "Call { timeout: Some(Some(1ms)), .. }"
     );
 }
+
+/// Each connection's id is its own number, shown as `#n` (I14 names connections by it).
+#[tokio::test(start_paused = true)]
+async fn i14_connection_ids_are_distinct_numbers_shown_as_such() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+    pool.insert(addr(0), 0);
+    pool.insert(addr(1), 1);
+    let a = pool.peek(addr(0)).unwrap().id();
+    let b = pool.peek(addr(1)).unwrap().id();
+    assert_ne!(a.get(), b.get(), "I14: two connections, two ids");
+    assert!(a.get() > 1 || b.get() > 1, "ids count up: {a} {b}");
+    assert_eq!(a.to_string(), format!("#{}", a.get()));
+    assert_eq!(b.to_string(), format!("#{}", b.get()));
+}
