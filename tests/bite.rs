@@ -136,4 +136,15 @@ async fn i14_connection_ids_are_distinct_numbers_shown_as_such() {
     assert!(a.get() > 1 || b.get() > 1, "ids count up: {a} {b}");
     assert_eq!(a.to_string(), format!("#{}", a.get()));
     assert_eq!(b.to_string(), format!("#{}", b.get()));
+    // A connection's Debug shows what identifies it and its state.
+    let conn = pool.peek(addr(0)).unwrap();
+    let _call = conn.begin();
+    assert_eq!(
+        format!("{conn:?}"),
+        format!(
+            "PooledConnection {{ addr: \"{}\", id: ConnId({}), in_flight: 1, healthy: true, .. }}",
+            addr(0),
+            a.get()
+        )
+    );
 }
