@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Conn, MS, Outcome, SEC, Script, addr, advance};
-use keyed_pool::{CallError, ConnectionPool};
+use keyed_pool::core::{UnhealthyReason, Verdict};
+use keyed_pool::{CallError, CallOutcome, ConnectionPool};
 
 const MAX_IDLE: Duration = Duration::from_secs(10);
 
@@ -146,5 +147,53 @@ async fn i14_connection_ids_are_distinct_numbers_shown_as_such() {
             addr(0),
             a.get()
         )
+    );
+}
+
+/// `finish` returns the connection's latched health verdict after a success or a `Neither`: the
+/// reason it closed on (I9), but a transport only known closed is no health verdict.
+#[tokio::test(start_paused = true)]
+async fn i9_finish_returns_the_latched_reason_and_a_closed_transport_is_no_verdict() {
+    let script = Script::default();
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .max_idle(MAX_IDLE)
+        .consecutive_failures(2)
+        .min_requests(1000)
+        .connector(script)
+        .build()
+        .unwrap();
+    pool.insert(addr(0), Conn::new(0));
+    let conn = pool.peek(addr(0)).unwrap();
+    assert_eq!(conn.begin().finish(CallOutcome::Success), Verdict::Healthy);
+    assert_eq!(conn.begin().finish(CallOutcome::Neither), Verdict::Healthy);
+    conn.begin().failure();
+    let tripped = conn.begin().failure();
+    let reason = UnhealthyReason::ConsecutiveFailures { count: 2 };
+    assert_eq!(tripped, Verdict::Unhealthy(reason));
+    assert_eq!(
+        conn.begin().finish(CallOutcome::Success),
+        Verdict::Unhealthy(reason),
+        "I9"
+    );
+    assert_eq!(
+        conn.begin().finish(CallOutcome::Neither),
+        Verdict::Unhealthy(reason),
+        "I9"
+    );
+
+    pool.insert(addr(1), Conn::new(1));
+    let closed = pool.peek(addr(1)).unwrap();
+    closed.mark_closed();
+    assert_eq!(
+        closed.metrics().unusable_reason(),
+        Some(UnhealthyReason::Closed)
+    );
+    assert_eq!(
+        closed.begin().finish(CallOutcome::Success),
+        Verdict::Healthy
+    );
+    assert_eq!(
+        closed.begin().finish(CallOutcome::Neither),
+        Verdict::Healthy
     );
 }
