@@ -197,3 +197,31 @@ async fn i9_finish_returns_the_latched_reason_and_a_closed_transport_is_no_verdi
         Verdict::Healthy
     );
 }
+
+/// A warm-up report hands its results over in order, and its Debug maps each address to the
+/// connection's id or the error.
+#[tokio::test(start_paused = true)]
+async fn a_warm_up_report_hands_over_its_results_and_shows_them() {
+    let script = Script::default();
+    script.then(Outcome::Ok(Duration::ZERO));
+    script.then(Outcome::Fail(Duration::ZERO));
+    let pool = calling_pool(&script);
+    let report = pool.warm_up([addr(0), addr(1)], 1).await;
+    let id = report.results()[0].1.as_ref().unwrap().id();
+    let shown = format!("{report:?}");
+    assert!(
+        shown.starts_with(&format!(
+            "{{\"{}\": Ok(ConnId({})), \"{}\": Err(",
+            addr(0),
+            id.get(),
+            addr(1)
+        )),
+        "{shown}"
+    );
+    let results = report.into_results();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].0, addr(0));
+    assert_eq!(results[0].1.as_ref().unwrap().id(), id);
+    assert_eq!(results[1].0, addr(1));
+    assert!(results[1].1.is_err());
+}
