@@ -218,6 +218,8 @@ async fn a_warm_up_report_hands_over_its_results_and_shows_them() {
         )),
         "{shown}"
     );
+    assert!(!report.is_complete(), "one of two failed");
+    assert_eq!(report.connected(), 1);
     let results = report.into_results();
     assert_eq!(results.len(), 2);
     assert_eq!(results[0].0, addr(0));
