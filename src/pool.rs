@@ -983,3 +983,43 @@ where
         stats
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Issue 17: `jitter_unit` returning a constant (0, 1 or -1) passed every test. The draw must
+    /// stay in `[0, 1]`, vary, and spread over the whole unit interval (I12's jitter band is
+    /// `delay(k) * (1 ± jitter)`, so a constant draw would put every address on the same edge).
+    #[tokio::test(start_paused = true)]
+    async fn i12_jitter_draws_are_uniform_in_the_unit_interval() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(60));
+        let draws: Vec<f64> = (0..4000).map(|_| pool.inner.jitter_unit()).collect();
+        for &u in &draws {
+            assert!(
+                (0.0..=1.0).contains(&u),
+                "I12 violated: jitter draw {u} outside [0, 1]"
+            );
+        }
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        // 4000 uniform draws: the mean's standard deviation is 0.0046; 0.05 is > 10 of them.
+        assert!(
+            (mean - 0.5).abs() < 0.05,
+            "jitter draws are not uniform: mean {mean}"
+        );
+        for quarter in 0..4 {
+            let (lo, hi) = (quarter as f64 / 4.0, (quarter + 1) as f64 / 4.0);
+            let n = draws.iter().filter(|&&u| lo <= u && u < hi).count();
+            assert!(
+                (800..=1200).contains(&n),
+                "jitter draws are not uniform: {n} of 4000 in [{lo}, {hi})"
+            );
+        }
+        let distinct: std::collections::HashSet<u64> = draws.iter().map(|u| u.to_bits()).collect();
+        assert!(
+            distinct.len() > 3990,
+            "jitter draws repeat: {} distinct",
+            distinct.len()
+        );
+    }
+}

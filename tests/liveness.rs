@@ -108,7 +108,11 @@ async fn i5_i6_a_healthy_idle_connection_survives_probing_but_is_evicted_at_max_
         (0, Duration::ZERO),
         "a probe is not a request: the pool's call totals count only calls users made"
     );
-    assert_eq!(metrics.latency().count(), 0, "nor is it in the latency histogram");
+    assert_eq!(
+        metrics.latency().count(),
+        0,
+        "nor is it in the latency histogram"
+    );
 
     // Idle at 10 s after its last use; the next round (by 11 s) evicts it (I6).
     advance(2 * SEC + MS).await;

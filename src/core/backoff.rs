@@ -225,4 +225,104 @@ mod tests {
         }
         assert!(BackoffPolicy::default().validate().is_ok());
     }
+
+    /// The edges of every bound of `validate` (issue 17: `<` → `<=` survived): each bound's own
+    /// value is accepted, the value just past it is refused, with the error that names it.
+    #[test]
+    fn i12_validation_accepts_each_bound_and_refuses_just_past_it() {
+        let ok = |p: BackoffPolicy| assert_eq!(p.validate(), Ok(()), "{p:?} must be accepted");
+        let us = Duration::from_micros;
+        // base == MIN_DELAY (1 ms), max == base, multiplier at 1 and at 16, jitter at 0.
+        ok(BackoffPolicy {
+            base: MIN_DELAY,
+            max: MIN_DELAY,
+            multiplier: 1.0,
+            jitter: 0.0,
+        });
+        ok(BackoffPolicy {
+            multiplier: 16.0,
+            jitter: 0.999,
+            ..Default::default()
+        });
+        let base = BackoffPolicy::default().base;
+        ok(BackoffPolicy {
+            max: base,
+            ..Default::default()
+        });
+        assert_eq!(
+            BackoffPolicy {
+                base: us(999),
+                max: us(999),
+                ..Default::default()
+            }
+            .validate(),
+            Err(ConfigError::BackoffBaseTooSmall { base: us(999) })
+        );
+        assert_eq!(
+            BackoffPolicy {
+                max: base - us(1),
+                ..Default::default()
+            }
+            .validate(),
+            Err(ConfigError::BackoffMaxBelowBase {
+                base,
+                max: base - us(1)
+            })
+        );
+        assert_eq!(
+            BackoffPolicy {
+                multiplier: 16.001,
+                ..Default::default()
+            }
+            .validate(),
+            Err(ConfigError::MultiplierOutOfRange { multiplier: 16.001 })
+        );
+        assert_eq!(
+            BackoffPolicy {
+                multiplier: 0.999,
+                ..Default::default()
+            }
+            .validate(),
+            Err(ConfigError::MultiplierOutOfRange { multiplier: 0.999 })
+        );
+    }
+
+    /// The jitter band is symmetric around the nominal delay: unit 0 is `-jitter`, unit 1 is
+    /// `+jitter`, unit 0.5 is the nominal delay, and out-of-range units clamp to the ends.
+    #[test]
+    fn i12_jitter_spans_the_band_and_clamps_out_of_range_units() {
+        let p = BackoffPolicy {
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+            multiplier: 2.0,
+            jitter: 0.5,
+        };
+        assert_eq!(p.delay(1, 0.0), Duration::from_secs(5));
+        assert_eq!(p.delay(1, 0.5), Duration::from_secs(10));
+        assert_eq!(p.delay(1, 1.0), Duration::from_secs(15));
+        assert_eq!(p.delay(1, -1.0), Duration::from_secs(5));
+        assert_eq!(p.delay(1, 2.0), Duration::from_secs(15));
+        assert_eq!(p.delay(1, f64::NAN), Duration::from_secs(10));
+        // max below base is read as max == base; a multiplier outside 1..=16 is clamped into it.
+        let q = BackoffPolicy {
+            base: Duration::from_secs(1),
+            max: Duration::from_millis(1),
+            multiplier: 100.0,
+            jitter: 0.0,
+        };
+        assert_eq!(q.delay(5, 0.5), Duration::from_secs(1));
+        let r = BackoffPolicy {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(1000),
+            multiplier: 100.0,
+            jitter: 0.0,
+        };
+        assert_eq!(r.delay(2, 0.5), Duration::from_secs(16));
+        let nan = BackoffPolicy {
+            multiplier: f64::NAN,
+            jitter: f64::NAN,
+            ..r
+        };
+        assert_eq!(nan.delay(3, 1.0), Duration::from_secs(1));
+    }
 }

@@ -112,3 +112,49 @@ impl CapacityLedger {
         })
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i1_i3_ledger_hands_out_exactly_max_permits_and_takes_them_back() {
+        let ledger = Arc::new(CapacityLedger::new(2));
+        assert_eq!(ledger.max(), 2);
+        let mut a = ledger.try_acquire().expect("first of two");
+        assert_eq!(ledger.used(), 1);
+        let b = ledger.try_acquire().expect("second of two");
+        assert_eq!(ledger.used(), 2);
+        assert!(
+            ledger.try_acquire().is_none(),
+            "I1 violated: a third permit of two"
+        );
+        assert_eq!(ledger.used(), 2, "a refused acquire takes nothing");
+        a.mark_connecting();
+        a.mark_connecting();
+        assert_eq!(ledger.connecting(), 1, "marking twice counts once");
+        a.mark_live();
+        a.mark_live();
+        assert_eq!(ledger.connecting(), 0);
+        a.mark_connecting();
+        drop(a);
+        assert_eq!((ledger.used(), ledger.connecting()), (1, 0), "I3 violated");
+        drop(b);
+        assert_eq!(ledger.used(), 0);
+        let c = ledger.try_acquire().expect("room again");
+        assert_eq!(ledger.used(), 1);
+        drop(c);
+    }
+
+    #[test]
+    fn i1_zero_max_is_unbounded() {
+        let ledger = Arc::new(CapacityLedger::new(0));
+        assert_eq!(ledger.max(), 0);
+        let permits: Vec<_> = (0..5)
+            .map(|_| ledger.try_acquire().expect("unbounded"))
+            .collect();
+        assert_eq!(ledger.used(), 5);
+        drop(permits);
+        assert_eq!(ledger.used(), 0);
+    }
+}

@@ -192,3 +192,116 @@ impl CallRecord {
         self.window.counts(policy.window, micros(at))
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn i5_claim_counts_calls_and_retires_only_when_none_is_in_flight() {
+        let claim = CallClaim::default();
+        assert_eq!(claim.in_flight(), 0);
+        assert!(!claim.is_retired());
+        claim.call_started();
+        claim.call_started();
+        assert_eq!(claim.in_flight(), 2);
+        assert!(
+            !claim.try_retire(|| true),
+            "I5 violated: retired with calls in flight"
+        );
+        assert!(!claim.is_retired());
+        claim.call_ended();
+        assert_eq!(claim.in_flight(), 1);
+        claim.call_ended();
+        assert_eq!(claim.in_flight(), 0);
+        // A claim whose re-check fails is rolled back: not retired, calls count again.
+        assert!(!claim.try_retire(|| false));
+        assert!(!claim.is_retired(), "a failed re-check leaves it unretired");
+        assert_eq!(claim.in_flight(), 0);
+        assert!(claim.try_retire(|| true));
+        assert!(claim.is_retired());
+        assert_eq!(claim.in_flight(), 0, "the retired bit is not a call");
+        assert!(!claim.try_retire(|| true), "retired once");
+    }
+
+    #[test]
+    fn i10_i13_record_counts_every_outcome_and_the_trailing_run() {
+        let policy = HealthPolicy {
+            consecutive_failures: 100,
+            ..HealthPolicy::default()
+        };
+        let mut r = CallRecord::default();
+        r.success(&policy, 10 * MS, 3 * MS);
+        r.success(&policy, 11 * MS, 5 * MS);
+        r.success(&policy, 12 * MS, 2 * MS);
+        assert_eq!(r.successes(), 3);
+        assert_eq!(r.latency_sum_us(), 10_000);
+        assert_eq!(r.latency_max_us(), 5_000);
+        assert_eq!(r.failure(&policy, 13 * MS), Verdict::Healthy);
+        assert_eq!(r.failure(&policy, 14 * MS), Verdict::Healthy);
+        assert_eq!(r.failures(), 2);
+        assert_eq!(r.consecutive_failures(), 2, "I10 violated");
+        r.cancelled();
+        r.cancelled();
+        r.cancelled();
+        assert_eq!(r.cancelled_count(), 3);
+        assert_eq!(
+            r.consecutive_failures(),
+            2,
+            "I10 violated: a cancel is no outcome"
+        );
+        assert_eq!(r.window_counts(&policy, 14 * MS), (3, 2));
+        r.success(&policy, 15 * MS, MS);
+        assert_eq!(
+            r.consecutive_failures(),
+            0,
+            "I10 violated: a success ends the run"
+        );
+        assert_eq!(r.successes(), 4);
+        assert_eq!(r.failures(), 2);
+        assert_eq!(r.unhealthy(), None);
+        // A latency too large for u64 microseconds saturates instead of wrapping.
+        r.success(&policy, 16 * MS, Duration::MAX);
+        assert_eq!(r.latency_max_us(), u64::MAX);
+        assert_eq!(r.latency_sum_us(), u64::MAX);
+    }
+
+    #[test]
+    fn i9_the_record_latches_the_first_reason_and_a_probe_failure_is_its_own() {
+        let policy = HealthPolicy {
+            consecutive_failures: 2,
+            min_requests: 100,
+            ..HealthPolicy::default()
+        };
+        let mut r = CallRecord::default();
+        assert_eq!(r.failure(&policy, MS), Verdict::Healthy);
+        let closed = Verdict::Unhealthy(UnhealthyReason::ConsecutiveFailures { count: 2 });
+        assert_eq!(r.failure(&policy, 2 * MS), closed);
+        assert_eq!(
+            r.unhealthy(),
+            Some(UnhealthyReason::ConsecutiveFailures { count: 2 })
+        );
+        // Later failures report the latched reason, not a new count.
+        assert_eq!(
+            r.failure(&policy, 3 * MS),
+            closed,
+            "I9: the reason is stored when it latches"
+        );
+        assert_eq!(r.probe_failure(&policy, 4 * MS), closed);
+        assert_eq!(r.failures(), 4);
+        // A probe failure on a healthy record latches ProbeFailed (and counts as a failure).
+        let mut p = CallRecord::default();
+        assert_eq!(
+            p.probe_failure(&policy, MS),
+            Verdict::Unhealthy(UnhealthyReason::ProbeFailed)
+        );
+        assert_eq!(p.unhealthy(), Some(UnhealthyReason::ProbeFailed));
+        assert_eq!((p.failures(), p.consecutive_failures()), (1, 1));
+        // A probe failure that also reaches the run keeps the run's reason.
+        let mut q = CallRecord::default();
+        q.failure(&policy, MS);
+        assert_eq!(q.probe_failure(&policy, 2 * MS), closed);
+    }
+}

@@ -226,4 +226,38 @@ mod tests {
         e.eject(Duration::ZERO, &backoff, &tiny, 0.0);
         assert!(e.is_settled(Duration::MAX, &tiny));
     }
+
+    /// The edges of `validate` (issue 17) and of `retry_after` and `is_settled`: the backoff's
+    /// end instant itself is the first instant a connect may go (I12).
+    #[test]
+    fn i12_validation_and_the_end_of_a_backoff_are_exact() {
+        let ms = Duration::from_millis(1);
+        let ok = EjectionPolicy {
+            decay_interval: ms,
+            ..EjectionPolicy::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let short = ms - Duration::from_nanos(1);
+        assert_eq!(
+            EjectionPolicy {
+                decay_interval: short,
+                ..ok
+            }
+            .validate(),
+            Err(ConfigError::DecayIntervalTooShort { interval: short })
+        );
+        let (backoff, policy) = policies();
+        let mut e = Ejection::default();
+        let delay = e.eject(S(10), &backoff, &policy, 0.5);
+        assert_eq!(e.until(), S(10) + delay);
+        assert_eq!(e.retry_after(S(10)), Some(delay));
+        assert_eq!(e.retry_after(e.until() - ms), Some(ms));
+        assert_eq!(
+            e.retry_after(e.until()),
+            None,
+            "I12: the end is the first allowed instant"
+        );
+        assert!(!e.is_settled(e.until() - ms, &policy));
+        assert_eq!(e.count_at(e.until(), &policy), 1);
+    }
 }

@@ -349,4 +349,198 @@ mod tests {
         assert_eq!(w.counts(window, 15 * 1_000_000), (4, 4));
         assert_eq!(w.counts(window, 100 * 1_000_000), (0, 0));
     }
+
+    /// The edges of `validate` (issue 17: `<` → `<=` survived): each bound's own value is
+    /// accepted, the value just past it refused with the error that names it.
+    #[test]
+    fn i9_i11_validation_accepts_each_bound_and_refuses_just_past_it() {
+        let p = HealthPolicy::default();
+        for ok in [
+            HealthPolicy {
+                failure_ratio: 1.0,
+                window: MS,
+                min_requests: 1,
+                ..p
+            },
+            HealthPolicy {
+                failure_ratio: f64::MIN_POSITIVE,
+                ..p
+            },
+        ] {
+            assert_eq!(ok.validate(), Ok(()), "{ok:?} must be accepted");
+        }
+        for ratio in [0.0, 1.0 + f64::EPSILON, -0.5, f64::NAN] {
+            let bad = HealthPolicy {
+                failure_ratio: ratio,
+                ..p
+            };
+            assert!(
+                matches!(
+                    bad.validate(),
+                    Err(ConfigError::FailureRatioOutOfRange { .. })
+                ),
+                "ratio {ratio} must be refused"
+            );
+        }
+        let short = MS - Duration::from_nanos(1);
+        assert_eq!(
+            HealthPolicy { window: short, ..p }.validate(),
+            Err(ConfigError::WindowTooShort { window: short })
+        );
+        assert_eq!(
+            HealthPolicy {
+                min_requests: 0,
+                ..p
+            }
+            .validate(),
+            Err(ConfigError::ZeroMinRequests)
+        );
+    }
+
+    /// The verdict's edges: the run fires at exactly the threshold (not one before), a threshold of
+    /// 0 disables the run, the ratio fires at exactly the ratio with exactly the minimum volume and
+    /// not one call below it, and an empty window never fires (even for a policy that `validate`
+    /// would refuse).
+    #[test]
+    fn i9_i10_i11_verdict_fires_exactly_at_its_thresholds() {
+        let p = HealthPolicy {
+            consecutive_failures: 3,
+            failure_ratio: 0.5,
+            window: Duration::from_secs(10),
+            min_requests: 4,
+        };
+        assert_eq!(p.verdict(2, (0, 0)), Verdict::Healthy);
+        assert_eq!(
+            p.verdict(3, (0, 0)),
+            Verdict::Unhealthy(UnhealthyReason::ConsecutiveFailures { count: 3 })
+        );
+        let no_run = HealthPolicy {
+            consecutive_failures: 0,
+            ..p
+        };
+        assert_eq!(
+            no_run.verdict(0, (10, 0)),
+            Verdict::Healthy,
+            "0 disables the run"
+        );
+        assert_eq!(
+            no_run.verdict(1000, (10, 0)),
+            Verdict::Healthy,
+            "0 disables the run"
+        );
+        // Ratio: 2 of 4 at 0.5 fires; 1 of 4 does not; 2 of 3 is below the volume.
+        assert_eq!(
+            p.verdict(0, (2, 2)),
+            Verdict::Unhealthy(UnhealthyReason::FailureRatio {
+                failures: 2,
+                total: 4
+            })
+        );
+        assert_eq!(p.verdict(0, (3, 1)), Verdict::Healthy);
+        assert_eq!(
+            p.verdict(0, (1, 2)),
+            Verdict::Healthy,
+            "I11: below the minimum volume"
+        );
+        let no_volume = HealthPolicy {
+            min_requests: 0,
+            ..no_run
+        };
+        assert_eq!(
+            no_volume.verdict(0, (0, 0)),
+            Verdict::Healthy,
+            "an empty window never fires"
+        );
+        assert!(p.verdict(3, (0, 0)).is_unhealthy());
+        assert!(!p.verdict(0, (0, 0)).is_unhealthy());
+    }
+
+    #[test]
+    fn i9_unhealthy_reasons_display_what_closed_the_connection() {
+        let shown = [
+            (
+                UnhealthyReason::ConsecutiveFailures { count: 5 },
+                "5 consecutive failures",
+            ),
+            (
+                UnhealthyReason::FailureRatio {
+                    failures: 7,
+                    total: 20,
+                },
+                "7 of 20 calls failed in the window",
+            ),
+            (UnhealthyReason::Closed, "transport closed"),
+            (UnhealthyReason::ProbeFailed, "liveness probe failed"),
+        ];
+        for (reason, text) in shown {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
+
+    /// The window's bucket arithmetic at exact instants: a bucket is `window / 8` wide, the read
+    /// at epoch `e` sees epochs `e-7..=e`, a record 8 buckets old is dropped, 7 old is kept, and a
+    /// read older than the newest record sees only what was recorded up to it.
+    #[test]
+    fn i11_window_bucket_edges() {
+        let window = Duration::from_secs(8); // 1 s buckets
+        let s = 1_000_000u64;
+        assert_eq!(bucket_width_us(window), s);
+        assert_eq!(bucket_width_us(Duration::from_micros(3)), 1, "never zero");
+        let mut w = HealthWindow::default();
+        w.record(window, 10 * s, false);
+        w.record(window, 10 * s + s - 1, true); // same bucket
+        assert_eq!(w.counts(window, 10 * s), (1, 1));
+        assert_eq!(
+            w.counts(window, 17 * s + s - 1),
+            (1, 1),
+            "7 buckets later it still counts"
+        );
+        assert_eq!(
+            w.counts(window, 18 * s),
+            (0, 0),
+            "8 buckets later it is gone"
+        );
+        assert_eq!(
+            w.counts(window, 9 * s),
+            (0, 0),
+            "a read before the record sees nothing of it"
+        );
+        // A record 8 buckets behind the newest is dropped; 7 behind is kept.
+        w.record(window, 2 * s, false);
+        assert_eq!(
+            w.counts(window, 10 * s),
+            (1, 1),
+            "8 behind the newest is dropped"
+        );
+        assert_eq!(
+            w.counts(window, 2 * s),
+            (0, 0),
+            "8 behind the newest is dropped"
+        );
+        w.record(window, 3 * s, false);
+        assert_eq!(
+            w.counts(window, 10 * s),
+            (1, 2),
+            "7 behind the newest is kept"
+        );
+        assert_eq!(
+            w.counts(window, 3 * s),
+            (0, 1),
+            "a read at the old bucket sees it alone"
+        );
+        // Moving on by 2 buckets clears exactly the buckets it passes (epochs 11 and 12, which
+        // share their slots with epochs 3 and 4).
+        w.record(window, 12 * s, true);
+        assert_eq!(w.counts(window, 12 * s), (2, 1), "epochs 10 and 12 remain");
+        assert_eq!(
+            w.counts(window, 11 * s),
+            (1, 1),
+            "a read at 11 sees epoch 10 only"
+        );
+        assert_eq!(
+            w.counts(window, 10 * s),
+            (1, 1),
+            "epoch 3's slot was reused and cleared"
+        );
+    }
 }

@@ -20,3 +20,30 @@ pub fn is_idle(in_flight: u64, since_last_use: Duration, max_idle: Option<Durati
         None => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i5_i6_idle_only_past_max_idle_with_no_call_in_flight() {
+        let max = Duration::from_secs(60);
+        let just_past = max + Duration::from_nanos(1);
+        assert!(
+            !is_idle(0, max, Some(max)),
+            "I5: at exactly max_idle it is fresh"
+        );
+        assert!(
+            is_idle(0, just_past, Some(max)),
+            "I6: past max_idle it is idle"
+        );
+        assert!(
+            !is_idle(1, just_past * 100, Some(max)),
+            "I5: a call in flight"
+        );
+        assert!(
+            !is_idle(0, Duration::MAX, None),
+            "None disables idle eviction"
+        );
+    }
+}
