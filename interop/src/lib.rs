@@ -7,6 +7,9 @@
 //! time per address (I4), health (I9), backoff from a failing address (I12) and stats. See
 //! `tests/redis.rs` for it against real `redis-server`s, one of them killed and restarted.
 //!
+//! [`http1`] holds the other kind of protocol, one request at a time per connection: HTTP/1.1
+//! keep-alive, tested against nginx in `tests/nginx.rs`.
+//!
 //! ```no_run
 //! # #[tokio::main] async fn main() {
 //! use keyed_pool::ConnectionPool;
@@ -24,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod http1;
 pub mod server;
 
 use keyed_pool::{CallError, ConnectionPool, Connector};
