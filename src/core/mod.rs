@@ -7,6 +7,8 @@
 //! - [`HealthPolicy`], [`HealthWindow`], [`Verdict`]: when a connection is unhealthy (I9–I11).
 //! - [`BackoffPolicy`], [`EjectionPolicy`], [`Ejection`]: the backoff of an address and the count
 //!   that learns (I12, I18).
+//! - [`CheckoutQueue`]: the exclusive-checkout state of one address: idle connections, checkouts,
+//!   connects and a FIFO line of waiters (I19–I22; issue 13, not yet wired into the pool).
 //! - [`is_idle`]: the idle predicate (I5, I6).
 //! - [`LatencyHistogram`], [`LatencySnapshot`]: a latency distribution in fixed memory, with
 //!   quantiles within [`MAX_RELATIVE_ERROR`].
@@ -15,6 +17,7 @@
 
 mod backoff;
 mod capacity;
+mod checkout;
 mod conn;
 mod ejection;
 mod health;
@@ -25,6 +28,7 @@ mod loom_tests;
 
 pub use backoff::BackoffPolicy;
 pub use capacity::{CapacityLedger, Permit};
+pub use checkout::{Acquired, CheckoutLimits, CheckoutQueue, Placed, WaiterId};
 pub use conn::{CallClaim, CallRecord};
 pub use ejection::{Ejection, EjectionPolicy};
 pub use health::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict, WINDOW_BUCKETS};
