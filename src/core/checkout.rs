@@ -305,6 +305,41 @@ mod tests {
     }
 
     #[test]
+    fn i19_the_per_address_cap_binds_when_connects_may_run_in_parallel() {
+        let limits = CheckoutLimits {
+            max_per_address: 2,
+            max_connecting: 3,
+        };
+        let mut q = CheckoutQueue::<u32>::new();
+        assert!(!q.start_connect(limits), "no connect for an empty line");
+        let connects: Vec<bool> = (0..3).map(|_| queued(q.acquire(S, limits)).1).collect();
+        assert_eq!(
+            connects,
+            [true, true, false],
+            "I19: two connections at most"
+        );
+        assert_eq!(q.connecting(), 2);
+        // As many connects as waiters, no more: the third waiter's connect is refused by the cap,
+        // and once a connect is given back a waiter without one gets it.
+        assert!(!q.start_connect(limits));
+        q.connect_not_started();
+        assert!(q.start_connect(limits));
+        assert!(
+            !q.start_connect(limits),
+            "2 connects for 3 waiters at a cap of 2"
+        );
+    }
+
+    #[test]
+    fn waiter_ids_count_arrivals_from_zero() {
+        let mut q = CheckoutQueue::<u32>::new();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| queued(q.acquire(S, LIMITS)).0.get())
+            .collect();
+        assert_eq!(ids, [0, 1, 2]);
+    }
+
+    #[test]
     fn i21_a_late_caller_never_overtakes_one_in_line() {
         let mut q = CheckoutQueue::new();
         let (w0, _) = queued(q.acquire(S, LIMITS));
