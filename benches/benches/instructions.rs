@@ -1,6 +1,6 @@
 //! Instruction counts of the hot path under valgrind's callgrind (gungraun), gated in CI: counts are
 //! repeatable on a shared machine where times are not. `scripts/instructions.sh` runs this bench,
-//! compares each count with its record in `benches/instructions.json`, and fails when one grew more
+//! compares each count with its record in `benches/instructions.toml`, and fails when one grew more
 //! than 5 %; `scripts/instructions.sh --record` rewrites the records (BENCHMARKS.md, "Instruction
 //! counts (CI gate)").
 //!
