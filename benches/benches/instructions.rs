@@ -1,0 +1,218 @@
+//! Instruction counts of the hot path under valgrind's callgrind (gungraun), gated in CI: counts are
+//! repeatable on a shared machine where times are not. `scripts/instructions.sh` runs this bench,
+//! compares each count with its record in `benches/instructions.toml`, and fails when one grew more
+//! than 5 %; `scripts/instructions.sh --record` rewrites the records (BENCHMARKS.md, "Instruction
+//! counts (CI gate)").
+//!
+//! Every benchmark runs [`OPS`] operations on a map filled by its setup (not counted), walking
+//! [`OPS`] of its addresses in a scattered order computed by the setup too. Many operations per
+//! count, because a `DashMap` seeds its hasher at random: one lookup's probe length, and so its
+//! count, changes from run to run, while the mean over a thousand addresses does not. The per-op
+//! figure (count / [`OPS`]) includes the loop, a few instructions, for the floor too.
+//!
+//! - `floor`: `DashMap<CheetahString, Arc<u64>>` get + clone, the floor of a keyed lookup (same
+//!   shard count and hasher as the pool's map).
+//! - `get_hit`: `ConnectionPool::get` on a warm pool.
+//! - `call_by_hand`: `get` + `begin()` + `success()`, a call recorded by hand.
+//! - `pool_call`: `pool.call(addr, f).run()` on a hit, `f` ready at once: what a call costs through
+//!   the pool's own API (its `get_or_connect`, the guard, the outcome).
+//! - `get_or_connect_hit`: `get_or_connect` on a hit, with a connector that validates addresses as
+//!   the TCP and remoting connectors do.
+//!
+//! Each at 1, 1,000 and 100,000 addresses (the floor too, so the ratio comes from one run).
+//!
+//! Run: `bash scripts/instructions.sh` (installs valgrind and gungraun-runner when missing).
+
+use std::future::Future;
+use std::hash::RandomState;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use cheetah_string::CheetahString;
+use dashmap::DashMap;
+use gungraun::{
+    Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
+};
+use keyed_pool::ConnectionPool;
+use keyed_pool_benches::{Scatter, addrs};
+
+/// Operations per benchmark; `scripts/instructions.sh` reads this line to print counts per op.
+const OPS: usize = 1_000;
+/// The pool's default shard amount; the floor map gets the same.
+const SHARDS: usize = 32;
+
+/// A filled map and the addresses to look up, in the order the benchmark walks them.
+struct Fixture<M> {
+    map: M,
+    walk: Vec<CheetahString>,
+}
+
+/// `OPS` of the `keys`, scattered (so consecutive lookups do not hit neighbouring keys), repeated
+/// when there are fewer keys than operations.
+fn walk(keys: &[CheetahString]) -> Vec<CheetahString> {
+    let mut scatter = Scatter::new(keys.len(), 0, 1);
+    (0..OPS)
+        .map(|_| keys[scatter.next_index()].clone())
+        .collect()
+}
+
+fn floor(n: usize) -> Fixture<DashMap<CheetahString, Arc<u64>>> {
+    let keys = addrs(n);
+    let map = DashMap::with_hasher_and_shard_amount(RandomState::new(), SHARDS);
+    for (i, k) in keys.iter().enumerate() {
+        map.insert(k.clone(), Arc::new(i as u64));
+    }
+    Fixture {
+        map,
+        walk: walk(&keys),
+    }
+}
+
+/// A pool filled by hand, as `hot_path`'s `get_hit` uses it; one pass of `get`s first, so nothing
+/// lazily set up on a first use is counted.
+fn warm_pool(n: usize) -> Fixture<ConnectionPool<u64>> {
+    let keys = addrs(n);
+    let pool = ConnectionPool::new(0, Duration::from_secs(3600));
+    for (i, k) in keys.iter().enumerate() {
+        assert!(pool.insert(k.clone(), i as u64));
+    }
+    let walk = walk(&keys);
+    for k in &walk {
+        assert!(pool.get(k).is_some(), "warm");
+    }
+    Fixture { map: pool, walk }
+}
+
+/// A connector that validates addresses as the crate's TCP and remoting connectors do (never
+/// asked to connect here: every address is pooled).
+struct ValidatingConnector;
+
+impl keyed_pool::Connector for ValidatingConnector {
+    type Conn = u64;
+    type Error = std::convert::Infallible;
+
+    async fn connect(&self, _addr: &str) -> Result<u64, Self::Error> {
+        Ok(0)
+    }
+
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
+    }
+}
+
+type ConnectingPool = ConnectionPool<u64, ValidatingConnector>;
+
+/// A pool with a connector, filled by hand, warmed by one pass of `get_or_connect`.
+fn connecting_pool(n: usize) -> Fixture<ConnectingPool> {
+    let keys = addrs(n);
+    let pool = ConnectionPool::builder()
+        .connector(ValidatingConnector)
+        .build::<u64>()
+        .expect("valid config");
+    for (i, k) in keys.iter().enumerate() {
+        assert!(pool.insert(k.clone(), i as u64));
+    }
+    let walk = walk(&keys);
+    for k in &walk {
+        assert!(ready_now(pool.get_or_connect(k)).is_ok(), "warm");
+    }
+    Fixture { map: pool, walk }
+}
+
+/// Polls a future once; a pool hit never waits.
+fn ready_now<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("a hit never waits"),
+    }
+}
+
+// Each benchmark returns its fixture, so dropping the map is not counted.
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = floor)]
+#[bench::a1000(args = (1_000), setup = floor)]
+#[bench::a100000(args = (100_000), setup = floor)]
+fn floor_get(
+    f: Fixture<DashMap<CheetahString, Arc<u64>>>,
+) -> Fixture<DashMap<CheetahString, Arc<u64>>> {
+    for k in &f.walk {
+        black_box(f.map.get(k).map(|e| Arc::clone(e.value())));
+    }
+    f
+}
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = warm_pool)]
+#[bench::a1000(args = (1_000), setup = warm_pool)]
+#[bench::a100000(args = (100_000), setup = warm_pool)]
+fn get_hit(f: Fixture<ConnectionPool<u64>>) -> Fixture<ConnectionPool<u64>> {
+    for k in &f.walk {
+        black_box(f.map.get(k));
+    }
+    f
+}
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = warm_pool)]
+#[bench::a1000(args = (1_000), setup = warm_pool)]
+#[bench::a100000(args = (100_000), setup = warm_pool)]
+fn call_by_hand(f: Fixture<ConnectionPool<u64>>) -> Fixture<ConnectionPool<u64>> {
+    for k in &f.walk {
+        let conn = f.map.get(k).expect("warm");
+        let call = conn.begin();
+        black_box(conn.client());
+        call.success();
+    }
+    f
+}
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = connecting_pool)]
+#[bench::a1000(args = (1_000), setup = connecting_pool)]
+#[bench::a100000(args = (100_000), setup = connecting_pool)]
+fn pool_call(f: Fixture<ConnectingPool>) -> Fixture<ConnectingPool> {
+    for k in &f.walk {
+        let made = f
+            .map
+            .call(k, |conn| async move {
+                Ok::<_, std::convert::Infallible>(*conn.client())
+            })
+            .run();
+        black_box(ready_now(made).expect("hit"));
+    }
+    f
+}
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = connecting_pool)]
+#[bench::a1000(args = (1_000), setup = connecting_pool)]
+#[bench::a100000(args = (100_000), setup = connecting_pool)]
+fn get_or_connect_hit(f: Fixture<ConnectingPool>) -> Fixture<ConnectingPool> {
+    for k in &f.walk {
+        black_box(ready_now(f.map.get_or_connect(k)).expect("hit"));
+    }
+    f
+}
+
+library_benchmark_group!(
+    name = hot_path,
+    benchmarks = [
+        floor_get,
+        get_hit,
+        call_by_hand,
+        pool_call,
+        get_or_connect_hit
+    ]
+);
+
+// Instructions only: the gate compares them alone, and without the cache simulation the run is
+// about twice as fast.
+main!(
+    config = LibraryBenchmarkConfig::default()
+        .tool(Callgrind::with_args(["--cache-sim=no"]).format([EventKind::Ir]));
+    library_benchmark_groups = hot_path
+);
