@@ -331,6 +331,33 @@ mod tests {
     }
 
     #[test]
+    fn the_counts_follow_each_step() {
+        let mut q = CheckoutQueue::new();
+        let counts = |q: &CheckoutQueue<u32>| {
+            [
+                q.idle(),
+                q.checked_out(),
+                q.connecting(),
+                q.waiting(),
+                q.live(),
+            ]
+        };
+        let (w0, _) = queued(q.acquire(S, LIMITS));
+        queued(q.acquire(S, LIMITS));
+        assert_eq!(
+            counts(&q),
+            [0, 0, 1, 2, 1],
+            "[idle, out, connecting, waiting, live]"
+        );
+        assert_eq!(q.connected(1, S), Placed::Handed(w0, 1));
+        assert!(q.start_connect(LIMITS));
+        assert_eq!(counts(&q), [0, 1, 1, 1, 2]);
+        assert!(matches!(q.connected(2, S), Placed::Handed(_, 2)));
+        assert_eq!(q.release(1, true, S), Some(Placed::Idle));
+        assert_eq!(counts(&q), [1, 1, 0, 0, 2]);
+    }
+
+    #[test]
     fn waiter_ids_count_arrivals_from_zero() {
         let mut q = CheckoutQueue::<u32>::new();
         let ids: Vec<u64> = (0..3)
