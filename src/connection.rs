@@ -139,15 +139,14 @@ impl<C> PooledConnection<C> {
 
     /// Records a successful call of `latency` made without a [`CallGuard`].
     pub fn record_success(&self, latency: Duration) {
-        self.entry
-            .shared
-            .metrics
-            .record_success_at(Instant::now(), latency);
+        let metrics = &self.entry.shared.metrics;
+        metrics.record_success_at(metrics.now_for_use(), latency);
     }
 
     /// Records a failed call made without a [`CallGuard`]; returns the verdict after it.
     pub fn record_error(&self) -> Verdict {
-        self.entry.shared.metrics.record_error_at(Instant::now())
+        let metrics = &self.entry.shared.metrics;
+        metrics.record_error_at(metrics.now_for_use())
     }
 
     /// Marks the transport closed: `get` never returns this connection again (I8), and the next
@@ -213,7 +212,7 @@ impl<C> PooledConnection<C> {
     }
 
     fn start(&self, quiet: bool) -> CallGuard {
-        let started = Instant::now();
+        let started = self.entry.shared.metrics.now_for_use();
         self.entry.shared.metrics.call_started(started);
         CallGuard {
             shared: Arc::clone(&self.entry.shared),
@@ -269,8 +268,8 @@ impl CallGuard {
     /// assert_eq!(conn.metrics().cancelled_count(), 1);
     /// ```
     pub fn finish(mut self, outcome: CallOutcome) -> Verdict {
-        let now = Instant::now();
         let metrics = &self.shared.metrics;
+        let now = metrics.now_for_use();
         let verdict = match outcome {
             CallOutcome::Failure => metrics.record_error_at(now),
             CallOutcome::Success => {
@@ -317,7 +316,8 @@ impl Drop for CallGuard {
         if self.finished {
             return;
         }
-        self.shared.metrics.record_cancelled_at(Instant::now());
+        let now = self.shared.metrics.now_for_use();
+        self.shared.metrics.record_cancelled_at(now);
         self.shared.metrics.call_ended();
         let (addr, conn) = (&self.shared.addr, self.shared.id);
         // The first unfinished guard of a connection is worth a warning (a `?` between `begin` and
