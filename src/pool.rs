@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::cleanup::CleanupControl;
 use crate::config::{PoolConfig, WhenFull};
-use crate::connection::{ConnId, PooledConnection};
+use crate::connection::{ConnId, PooledConnection, SharedMetrics};
 use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
@@ -892,9 +892,8 @@ where
     }
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
-    pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref())
-            .map(|conn| Arc::clone(conn.metrics()))
+    pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<SharedMetrics> {
+        self.pooled(addr.as_ref()).map(|conn| conn.shared_metrics())
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
