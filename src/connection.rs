@@ -31,12 +31,13 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// What a [`CallGuard`] needs of its connection: one `Arc` clone per call.
+/// The part of a pooled connection that does not depend on its type: what a [`CallGuard`] and a
+/// [`SharedMetrics`] need. It lives in the connection's one allocation, beside the connection.
 #[derive(Debug)]
 struct Shared {
     id: ConnId,
     addr: CheetahString,
-    metrics: Arc<ConnectionMetrics>,
+    metrics: ConnectionMetrics,
     /// The pool's [`call_timeout`](crate::PoolConfig::call_timeout) when the connection was made:
     /// the default of [`PooledConnection::call`].
     call_timeout: Option<Duration>,
@@ -44,9 +45,57 @@ struct Shared {
     warned_unfinished: AtomicBool,
 }
 
+/// One pooled connection: one allocation (issue 16: the handle, the guard's part and the metrics
+/// were three, a cache miss each at 100,000 connections).
 struct Entry<C> {
-    shared: Arc<Shared>,
+    shared: Shared,
     conn: C,
+}
+
+/// The type-erased view of an [`Entry`], so a [`CallGuard`] and a [`SharedMetrics`] share the
+/// connection's one allocation without naming its type (and without `unsafe`: the non-generic part
+/// is reached through the vtable, not by a pointer cast).
+trait HasShared: Send + Sync {
+    fn shared(&self) -> &Shared;
+}
+
+impl<C: Send + Sync> HasShared for Entry<C> {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// A shared handle to one connection's [`ConnectionMetrics`] (it dereferences to them), as
+/// [`ConnectionPool::get_metrics`](crate::ConnectionPool::get_metrics) returns it. It shares the
+/// connection's allocation, so while it lives the connection's value is not dropped (the pool
+/// still closes it through the connector when it lets it go).
+///
+/// ```
+/// use std::time::Duration;
+/// use keyed_pool::ConnectionPool;
+/// let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::ZERO);
+/// pool.insert("127.0.0.1:1", 1);
+/// let metrics = pool.get_metrics("127.0.0.1:1").unwrap();
+/// pool.get("127.0.0.1:1").unwrap().record_success(Duration::from_millis(1));
+/// assert_eq!(metrics.success_count(), 1);
+/// ```
+#[derive(Clone)]
+pub struct SharedMetrics {
+    entry: Arc<dyn HasShared>,
+}
+
+impl std::ops::Deref for SharedMetrics {
+    type Target = ConnectionMetrics;
+
+    fn deref(&self) -> &ConnectionMetrics {
+        &self.entry.shared().metrics
+    }
+}
+
+impl fmt::Debug for SharedMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 /// A cheap, cloneable handle to one pooled connection: the connection itself (shared, as a
@@ -87,13 +136,13 @@ impl<C> PooledConnection<C> {
     ) -> Self {
         Self {
             entry: Arc::new(Entry {
-                shared: Arc::new(Shared {
+                shared: Shared {
                     id,
                     addr,
-                    metrics: Arc::new(metrics),
+                    metrics,
                     call_timeout,
                     warned_unfinished: AtomicBool::new(false),
-                }),
+                },
                 conn,
             }),
         }
@@ -115,7 +164,7 @@ impl<C> PooledConnection<C> {
     }
 
     /// This connection's metrics.
-    pub fn metrics(&self) -> &Arc<ConnectionMetrics> {
+    pub fn metrics(&self) -> &ConnectionMetrics {
         &self.entry.shared.metrics
     }
 
@@ -139,15 +188,14 @@ impl<C> PooledConnection<C> {
 
     /// Records a successful call of `latency` made without a [`CallGuard`].
     pub fn record_success(&self, latency: Duration) {
-        self.entry
-            .shared
-            .metrics
-            .record_success_at(Instant::now(), latency);
+        let metrics = &self.entry.shared.metrics;
+        metrics.record_success_at(metrics.now_for_use(), latency);
     }
 
     /// Records a failed call made without a [`CallGuard`]; returns the verdict after it.
     pub fn record_error(&self) -> Verdict {
-        self.entry.shared.metrics.record_error_at(Instant::now())
+        let metrics = &self.entry.shared.metrics;
+        metrics.record_error_at(metrics.now_for_use())
     }
 
     /// Marks the transport closed: `get` never returns this connection again (I8), and the next
@@ -171,6 +219,15 @@ impl<C> PooledConnection<C> {
     /// ```
     pub fn call_timeout(&self) -> Option<Duration> {
         self.entry.shared.call_timeout
+    }
+}
+
+impl<C: Send + Sync + 'static> PooledConnection<C> {
+    /// A handle to this connection's metrics that outlives the borrow (see [`SharedMetrics`]).
+    pub fn shared_metrics(&self) -> SharedMetrics {
+        SharedMetrics {
+            entry: Arc::clone(&self.entry) as Arc<dyn HasShared>,
+        }
     }
 
     /// Starts a call by hand: the connection counts as in flight until the guard is finished with
@@ -213,10 +270,10 @@ impl<C> PooledConnection<C> {
     }
 
     fn start(&self, quiet: bool) -> CallGuard {
-        let started = Instant::now();
+        let started = self.entry.shared.metrics.now_for_use();
         self.entry.shared.metrics.call_started(started);
         CallGuard {
-            shared: Arc::clone(&self.entry.shared),
+            entry: Arc::clone(&self.entry) as Arc<dyn HasShared>,
             started,
             finished: false,
             quiet,
@@ -229,15 +286,31 @@ impl<C> PooledConnection<C> {
 /// as cancelled, which the connection's health does not see, and logs it (see
 /// [`PooledConnection::begin`]). It owns what it needs, so it can move into another task.
 #[must_use = "a call guard dropped at once records a cancelled call"]
-#[derive(Debug)]
 pub struct CallGuard {
-    shared: Arc<Shared>,
+    /// The connection's one allocation, type-erased: one `Arc` clone per call.
+    entry: Arc<dyn HasShared>,
     started: Instant,
     finished: bool,
     quiet: bool,
 }
 
+impl fmt::Debug for CallGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = self.entry.shared();
+        f.debug_struct("CallGuard")
+            .field("addr", &shared.addr)
+            .field("id", &shared.id)
+            .field("started", &self.started)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CallGuard {
+    fn shared(&self) -> &Shared {
+        self.entry.shared()
+    }
+
     /// When the call started.
     pub fn started(&self) -> Instant {
         self.started
@@ -269,8 +342,8 @@ impl CallGuard {
     /// assert_eq!(conn.metrics().cancelled_count(), 1);
     /// ```
     pub fn finish(mut self, outcome: CallOutcome) -> Verdict {
-        let now = Instant::now();
-        let metrics = &self.shared.metrics;
+        let metrics = &self.shared().metrics;
+        let now = metrics.now_for_use();
         let verdict = match outcome {
             CallOutcome::Failure => metrics.record_error_at(now),
             CallOutcome::Success => {
@@ -288,17 +361,17 @@ impl CallGuard {
 
     /// The connection's address.
     pub(crate) fn addr(&self) -> &CheetahString {
-        &self.shared.addr
+        &self.shared().addr
     }
 
     /// The connection's id.
     pub(crate) fn conn_id(&self) -> ConnId {
-        self.shared.id
+        self.shared().id
     }
 
     fn end(&mut self) {
         self.finished = true;
-        self.shared.metrics.call_ended();
+        self.shared().metrics.call_ended();
     }
 }
 
@@ -317,12 +390,17 @@ impl Drop for CallGuard {
         if self.finished {
             return;
         }
-        self.shared.metrics.record_cancelled_at(Instant::now());
-        self.shared.metrics.call_ended();
-        let (addr, conn) = (&self.shared.addr, self.shared.id);
+        let now = self.shared().metrics.now_for_use();
+        self.shared().metrics.record_cancelled_at(now);
+        self.shared().metrics.call_ended();
+        let (addr, conn) = (&self.shared().addr, self.shared().id);
         // The first unfinished guard of a connection is worth a warning (a `?` between `begin` and
         // `success` hides every failure from health eviction); the rest would flood the log.
-        let first = !self.quiet && !self.shared.warned_unfinished.swap(true, Ordering::Relaxed);
+        let first = !self.quiet
+            && !self
+                .shared()
+                .warned_unfinished
+                .swap(true, Ordering::Relaxed);
         if first {
             tracing::warn!(
                 addr = %addr,

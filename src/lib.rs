@@ -29,7 +29,7 @@ pub mod tcp;
 pub use call::{Call, CallError, CallOutcome, CallTarget, EveryErrorFails, FromPool};
 pub use cheetah_string::CheetahString;
 pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
-pub use connection::{CallGuard, ConnId, PooledConnection};
+pub use connection::{CallGuard, ConnId, PooledConnection, SharedMetrics};
 pub use connector::{Connector, ManagesConnections, NoConnector};
 pub use error::{Cause, ConfigError, PoolError};
 pub use events::PoolEvents;

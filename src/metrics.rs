@@ -1,6 +1,6 @@
 //! Metrics: per connection ([`ConnectionMetrics`]) and pool-wide ([`PoolStats`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -20,14 +20,26 @@ use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 const FLAG_UNHEALTHY: u8 = 1;
 const FLAG_CLOSED: u8 = 2;
+/// Set by `get` (a use at some instant it did not read), cleared when an observer of the idle clock
+/// folds it in (see [`ConnectionMetrics::mark_used`]).
+const FLAG_USED: u8 = 4;
+/// The flags that make a connection unfit for use.
+const FLAGS_UNFIT: u8 = FLAG_UNHEALTHY | FLAG_CLOSED;
 
 /// The metrics and health state of **one** connection (I13): a replaced connection's successor
 /// starts from zero, and results recorded against the old one never reach it.
 ///
 /// The state machine is the core's: a [`CallClaim`] (calls in flight and a sweep's claim, one
 /// atomic word) and a [`CallRecord`] (outcomes, the failure run, the window, the unhealthy latch)
-/// under a short lock taken once per finished call. What `get` reads on every hit (the health flags
-/// and the idle clock) are atomics beside it. Time is the runtime's clock (virtual under madsim and
+/// under a short lock taken once per finished call. What `get` reads and writes on every hit (the
+/// health flags and the "used" mark) are one atomic byte beside it.
+///
+/// The idle clock has two parts: an exact clock that calls, recorded results and
+/// [`touch`](Self::touch) move, and a "used" mark that [`ConnectionPool::get`](crate::ConnectionPool::get)
+/// sets without reading the clock ([`mark_used`](Self::mark_used)). The mark means "used at some
+/// instant not later than whoever sees it"; the idle sweep and the snapshots fold it into the clock
+/// at their own instant (never earlier than the use), so a connection is never taken as idle early
+/// (I5) and may be taken up to one sweep interval late (I6's bound is `max_idle + 2 × interval`). Time is the runtime's clock (virtual under madsim and
 /// under tokio's paused time), relative to the connection's creation.
 ///
 /// Every outcome is also added to the pool's cumulative call counters (shared by all the pool's
@@ -38,19 +50,23 @@ pub struct ConnectionMetrics {
     created_at: Instant,
     /// The pool's policy, shared by all its connections (not copied into each).
     health: Arc<HealthPolicy>,
-    /// Nanoseconds since `created_at` of the last use; only moves forward. Exact, so the idle edge
-    /// is exact: at `max_idle` after a use a connection is fresh.
+    /// Nanoseconds since `created_at` of the last use folded in; only moves forward. Exact for
+    /// calls and recorded results (at `max_idle` after one a connection is fresh); a `get` is only
+    /// marked (`FLAG_USED`) and folded in later, at an instant not earlier than the `get`.
     last_used_ns: AtomicU64,
     claim: CallClaim,
-    /// `FLAG_UNHEALTHY` (the record's latch closed) and `FLAG_CLOSED`, for a lock-free `get`.
+    /// `FLAG_UNHEALTHY` (the record's latch closed), `FLAG_CLOSED` and `FLAG_USED`, for a lock-free
+    /// `get` that reads one byte and writes it only when the mark is clear.
     flags: AtomicU8,
     record: Mutex<CallRecord>,
     /// Nanoseconds since `created_at` of the last liveness probe that ended (0: never). Apart from
     /// the idle clock: a probe is not a use (I5, I6), but it spaces the next probe.
     probed_ns: AtomicU64,
     /// Latencies of this connection's successful calls. One per connection: a replacement starts
-    /// empty, like the rest of its metrics (I13).
-    latency: LatencyHistogram,
+    /// empty, like the rest of its metrics (I13). Allocated by the first success (issue 16: 456
+    /// bytes inline in every connection were most of its memory, and a connection that never
+    /// completes a call needs none).
+    latency: OnceLock<Box<LatencyHistogram>>,
     /// The pool's cumulative counters (none for a connection made without a pool), and this
     /// connection's stripe of them.
     totals: Option<Arc<CallTotals>>,
@@ -99,7 +115,7 @@ impl ConnectionMetrics {
             flags: AtomicU8::new(0),
             record: Mutex::new(CallRecord::default()),
             probed_ns: AtomicU64::new(0),
-            latency: LatencyHistogram::default(),
+            latency: OnceLock::new(),
             stripe: totals.as_ref().map_or(0, |t| t.next_stripe()),
             totals,
         }
@@ -107,7 +123,9 @@ impl ConnectionMetrics {
 
     /// The distribution of this connection's successful calls' latencies.
     pub fn latency(&self) -> LatencySnapshot {
-        self.latency.snapshot()
+        self.latency
+            .get()
+            .map_or_else(LatencySnapshot::default, |h| h.snapshot())
     }
 
     fn at(&self, now: Instant) -> Duration {
@@ -120,12 +138,74 @@ impl ConnectionMetrics {
         self.last_used_ns.fetch_max(ns, Ordering::AcqRel);
     }
 
+    /// Marks the connection used now without reading the clock: what `get` does on every hit. It
+    /// writes only when the mark is clear, so repeated hits between two sweeps read one byte and
+    /// write nothing (no cache line bounces between the cores that share a connection).
+    ///
+    /// The use is folded into the idle clock by the next observer that needs it (the idle sweep,
+    /// [`is_idle_at`](Self::is_idle_at), [`since_last_use`](Self::since_last_use)), at that
+    /// observer's instant: never earlier than the use, so the connection is never idle early (I5).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::ConnectionMetrics;
+    /// use keyed_pool::core::HealthPolicy;
+    /// let t0 = tokio::time::Instant::now();
+    /// let m = ConnectionMetrics::new(t0, HealthPolicy::default());
+    /// m.mark_used();
+    /// assert!(m.pending_use());
+    /// assert_eq!(m.last_used(), t0, "not folded in yet");
+    /// let later = t0 + Duration::from_secs(60);
+    /// assert!(!m.is_idle_at(later, Some(Duration::from_secs(10))), "I5: the use is folded at 60 s");
+    /// assert!(!m.pending_use());
+    /// assert_eq!(m.last_used(), later);
+    /// ```
+    pub fn mark_used(&self) {
+        // Load first: a `fetch_or` would write (and take the line exclusive) on every hit.
+        if self.flags.load(Ordering::Relaxed) & FLAG_USED == 0 {
+            self.flags.fetch_or(FLAG_USED, Ordering::Release);
+        }
+    }
+
+    /// `true` while a [`mark_used`](Self::mark_used) has not been folded into the idle clock yet
+    /// ([`last_used`](Self::last_used) does not include it).
+    pub fn pending_use(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & FLAG_USED != 0
+    }
+
+    /// The clock for an exact use about to be recorded (a call's start or end, a recorded result),
+    /// read after clearing a pending `get`'s mark: a `get` that found the mark set came before the
+    /// clear, hence before this instant, so the use recorded at it covers that `get` too and the
+    /// edge stays exact. Without the clear, a `get` before every call would leave every connection
+    /// to the next sweep's fold.
+    pub(crate) fn now_for_use(&self) -> Instant {
+        if self.flags.load(Ordering::Relaxed) & FLAG_USED != 0 {
+            self.flags.fetch_and(!FLAG_USED, Ordering::AcqRel);
+        }
+        Instant::now()
+    }
+
+    /// Folds a pending use into the idle clock, at `now` or, if the clock has moved past `now`
+    /// since the observer read it, at the clock read after the mark was taken: the use happened
+    /// before the mark was cleared, so it is never recorded as earlier than it was (I5), and a
+    /// sweep that read `now` before a racing `get` does not take that `get` for an older one.
+    fn fold(&self, now: Instant) {
+        if self.flags.load(Ordering::Relaxed) & FLAG_USED == 0 {
+            return;
+        }
+        // Clear first, then read the clock: a `get` that finds the mark still set (and so writes
+        // nothing) came before the clear, hence before this clock read.
+        if self.flags.fetch_and(!FLAG_USED, Ordering::AcqRel) & FLAG_USED != 0 {
+            self.touch(now.max(Instant::now()));
+        }
+    }
+
     /// Records a successful call that took `latency`, finished at `now`.
     pub fn record_success_at(&self, now: Instant, latency: Duration) {
         self.record
             .lock()
             .success(&self.health, self.at(now), latency);
-        self.latency.record(latency);
+        self.latency.get_or_init(Box::default).record(latency);
         if let Some(totals) = &self.totals {
             totals.success(self.stripe, latency);
         }
@@ -169,7 +249,7 @@ impl ConnectionMetrics {
 
     /// `true` unless the connection was judged unhealthy or its transport is known closed.
     pub fn is_healthy(&self) -> bool {
-        self.flags.load(Ordering::Acquire) == 0
+        self.flags.load(Ordering::Acquire) & FLAGS_UNFIT == 0
     }
 
     /// `true` once the transport was marked closed.
@@ -178,16 +258,34 @@ impl ConnectionMetrics {
     }
 
     /// The idle predicate at `now` (I5): nothing in flight and unused for longer than `max_idle`.
+    /// A pending use ([`mark_used`](Self::mark_used)) is folded into the idle clock first, so the
+    /// connection counts as used at `now` (or later, see [`mark_used`](Self::mark_used)).
     pub fn is_idle_at(&self, now: Instant, max_idle: Option<Duration>) -> bool {
-        is_idle(self.in_flight(), self.since_last_use(now), max_idle)
+        if max_idle.is_none() {
+            return false;
+        }
+        self.fold(now);
+        is_idle(self.in_flight(), self.since_clock(now), max_idle)
+    }
+
+    /// The idle predicate at `now` without folding a pending use: a connection marked used is not
+    /// idle. For gauges (`stats().idle`), which must not move the clock they report on.
+    pub(crate) fn seems_idle_at(&self, now: Instant, max_idle: Option<Duration>) -> bool {
+        !self.pending_use() && is_idle(self.in_flight(), self.since_clock(now), max_idle)
     }
 
     /// Claims the connection for eviction as idle, atomically with respect to calls starting (I5):
-    /// succeeds only if no call is in flight and it is idle at `now`. On success the connection
-    /// stays marked retired.
+    /// succeeds only if no call is in flight and it is idle at `now`, a pending use folded in first.
+    /// On success the connection stays marked retired.
+    ///
+    /// The pool calls it under the shard's write lock, which no `get` of that shard holds at the
+    /// same time: a `get` that ran after the sweep looked left its mark before this, and the fold
+    /// counts it as a use at `now` or later, so the connection stays (I7).
     pub(crate) fn try_retire_idle(&self, now: Instant, max_idle: Option<Duration>) -> bool {
-        self.claim
-            .try_retire(|| is_idle(0, self.since_last_use(now), max_idle))
+        self.claim.try_retire(|| {
+            self.fold(now);
+            is_idle(0, self.since_clock(now), max_idle)
+        })
     }
 
     /// Claims the connection for eviction if no call is in flight, whatever its idle clock (to make
@@ -261,6 +359,7 @@ impl ConnectionMetrics {
     /// and [`PoolConfig::check_idle_before_use`](crate::PoolConfig::check_idle_before_use) are
     /// compared with.
     pub fn since_last_checked(&self, now: Instant) -> Duration {
+        self.fold(now);
         let last = self
             .last_used()
             .max(self.last_probed().unwrap_or(self.created_at));
@@ -280,13 +379,21 @@ impl ConnectionMetrics {
         self.created_at
     }
 
-    /// When the connection was last used (`get`, a call, or a recorded result).
+    /// The idle clock: when the connection was last used (a call, a recorded result, or a `get`
+    /// folded in since). A `get` not folded in yet ([`pending_use`](Self::pending_use)) is not in
+    /// it; [`since_last_use`](Self::since_last_use) folds it.
     pub fn last_used(&self) -> Instant {
         self.created_at + Duration::from_nanos(self.last_used_ns.load(Ordering::Acquire))
     }
 
-    /// Time since the last use, at `now`.
+    /// Time since the last use, at `now`, a pending use folded in first (as used at `now`).
     pub fn since_last_use(&self, now: Instant) -> Duration {
+        self.fold(now);
+        self.since_clock(now)
+    }
+
+    /// Time at `now` since the idle clock, whatever is pending.
+    fn since_clock(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.last_used())
     }
 

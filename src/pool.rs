@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::cleanup::CleanupControl;
 use crate::config::{PoolConfig, WhenFull};
-use crate::connection::{ConnId, PooledConnection};
+use crate::connection::{ConnId, PooledConnection, SharedMetrics};
 use crate::connector::{ManagesConnections, NoConnector};
 use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
@@ -668,7 +668,10 @@ where
         Err(self.at_capacity())
     }
 
-    /// The healthy connection pooled for `addr`, if any. Moves its idle clock (I5). Never returns a
+    /// The healthy connection pooled for `addr`, if any. Marks it used (I5): it reads no clock, and
+    /// writes only the first time between two idle sweeps (see
+    /// [`ConnectionMetrics::mark_used`]), so a connection used only through `get` is evicted at most
+    /// one sweep interval later than its exact idle edge, never earlier (I6). Never returns a
     /// connection judged unhealthy or whose transport is known closed (I8, I9). Lock-free for
     /// readers of different shards; never waits.
     pub fn get(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
@@ -677,9 +680,11 @@ where
         if !self.usable(conn) {
             return None;
         }
-        // Touched under the shard's read lock, so a sweep (which re-checks under the write lock)
-        // sees this use or runs entirely before it (I7).
-        conn.metrics().touch(Instant::now());
+        // Marked under the shard's read lock. A sweep re-checks under the write lock, which it
+        // cannot take while this guard lives: either it ran entirely before this `get` (and the
+        // connection was gone, or not taken), or it finds the mark and folds it in at its own
+        // instant or later, and so does not take the connection (I7).
+        conn.metrics().mark_used();
         Some(conn.clone())
     }
 
@@ -887,9 +892,8 @@ where
     }
 
     /// The metrics of the connection pooled for `addr` (whatever its health).
-    pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<Arc<ConnectionMetrics>> {
-        self.pooled(addr.as_ref())
-            .map(|conn| Arc::clone(conn.metrics()))
+    pub fn get_metrics(&self, addr: impl AsRef<str>) -> Option<SharedMetrics> {
+        self.pooled(addr.as_ref()).map(|conn| conn.shared_metrics())
     }
 
     /// The connection pooled for `addr` whatever its health, without moving its idle clock.
@@ -957,7 +961,8 @@ where
             let m = pooled.conn.metrics();
             stats.total += 1;
             stats.healthy += usize::from(m.is_healthy());
-            stats.idle += usize::from(m.is_idle_at(now, max_idle));
+            // A gauge: read without folding pending uses, so looking does not move the clock.
+            stats.idle += usize::from(m.seems_idle_at(now, max_idle));
             stats.in_flight += m.in_flight();
         }
         self.inner.calls.fill(&mut stats);

@@ -18,10 +18,10 @@ use cheetah_string::CheetahString;
 use tokio::time::Instant;
 
 use crate::ConnectionPool;
-use crate::connection::PooledConnection;
+use crate::connection::{PooledConnection, SharedMetrics};
 use crate::connector::ManagesConnections;
 use crate::error::PoolError;
-use crate::metrics::{ConnectionMetrics, ProbeEnd};
+use crate::metrics::ProbeEnd;
 
 /// What one round of [`ConnectionPool::probe_idle`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,15 +40,15 @@ pub struct ProbeRound {
 /// as dropped if it ends without an outcome (a cancelled caller, a stopped cleanup task), so a
 /// dropped probe leaks no in-flight count.
 struct ProbeClaim {
-    metrics: Arc<ConnectionMetrics>,
+    metrics: SharedMetrics,
     ended: bool,
 }
 
 impl ProbeClaim {
-    fn new(metrics: &Arc<ConnectionMetrics>) -> Self {
+    fn new(metrics: SharedMetrics) -> Self {
         metrics.probe_started();
         Self {
-            metrics: Arc::clone(metrics),
+            metrics,
             ended: false,
         }
     }
@@ -115,7 +115,7 @@ where
     /// The probe and its record, without the eviction.
     async fn probe_recorded(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
         let timeout = self.inner.config.effective_probe_timeout();
-        let claim = ProbeClaim::new(conn.metrics());
+        let claim = ProbeClaim::new(conn.shared_metrics());
         let started = Instant::now();
         let answer =
             tokio::time::timeout(timeout, self.inner.connector.probe_conn(conn.client())).await;

@@ -152,7 +152,9 @@ where
     /// entry lock. Called with the pool's room lock held (see [`Inner::room`]).
     pub(crate) fn take_lru_permit(&self, except: &CheetahString) -> LruTake {
         let max = self.inner.ledger.max();
-        let mut candidates: Vec<(Instant, CheetahString, ConnId)> = self
+        // Least recently used first: connections with no `get` since the last fold (their clock
+        // is exact), then by the clock. A `get`'s mark sorts as newer than any clock.
+        let mut candidates: Vec<(bool, Instant, CheetahString, ConnId)> = self
             .inner
             .map
             .iter()
@@ -160,8 +162,14 @@ where
             .filter_map(|e| {
                 let pooled = e.value().conn.as_ref()?;
                 let m = pooled.conn.metrics();
-                (m.in_flight() == 0 && !pooled.in_handoff())
-                    .then(|| (m.last_used(), e.key().clone(), pooled.conn.id()))
+                (m.in_flight() == 0 && !pooled.in_handoff()).then(|| {
+                    (
+                        m.pending_use(),
+                        m.last_used(),
+                        e.key().clone(),
+                        pooled.conn.id(),
+                    )
+                })
             })
             .collect();
         if candidates.is_empty() {
@@ -173,7 +181,7 @@ where
             };
         }
         candidates.sort_unstable();
-        for (_, addr, id) in candidates.into_iter().take(8) {
+        for (_, _, addr, id) in candidates.into_iter().take(8) {
             let taken = self.with_existing_slot(&addr, |slot| {
                 let still = slot.conn.as_ref().is_some_and(|pooled| {
                     pooled.conn.id() == id
@@ -299,13 +307,17 @@ mod tests {
     }
 
     /// The exact edge, with explicit instants: at `last_used + max_idle` a connection is still
-    /// fresh (I5); one microsecond later it is idle and the sweep takes it (I6).
+    /// fresh (I5); one microsecond later it is idle and the sweep takes it (I6). A call moves the
+    /// clock exactly (a bare `get` only marks it: `i5_i6_a_get_is_folded_in_by_the_sweep`).
     #[tokio::test(start_paused = true)]
     async fn i5_i6_idle_edge_is_exactly_max_idle() {
         let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
         pool.insert(addr(0), 0);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let last_used = pool.get(addr(0)).unwrap().metrics().last_used();
+        let conn = pool.peek(addr(0)).unwrap();
+        conn.begin().success();
+        let last_used = conn.metrics().last_used();
+        assert_eq!(last_used, Instant::now(), "a call moves the clock exactly");
         let edge = last_used + MAX_IDLE;
         assert!(
             pool.idle_candidates(edge).is_empty(),
@@ -324,6 +336,62 @@ mod tests {
             "I5: re-check at the edge"
         );
         assert_eq!(pool.evict_idle_candidates(after, &looked), 1, "I6 violated");
+    }
+
+    /// A bare `get` reads no clock: it marks the connection, and the sweep folds the mark in at
+    /// its own instant. Never early (I5): a sweep at any instant after the `get` keeps it. Late by
+    /// at most the time to that fold (I6's `max_idle + 2 × interval`): idle `max_idle` after it.
+    #[tokio::test(start_paused = true)]
+    async fn i5_i6_a_get_is_folded_in_by_the_sweep() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        pool.insert(addr(0), 0);
+        tokio::time::sleep(MAX_IDLE).await;
+        let conn = pool.get(addr(0)).unwrap();
+        let created = conn.metrics().created_at();
+        assert!(conn.metrics().pending_use(), "get marks the connection");
+        assert_eq!(conn.metrics().last_used(), created, "and reads no clock");
+        // The sweep looks long after the get (say the cleanup task's interval later).
+        let sweep = Instant::now() + 3 * MAX_IDLE;
+        assert!(
+            pool.idle_candidates(sweep).is_empty(),
+            "I5 violated: a get's mark was not counted as a use"
+        );
+        assert!(!conn.metrics().pending_use(), "the sweep folded the mark");
+        assert_eq!(conn.metrics().last_used(), sweep, "at the sweep's instant");
+        let edge = sweep + MAX_IDLE;
+        assert!(
+            pool.idle_candidates(edge).is_empty(),
+            "I5 violated at the edge"
+        );
+        let after = edge + Duration::from_nanos(1);
+        let looked = pool.idle_candidates(after);
+        assert_eq!(looked.len(), 1, "I6 violated: idle past the folded edge");
+        assert_eq!(pool.evict_idle_candidates(after, &looked), 1, "I6 violated");
+    }
+
+    /// The remove phase folds too: a `get` between the look and the removal keeps the connection
+    /// even when the sweep's instant is older than the clock (I7), and the fold is at the clock's
+    /// instant then, not the sweep's older one, so the `get` is never taken for an older use (I5).
+    #[tokio::test(start_paused = true)]
+    async fn i7_a_get_after_the_look_is_folded_at_no_earlier_instant() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, MAX_IDLE);
+        pool.insert(addr(0), 0);
+        tokio::time::sleep(MAX_IDLE * 2).await;
+        let looked_at = Instant::now();
+        let looked = pool.idle_candidates(looked_at);
+        assert_eq!(looked.len(), 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let conn = pool.get(addr(0)).unwrap();
+        assert_eq!(
+            pool.evict_idle_candidates(looked_at, &looked),
+            0,
+            "I7 violated: used after the look, yet evicted"
+        );
+        assert_eq!(
+            conn.metrics().last_used(),
+            Instant::now(),
+            "I5: the get was folded in at the clock read after the mark, not the sweep's instant"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,6 +58,9 @@ async fn i5_cancelled_call_also_protects_while_in_flight() {
     assert_eq!(pool.evict_idle().await, 1);
 }
 
+/// A `get` reads no clock: it marks the connection used, and the sweep folds the mark in at its
+/// own instant. Never early (I5): kept by every sweep within `max_idle` of the `get`, and by the
+/// sweep that folds it in. Late by at most the time to that fold (I6): gone `max_idle` after it.
 #[tokio::test(start_paused = true)]
 async fn i5_get_moves_the_idle_clock() {
     let pool = pool();
@@ -70,12 +73,44 @@ async fn i5_get_moves_the_idle_clock() {
         0,
         "I5 violated: evicted within max_idle after get"
     );
+    // That sweep folded the get in at its instant: fresh for another max_idle from there.
+    advance(MAX_IDLE - MS).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: evicted within max_idle of the sweep that folded the get in"
+    );
     advance(2 * MS).await;
     assert_eq!(
         pool.evict_idle().await,
         1,
-        "I6 violated: idle 1 ms past max_idle survived"
+        "I6 violated: idle 1 ms past max_idle after the fold survived"
     );
+}
+
+/// With the cleanup task, a connection last used by a bare `get` survives `max_idle` after it (I5)
+/// and is gone by `max_idle + 2 × interval` after it (I6): one interval until a sweep folds the
+/// `get` in, one more until the sweep after the fold's edge.
+#[tokio::test(start_paused = true)]
+async fn i6_a_get_is_gone_by_max_idle_plus_two_intervals() {
+    let pool = pool();
+    let interval = 2 * SEC;
+    pool.insert(addr(0), 0);
+    let _task = pool.start_cleanup_task(interval);
+    // Just after a sweep: the worst case, the fold waits almost a whole interval.
+    advance(interval + MS).await;
+    pool.get(addr(0)).unwrap();
+    advance(MAX_IDLE - MS).await;
+    assert!(
+        pool.peek(addr(0)).is_some(),
+        "I5 violated: evicted within max_idle of a get"
+    );
+    advance(2 * interval + 2 * MS).await;
+    assert!(
+        pool.peek(addr(0)).is_none(),
+        "I6 violated: still pooled max_idle + 2 x interval after its last get"
+    );
+    pool.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]

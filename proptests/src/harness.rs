@@ -476,6 +476,21 @@ impl Harness {
                 let got = self.pool.evict_idle().await;
                 for &i in &want {
                     let c = &self.m.conns[i];
+                    // Never early, against every use (a `get` included), not the folded clock.
+                    ensure(
+                        self.m
+                            .s
+                            .max_idle
+                            .is_some_and(|max| self.m.now - c.exact_last_use > max),
+                        || {
+                            format!(
+                                "I5 violated: #{} evicted as idle {:?} after its last use (max_idle {:?})",
+                                c.id,
+                                self.m.now - c.exact_last_use,
+                                self.m.s.max_idle
+                            )
+                        },
+                    )?;
                     ensure(!self.pooled(i), || {
                         format!(
                             "I6 violated: #{} idle for {:?} > max_idle {:?} survived the sweep",
@@ -1066,10 +1081,11 @@ impl Harness {
                 self.verdict_msg(i, !c.healthy(), !healthy)
             })?;
             let last_used = self.since_start(mx.last_used());
-            ensure(last_used == c.last_used, || {
+            let pending = mx.pending_use();
+            ensure(last_used == c.last_used && pending == c.used, || {
                 format!(
-                    "I5 violated: #{} last used at {last_used:?}, model {:?} (the idle clock is wrong)",
-                    c.id, c.last_used
+                    "I5 violated: #{} last used at {last_used:?} (a get pending: {pending}), model {:?} ({}) (the idle clock is wrong)",
+                    c.id, c.last_used, c.used
                 )
             })?;
             let closes = conn.client().closes.load(Ordering::SeqCst);

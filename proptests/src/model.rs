@@ -158,8 +158,15 @@ pub struct MConn {
     pub id: u64,
     /// Creation time.
     pub created: Duration,
-    /// Last use (get, a call's start or end, a recorded result).
+    /// The idle clock: the last exact use (a call's start or end, a recorded result), or the
+    /// instant a sweep folded a `get`'s mark in.
     pub last_used: Duration,
+    /// A `get` marked it used since the last fold (`ConnectionMetrics::pending_use`): `get` reads
+    /// no clock, and the idle sweep folds the mark in at its own instant.
+    pub used: bool,
+    /// The last use of any kind, `get` included, exactly: what I5 ("never evicted within
+    /// `max_idle` of a use") is judged against, whatever the clock says.
+    pub exact_last_use: Duration,
     /// Calls in flight.
     pub in_flight: u64,
     /// Trailing run of failures (I10).
@@ -209,10 +216,11 @@ impl MConn {
         !self.unhealthy && !self.marked_closed
     }
 
-    /// I5/I6 restated: idle when nothing is in flight and unused for longer than `max_idle`.
+    /// I5/I6 restated: idle when nothing is in flight, no `get` is pending, and the clock is older
+    /// than `max_idle` (what `stats().idle` counts, which folds nothing).
     pub fn idle(&self, s: &Settings, now: Duration) -> bool {
         s.max_idle
-            .is_some_and(|max| self.in_flight == 0 && now - self.last_used > max)
+            .is_some_and(|max| !self.used && self.in_flight == 0 && now - self.last_used > max)
     }
 }
 
@@ -437,10 +445,29 @@ impl Model {
         }
     }
 
-    /// Moves the idle clock of `i` to now (exactly: never backwards, no rounding).
+    /// An exact use of `i` (a call's start or end, a recorded result): moves the idle clock to now
+    /// (never backwards, no rounding) and clears a pending `get`, which it covers.
     fn touch(&mut self, i: usize) {
         let c = &mut self.conns[i];
+        c.used = false;
         c.last_used = c.last_used.max(self.now);
+        c.exact_last_use = c.exact_last_use.max(self.now);
+    }
+
+    /// `get`'s use: a mark, no clock.
+    fn mark_used(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        c.used = true;
+        c.exact_last_use = c.exact_last_use.max(self.now);
+    }
+
+    /// An observer of the idle clock folds a pending `get` in at its instant (time stands still
+    /// under paused time, so the pool's clock read after the mark is `now` too).
+    fn fold(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if std::mem::take(&mut c.used) {
+            c.last_used = c.last_used.max(self.now);
+        }
     }
 
     fn full(&self) -> bool {
@@ -515,6 +542,8 @@ impl Model {
             id,
             created: self.now,
             last_used: self.now,
+            used: false,
+            exact_last_use: self.now,
             in_flight: 0,
             run: 0,
             successes: 0,
@@ -587,10 +616,13 @@ impl Model {
             .live
             .iter()
             .filter(|&(&a, &i)| a != addr && self.conns[i].in_flight == 0)
-            .map(|(&a, &i)| (self.conns[i].last_used, a, self.conns[i].id, i))
+            .map(|(&a, &i)| {
+                let c = &self.conns[i];
+                (c.used, c.last_used, a, c.id, i)
+            })
             .min();
         match victim {
-            Some((_, a, _, i)) => {
+            Some((_, _, a, _, i)) => {
                 self.retire(i);
                 self.counters.make_room += 1;
                 self.looked_at(a);
@@ -623,14 +655,14 @@ impl Model {
         InsertPlan::Placed
     }
 
-    /// `get(addr)`: the usable pooled connection, touched. Finding a dead transport on a healthy
-    /// connection marks it closed (what `is_open` returning false means).
+    /// `get(addr)`: the usable pooled connection, marked used (no clock read). Finding a dead
+    /// transport on a healthy connection marks it closed (what `is_open` returning false means).
     pub fn get(&mut self, addr: u8) -> Option<usize> {
         let &i = self.live.get(&addr)?;
         if !self.usable(i) {
             return None;
         }
-        self.touch(i);
+        self.mark_used(i);
         Some(i)
     }
 
@@ -726,6 +758,13 @@ impl Model {
     /// `evict_idle()`: the connections it must evict (I5, I6).
     pub fn evict_idle(&mut self) -> Vec<usize> {
         let (s, now) = (self.s, self.now);
+        if s.max_idle.is_some() {
+            // The sweep's look folds every pending `get` in at its instant.
+            let live: Vec<usize> = self.live.values().copied().collect();
+            for i in live {
+                self.fold(i);
+            }
+        }
         let gone: Vec<usize> = self
             .live
             .values()
@@ -796,6 +835,7 @@ impl Model {
         if self.closed {
             return ConnectPlan::Closed;
         }
+        // A hit is a `get`: marked, no clock.
         if let Some(i) = self.get(addr) {
             return ConnectPlan::Existing(i);
         }

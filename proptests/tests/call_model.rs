@@ -10,11 +10,10 @@
 //! with the command that replays it.
 
 use std::future::IntoFuture;
-use std::sync::Arc;
 use std::time::Duration;
 
 use keyed_pool::core::UnhealthyReason;
-use keyed_pool::{CallError, CallOutcome, ConnectionMetrics, ConnectionPool, Connector, PoolError};
+use keyed_pool::{CallError, CallOutcome, ConnectionPool, Connector, PoolError};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tokio::time::Instant;
@@ -261,7 +260,7 @@ async fn run_async(s: &Scenario) -> Result<(), String> {
 
     let mut model = Model::default();
     // When the connection was made (set by the first call), and its metrics.
-    let mut made: Option<(Instant, Arc<ConnectionMetrics>)> = None;
+    let mut made: Option<(Instant, keyed_pool::SharedMetrics)> = None;
     let mut evicted = false;
 
     for (i, step) in s.steps.iter().enumerate() {

@@ -154,6 +154,9 @@ struct MConn {
     serial: u64,
     created: Duration,
     last_used: Duration,
+    /// A `get` marked it used since the last fold (it reads no clock); the next observer of the
+    /// idle clock (a probe round's look, a checked `get_or_connect`, an idle sweep) folds it in.
+    used: bool,
     last_probed: Option<Duration>,
     successes: u64,
 }
@@ -206,6 +209,23 @@ impl Model {
         self.now - c.last_used.max(c.last_probed.unwrap_or(c.created))
     }
 
+    /// Folds a pending `get` into the idle clock at now (`ConnectionMetrics`' fold).
+    fn fold(&mut self, a: usize) {
+        let now = self.now;
+        if let Some(c) = self.conns.get_mut(&a)
+            && std::mem::take(&mut c.used)
+        {
+            c.last_used = c.last_used.max(now);
+        }
+    }
+
+    fn fold_all(&mut self) {
+        let all: Vec<usize> = self.conns.keys().copied().collect();
+        for a in all {
+            self.fold(a);
+        }
+    }
+
     /// One probe of `a`'s connection, started now; returns whether it failed. An unanswered one
     /// ends at the timeout (the caller moves the clock).
     fn probe_ends(&mut self, a: usize, at: Duration) -> bool {
@@ -244,10 +264,18 @@ impl Model {
 
     /// What `get_or_connect(a)` returns: the serial of the connection, or `None` for the backoff.
     fn get_or_connect(&mut self, a: usize) -> Option<u64> {
+        if self.check_before_use {
+            self.fold(a);
+        }
         if let Some(c) = self.conns.get(&a) {
             if !(self.check_before_use && self.quiet(c) > CHECK_BEFORE_USE) {
+                let check = self.check_before_use;
                 let c = self.conns.get_mut(&a).expect("pooled");
-                c.last_used = self.now;
+                if check {
+                    c.last_used = self.now;
+                } else {
+                    c.used = true; // a `get`
+                }
                 return Some(c.serial);
             }
             let silent = self.server(a) == Server::Silent;
@@ -275,6 +303,7 @@ impl Model {
                 serial: self.connects,
                 created: self.now,
                 last_used: self.now,
+                used: false,
                 last_probed: None,
                 successes: 0,
             },
@@ -284,6 +313,7 @@ impl Model {
 
     /// A probing round: `(probed, failed)`; it lasts the probe timeout if any probe is unanswered.
     fn probe_round(&mut self) -> (usize, usize) {
+        self.fold_all();
         let due: Vec<usize> = self
             .conns
             .iter()
@@ -307,6 +337,7 @@ impl Model {
     }
 
     fn evict_idle(&mut self) -> usize {
+        self.fold_all();
         let idle: Vec<usize> = self
             .conns
             .iter()
@@ -358,7 +389,7 @@ fn run(check_before_use: bool, ops: &[Op]) -> Result<(), String> {
                 Op::Use(a) => {
                     let got = pool.get(addr(a)).map(|c| c.client().serial);
                     let want = model.conns.get_mut(&a).map(|c| {
-                        c.last_used = model.now;
+                        c.used = true; // `get` marks, reads no clock
                         c.serial
                     });
                     if got != want {
@@ -431,6 +462,14 @@ fn check(
                         addr(a),
                         c.client().serial,
                         m.serial
+                    ));
+                }
+                if metrics.pending_use() != m.used {
+                    return Err(format!(
+                        "I5 violated: {} has a get pending: {}, the model {}",
+                        addr(a),
+                        metrics.pending_use(),
+                        m.used
                     ));
                 }
                 if metrics.last_used() - t0 != m.last_used {

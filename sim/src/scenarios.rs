@@ -447,7 +447,10 @@ async fn connect_storm() -> Outcome {
 /// made right after waking at `d0` and a sweep made right after waking at `d0 + max_idle + δ` are
 /// exactly `max_idle + δ` apart. With δ ∈ {−1 ms, 0, +1 ms}: a connection used exactly `max_idle`
 /// ago is still fresh (I5), one used `max_idle + 1 ms` ago goes (I6); a call in flight across the
-/// edge keeps it (I5); the end of a call and a `get` move the clock.
+/// edge keeps it (I5); the end of a call moves the clock exactly. A bare `get` reads no clock: it
+/// marks the connection used, and the next sweep folds the mark in at its own instant, so the
+/// connection is never evicted within `max_idle` of the `get` (I5) and goes `max_idle` after that
+/// sweep (I6: late by at most the time from the `get` to the next sweep).
 async fn idle_edge() -> Outcome {
     let mut setup = Setup::new(2);
     let max_idle = ms(draw(2..3000));
@@ -465,7 +468,8 @@ async fn idle_edge() -> Outcome {
             }
             let d0 = Instant::now() + ms(draw(1..20));
             tokio::time::sleep_until(d0).await;
-            let Some(conn) = pool.get(&addr) else {
+            // `peek`, not `get`: the use whose edge is tested is the call below, exact.
+            let Some(conn) = pool.peek(&addr) else {
                 ctx.rec.fail("I6", "a connection used within max_idle is gone");
                 return;
             };
@@ -476,6 +480,10 @@ async fn idle_edge() -> Outcome {
                 conn.client().call_started();
                 conn.begin()
             });
+            if !across {
+                // A call that ends at once: an exact use (the `get` alone is folded in later).
+                conn.begin().success();
+            }
             let offset = draw(0..3);
             tokio::time::sleep_until(d0 + max_idle + ms(offset) - ms(1)).await;
             let since = used_at.elapsed();
@@ -505,7 +513,8 @@ async fn idle_edge() -> Outcome {
                     ctx.rec.fail("I6", format!("not evicted {:?} after its call ended (max_idle {max_idle:?})", ended.elapsed()));
                 }
             } else if evicted == 0 {
-                // A get moves the clock: fresh for another max_idle.
+                // A get marks the connection: fresh for max_idle after the sweep that folds it in
+                // (here at d1 + max_idle), never evicted earlier (I5), gone after (I6).
                 let d1 = Instant::now() + ms(draw(1..20));
                 tokio::time::sleep_until(d1).await;
                 match pool.get(&addr) {
@@ -518,8 +527,12 @@ async fn idle_edge() -> Outcome {
                     ctx.rec.fail("I5", format!("evicted {:?} after a get (max_idle {max_idle:?})", got.elapsed()));
                 }
                 tokio::time::sleep_until(d1 + max_idle + ms(1)).await;
+                if pool.evict_idle().await != 0 {
+                    ctx.rec.fail("I5", format!("evicted {:?} after a get, within max_idle of the sweep that folded it in (max_idle {max_idle:?})", got.elapsed()));
+                }
+                tokio::time::sleep_until(d1 + 2 * max_idle + ms(1)).await;
                 if pool.evict_idle().await != 1 {
-                    ctx.rec.fail("I6", format!("not evicted {:?} after a get (max_idle {max_idle:?})", got.elapsed()));
+                    ctx.rec.fail("I6", format!("not evicted {:?} after a get, past max_idle after the sweep that folded it in (max_idle {max_idle:?})", got.elapsed()));
                 }
             }
             drop(conn);
