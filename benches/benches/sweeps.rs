@@ -305,11 +305,34 @@ fn async_neighbours() {
     );
 }
 
+/// One sweep of 100,000 and nothing else, for a profiler (`SWEEPS_PROFILE=idle_none|idle_all`):
+/// `valgrind --tool=callgrind target/release/deps/sweeps-* --bench` with it set.
+fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
+    let n = 100_000;
+    let keys = addrs(n);
+    match what {
+        "idle_none" => {
+            let pool = pool_with(&keys, Duration::from_secs(3600));
+            assert_eq!(rt.block_on(pool.evict_idle()), 0);
+        }
+        "idle_all" => {
+            let pool = pool_with(&keys, Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(rt.block_on(pool.evict_idle()), n);
+        }
+        other => panic!("SWEEPS_PROFILE: idle_none or idle_all, not {other:?}"),
+    }
+}
+
 fn main() {
     if !keyed_pool_benches::run_by_cargo_bench("sweeps") {
         return;
     }
     let rt = rt();
+    if let Ok(what) = std::env::var("SWEEPS_PROFILE") {
+        profile_one(&rt, &what);
+        return;
+    }
     sweep_costs(&rt);
     reader_latency(&rt);
     async_neighbours();
