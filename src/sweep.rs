@@ -106,7 +106,12 @@ where
         }
         let pool = self.clone();
         let elsewhere = look.clone();
-        match tokio::task::spawn_blocking(move || elsewhere(&pool)).await {
+        // madsim marks its `spawn_blocking` deprecated (a simulation has no blocking threads); it
+        // spawns the closure as an ordinary task of the simulation, which is what a sweep wants
+        // there: the look stays one step of the seeded schedule.
+        #[allow(deprecated)]
+        let handle = tokio::task::spawn_blocking(move || elsewhere(&pool));
+        match handle.await {
             Ok(found) => found,
             // The runtime is shutting down and refused the blocking task: look here instead.
             Err(e) if e.is_cancelled() => look(self),

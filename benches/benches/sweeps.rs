@@ -10,8 +10,10 @@
 //! Part 2, a reader thread doing `get` hits on 100,000 warm connections and timing each one, alone
 //! and while another thread sweeps back to back: p50, p99, p99.9 and max of the `get` latency.
 //!
-//! Part 3, the longest wait of another task on the same single-threaded runtime while a sweep of
-//! 100,000 runs (a sweep that never yields holds its worker thread throughout).
+//! Part 3, the longest hold of the runtime thread while a sweep of 100,000 runs: the longest wait of
+//! another task on the same single-threaded runtime (a sweep that never yields holds its worker
+//! thread throughout), for each sweep finding nothing and evicting everything, and for a whole
+//! cleanup round.
 //!
 //! Run: `cargo bench -p keyed-pool-benches --bench sweeps`
 
@@ -287,22 +289,43 @@ fn async_neighbours() {
     let n = 100_000;
     let keys = addrs(n);
     println!(
-        "\nlongest wait of another task on the same single-threaded runtime while a sweep of {n} runs:"
+        "\nlongest hold of the runtime thread (the longest wait of another task on the same single-threaded runtime) while a sweep of {n} runs, ms:"
     );
     let base = neighbour_gap_ms(async { tokio::time::sleep(Duration::from_millis(20)).await });
     let keep = pool_with(&keys, Duration::from_secs(3600));
-    let finds_nothing = neighbour_gap_ms(async {
+    let idle_none = neighbour_gap_ms(async {
         assert_eq!(keep.evict_idle().await, 0);
+    });
+    let unhealthy_none = neighbour_gap_ms(async {
+        assert_eq!(keep.evict_unhealthy().await, 0);
+    });
+    let prune_none = neighbour_gap_ms(async {
+        assert_eq!(keep.prune_addresses().await, 0);
+    });
+    // What the cleanup task runs each round (without probes, which are off by default).
+    let round = neighbour_gap_ms(async {
+        assert_eq!(keep.evict_idle().await, 0);
+        assert_eq!(keep.evict_unhealthy().await, 0);
+        assert_eq!(keep.prune_addresses().await, 0);
     });
     drop(keep);
     let doomed = pool_with(&keys, Duration::from_millis(1));
     std::thread::sleep(Duration::from_millis(5));
-    let evicts_all = neighbour_gap_ms(async {
+    let idle_all = neighbour_gap_ms(async {
         assert_eq!(doomed.evict_idle().await, n);
     });
+    let closed = pool_with(&keys, Duration::from_secs(3600));
+    for k in &keys {
+        closed.peek(k).expect("pooled").mark_closed();
+    }
+    let unhealthy_all = neighbour_gap_ms(async {
+        assert_eq!(closed.evict_unhealthy().await, n);
+    });
+    println!("    no sweep (a 20 ms sleep instead) {base:6.2}");
     println!(
-        "    no sweep (a 20 ms sleep instead) {base:6.2} ms   evict_idle finds nothing {finds_nothing:6.2} ms   evict_idle evicts all {evicts_all:6.2} ms"
+        "    finds nothing: evict_idle {idle_none:6.2}   evict_unhealthy {unhealthy_none:6.2}   prune_addresses {prune_none:6.2}   a cleanup round (all three) {round:6.2}"
     );
+    println!("    evicts all:    evict_idle {idle_all:6.2}   evict_unhealthy {unhealthy_all:6.2}");
 }
 
 /// One sweep of 100,000 and nothing else, for a profiler (`SWEEPS_PROFILE=idle_none|idle_all`):
@@ -333,7 +356,15 @@ fn main() {
         profile_one(&rt, &what);
         return;
     }
-    sweep_costs(&rt);
-    reader_latency(&rt);
-    async_neighbours();
+    // `SWEEPS_PARTS=13` runs parts 1 and 3 only (part 2 reads for 9 s).
+    let parts = std::env::var("SWEEPS_PARTS").unwrap_or_else(|_| "123".into());
+    if parts.contains('1') {
+        sweep_costs(&rt);
+    }
+    if parts.contains('2') {
+        reader_latency(&rt);
+    }
+    if parts.contains('3') {
+        async_neighbours();
+    }
 }
