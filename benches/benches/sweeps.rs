@@ -13,7 +13,8 @@
 //! Part 3, the longest hold of the runtime thread while a sweep of 100,000 runs: the longest wait of
 //! another task on the same single-threaded runtime (a sweep that never yields holds its worker
 //! thread throughout), for each sweep finding nothing and evicting everything, and for a whole
-//! cleanup round.
+//! cleanup round; then the longest single poll of each sweep in the runtime thread's CPU time,
+//! which a loaded machine does not inflate.
 //!
 //! Run: `cargo bench -p keyed-pool-benches --bench sweeps`
 
@@ -285,6 +286,78 @@ fn neighbour_gap_ms<Fut: Future<Output = ()>>(work: Fut) -> f64 {
     })
 }
 
+/// The CPU time of the calling thread: unlike wall time, it does not count the time the thread
+/// waits for a core on a loaded machine.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Runs `work` to the end on a single-threaded runtime and returns the longest single poll of it in
+/// the runtime thread's CPU time (ms): the most work it does before giving the thread back.
+fn longest_poll_ms<Fut: Future<Output = ()>>(work: Fut) -> f64 {
+    rt().block_on(async {
+        let mut work = std::pin::pin!(work);
+        let mut longest = Duration::ZERO;
+        std::future::poll_fn(|cx| {
+            let t0 = thread_cpu();
+            let polled = work.as_mut().poll(cx);
+            longest = longest.max(thread_cpu() - t0);
+            polled
+        })
+        .await;
+        longest.as_secs_f64() * 1e3
+    })
+}
+
+/// The longest hold of the runtime thread during each sweep of 100,000, in the thread's CPU time
+/// (ms): the longest single poll of the sweep.
+fn longest_holds() {
+    let n = 100_000;
+    let keys = addrs(n);
+    println!(
+        "\nlongest hold of the runtime thread by a sweep of {n} (its longest poll, in the thread's CPU time), ms; median of {REPEATS}:"
+    );
+    let keep = pool_with(&keys, Duration::from_secs(3600));
+    let held = |f: &dyn Fn() -> f64| median((0..REPEATS).map(|_| f()).collect());
+    let idle_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.evict_idle().await, 0);
+        })
+    });
+    let unhealthy_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.evict_unhealthy().await, 0);
+        })
+    });
+    let prune_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.prune_addresses().await, 0);
+        })
+    });
+    drop(keep);
+    let idle_all = held(&|| {
+        let doomed = pool_with(&keys, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        longest_poll_ms(async {
+            assert_eq!(doomed.evict_idle().await, n);
+        })
+    });
+    let unhealthy_all = held(&|| {
+        let closed = pool_with(&keys, Duration::from_secs(3600));
+        for k in &keys {
+            closed.peek(k).expect("pooled").mark_closed();
+        }
+        longest_poll_ms(async {
+            assert_eq!(closed.evict_unhealthy().await, n);
+        })
+    });
+    println!(
+        "    finds nothing: evict_idle {idle_none:6.3}   evict_unhealthy {unhealthy_none:6.3}   prune_addresses {prune_none:6.3}"
+    );
+    println!("    evicts all:    evict_idle {idle_all:6.3}   evict_unhealthy {unhealthy_all:6.3}");
+}
+
 fn async_neighbours() {
     let n = 100_000;
     let keys = addrs(n);
@@ -366,5 +439,6 @@ fn main() {
     }
     if parts.contains('3') {
         async_neighbours();
+        longest_holds();
     }
 }
