@@ -101,7 +101,10 @@ where
         F: Fn(&Self) -> T + Clone + Send + 'static,
         T: Send + 'static,
     {
-        if self.inner.map.len() <= LOOK_INLINE_MAX {
+        // Outside a runtime (a sweep polled by another executor) there is no blocking pool:
+        // look here, as before issue 16.
+        if self.inner.map.len() <= LOOK_INLINE_MAX || tokio::runtime::Handle::try_current().is_err()
+        {
             return look(self);
         }
         let pool = self.clone();

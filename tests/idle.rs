@@ -258,3 +258,27 @@ async fn a_large_sweep_lets_other_tasks_run_while_it_looks() {
         "the look of 5000 ran on the runtime thread"
     );
 }
+
+/// Outside any runtime (a sweep polled by another executor) there is no blocking pool to look on: a
+/// large sweep looks inline and still evicts everything it should (I9 through the health sweep).
+/// Not under madsim, whose clock exists only inside its runtime.
+#[cfg(not(madsim))]
+#[test]
+fn a_large_sweep_outside_any_runtime_looks_inline() {
+    let pool = pool();
+    for i in 0..5000u32 {
+        pool.insert(format!("10.3.{}.{}:1", i / 250, i % 250), i);
+    }
+    for conn in pool.addresses() {
+        pool.peek(&conn.addr).unwrap().mark_closed();
+    }
+    let mut sweep = std::pin::pin!(pool.evict_unhealthy());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let evicted = loop {
+        if let std::task::Poll::Ready(n) = sweep.as_mut().poll(&mut cx) {
+            break n;
+        }
+    };
+    assert_eq!(evicted, 5000, "I8 violated: closed connections left pooled");
+    assert!(pool.is_empty());
+}
