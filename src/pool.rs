@@ -174,16 +174,18 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         self.note_evicted(conn.addr(), conn.id(), reason);
         tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
         self.connector.close_conn(conn.client());
-        let age = now.saturating_duration_since(conn.metrics().created_at());
+        // The age matters only for a closed connection (and its log line): idle sweeps of many
+        // connections skip the clock arithmetic.
+        let age = || now.saturating_duration_since(conn.metrics().created_at());
         let failed = match reason {
             EvictionReason::Unhealthy => true,
-            EvictionReason::Closed => age < self.config.ejection.short_lived,
+            EvictionReason::Closed => age() < self.config.ejection.short_lived,
             _ => false,
         };
         if failed {
             let why = why.unwrap_or(UnhealthyReason::Closed);
             if why == UnhealthyReason::Closed {
-                tracing::info!(addr = %conn.addr(), conn = %conn.id(), ?age, "connection died young");
+                tracing::info!(addr = %conn.addr(), conn = %conn.id(), age = ?age(), "connection died young");
             } else {
                 tracing::info!(addr = %conn.addr(), conn = %conn.id(), cause = %why, "evicting unhealthy connection");
             }

@@ -209,7 +209,10 @@ where
         let Some(quiet) = self.inner.config.probe_idle else {
             return ProbeRound::default();
         };
-        let candidates = self.probe_candidates(Instant::now(), quiet);
+        let now = Instant::now();
+        let candidates = self
+            .look(move |pool| pool.probe_candidates(now, quiet))
+            .await;
         let probed = candidates.len();
         let concurrency = self.inner.config.probe_concurrency;
         let outcomes = crate::bounded::run_bounded(candidates, concurrency, |conn| async move {

@@ -207,3 +207,113 @@ async fn a_large_sweep_yields_part_way() {
     );
     assert!(pool.is_empty(), "I6");
 }
+
+/// A sweep of a pool larger than it looks at inline (4,096 addresses) looks on the runtime's
+/// blocking pool, so the other tasks of its runtime thread run while it looks (issue 16: the look
+/// of 100,000 took 4–12 ms, all of it on the sweep's thread).
+///
+/// Checked from inside the look: the connector's `is_open`, which the health sweep's look calls for
+/// every connection, waits on its first call until a neighbour task on the test's only runtime
+/// thread has run. Had the look run on that thread, the neighbour could not run; the wait is
+/// bounded (10 s) so that such a failure reports instead of hanging.
+///
+/// Not under madsim: its blocking pool is a task on the simulation's one thread (where a held
+/// thread costs no virtual time), so there the look runs where the neighbour does, by design.
+#[cfg(not(madsim))]
+#[tokio::test]
+async fn a_large_sweep_lets_other_tasks_run_while_it_looks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+
+    use keyed_pool::Connector;
+
+    #[derive(Default)]
+    struct Gate {
+        neighbour_ran: Arc<AtomicBool>,
+        /// The thread of the look's first `is_open`, and whether the neighbour had run by then.
+        first_look: Mutex<Option<(ThreadId, bool)>>,
+    }
+    impl Connector for Gate {
+        type Conn = u32;
+        type Error = std::io::Error;
+        async fn connect(&self, _addr: &str) -> std::io::Result<u32> {
+            Ok(0)
+        }
+        fn is_open(&self, _conn: &u32) -> bool {
+            let mut first = self.first_look.lock().unwrap();
+            if first.is_none() {
+                let give_up = std::time::Instant::now() + Duration::from_secs(10);
+                while !self.neighbour_ran.load(Ordering::Acquire)
+                    && std::time::Instant::now() < give_up
+                {
+                    std::thread::yield_now();
+                }
+                let ran = self.neighbour_ran.load(Ordering::Acquire);
+                *first = Some((std::thread::current().id(), ran));
+            }
+            true
+        }
+    }
+
+    let gate = Gate::default();
+    let neighbour_ran = Arc::clone(&gate.neighbour_ran);
+    let pool = ConnectionPool::builder().connector(gate).build().unwrap();
+    for i in 0..5000u32 {
+        pool.try_insert(format!("10.2.{}.{}:1", i / 250, i % 250), i)
+            .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    // Runs only when the test's task yields: this runtime has one thread.
+    let neighbour = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            while !stop.load(Ordering::Acquire) {
+                neighbour_ran.store(true, Ordering::Release);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    assert_eq!(pool.evict_unhealthy().await, 0, "I8/I9: every one is fit");
+    stop.store(true, Ordering::Release);
+    neighbour.await.unwrap();
+    let (looked_on, neighbour_had_run) = pool
+        .connector()
+        .first_look
+        .lock()
+        .unwrap()
+        .expect("the look called is_open");
+    assert!(
+        neighbour_had_run,
+        "the sweep held its runtime thread while it looked at 5000 connections: another task could not run"
+    );
+    assert_ne!(
+        looked_on,
+        std::thread::current().id(),
+        "the look of 5000 ran on the runtime thread"
+    );
+}
+
+/// Outside any runtime (a sweep polled by another executor) there is no blocking pool to look on: a
+/// large sweep looks inline and still evicts everything it should (I9 through the health sweep).
+/// Not under madsim, whose clock exists only inside its runtime.
+#[cfg(not(madsim))]
+#[test]
+fn a_large_sweep_outside_any_runtime_looks_inline() {
+    let pool = pool();
+    for i in 0..5000u32 {
+        pool.insert(format!("10.3.{}.{}:1", i / 250, i % 250), i);
+    }
+    for conn in pool.addresses() {
+        pool.peek(&conn.addr).unwrap().mark_closed();
+    }
+    let mut sweep = std::pin::pin!(pool.evict_unhealthy());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let evicted = loop {
+        if let std::task::Poll::Ready(n) = sweep.as_mut().poll(&mut cx) {
+            break n;
+        }
+    };
+    assert_eq!(evicted, 5000, "I8 violated: closed connections left pooled");
+    assert!(pool.is_empty());
+}

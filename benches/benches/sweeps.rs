@@ -10,8 +10,11 @@
 //! Part 2, a reader thread doing `get` hits on 100,000 warm connections and timing each one, alone
 //! and while another thread sweeps back to back: p50, p99, p99.9 and max of the `get` latency.
 //!
-//! Part 3, the longest wait of another task on the same single-threaded runtime while a sweep of
-//! 100,000 runs (a sweep that never yields holds its worker thread throughout).
+//! Part 3, the longest hold of the runtime thread while a sweep of 100,000 runs: the longest wait of
+//! another task on the same single-threaded runtime (a sweep that never yields holds its worker
+//! thread throughout), for each sweep finding nothing and evicting everything, and for a whole
+//! cleanup round; then the longest single poll of each sweep in the runtime thread's CPU time,
+//! which a loaded machine does not inflate.
 //!
 //! Run: `cargo bench -p keyed-pool-benches --bench sweeps`
 
@@ -283,26 +286,138 @@ fn neighbour_gap_ms<Fut: Future<Output = ()>>(work: Fut) -> f64 {
     })
 }
 
+/// The CPU time of the calling thread: unlike wall time, it does not count the time the thread
+/// waits for a core on a loaded machine.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Runs `work` to the end on a single-threaded runtime and returns the longest single poll of it in
+/// the runtime thread's CPU time (ms): the most work it does before giving the thread back.
+fn longest_poll_ms<Fut: Future<Output = ()>>(work: Fut) -> f64 {
+    rt().block_on(async {
+        let mut work = std::pin::pin!(work);
+        let mut longest = Duration::ZERO;
+        std::future::poll_fn(|cx| {
+            let t0 = thread_cpu();
+            let polled = work.as_mut().poll(cx);
+            longest = longest.max(thread_cpu() - t0);
+            polled
+        })
+        .await;
+        longest.as_secs_f64() * 1e3
+    })
+}
+
+/// The longest hold of the runtime thread during each sweep of 100,000, in the thread's CPU time
+/// (ms): the longest single poll of the sweep.
+fn longest_holds() {
+    let n = 100_000;
+    let keys = addrs(n);
+    println!(
+        "\nlongest hold of the runtime thread by a sweep of {n} (its longest poll, in the thread's CPU time), ms; median of {REPEATS}:"
+    );
+    let keep = pool_with(&keys, Duration::from_secs(3600));
+    let held = |f: &dyn Fn() -> f64| median((0..REPEATS).map(|_| f()).collect());
+    let idle_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.evict_idle().await, 0);
+        })
+    });
+    let unhealthy_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.evict_unhealthy().await, 0);
+        })
+    });
+    let prune_none = held(&|| {
+        longest_poll_ms(async {
+            assert_eq!(keep.prune_addresses().await, 0);
+        })
+    });
+    drop(keep);
+    let idle_all = held(&|| {
+        let doomed = pool_with(&keys, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        longest_poll_ms(async {
+            assert_eq!(doomed.evict_idle().await, n);
+        })
+    });
+    let unhealthy_all = held(&|| {
+        let closed = pool_with(&keys, Duration::from_secs(3600));
+        for k in &keys {
+            closed.peek(k).expect("pooled").mark_closed();
+        }
+        longest_poll_ms(async {
+            assert_eq!(closed.evict_unhealthy().await, n);
+        })
+    });
+    println!(
+        "    finds nothing: evict_idle {idle_none:6.3}   evict_unhealthy {unhealthy_none:6.3}   prune_addresses {prune_none:6.3}"
+    );
+    println!("    evicts all:    evict_idle {idle_all:6.3}   evict_unhealthy {unhealthy_all:6.3}");
+}
+
 fn async_neighbours() {
     let n = 100_000;
     let keys = addrs(n);
     println!(
-        "\nlongest wait of another task on the same single-threaded runtime while a sweep of {n} runs:"
+        "\nlongest hold of the runtime thread (the longest wait of another task on the same single-threaded runtime) while a sweep of {n} runs, ms:"
     );
     let base = neighbour_gap_ms(async { tokio::time::sleep(Duration::from_millis(20)).await });
     let keep = pool_with(&keys, Duration::from_secs(3600));
-    let finds_nothing = neighbour_gap_ms(async {
+    let idle_none = neighbour_gap_ms(async {
         assert_eq!(keep.evict_idle().await, 0);
+    });
+    let unhealthy_none = neighbour_gap_ms(async {
+        assert_eq!(keep.evict_unhealthy().await, 0);
+    });
+    let prune_none = neighbour_gap_ms(async {
+        assert_eq!(keep.prune_addresses().await, 0);
+    });
+    // What the cleanup task runs each round (without probes, which are off by default).
+    let round = neighbour_gap_ms(async {
+        assert_eq!(keep.evict_idle().await, 0);
+        assert_eq!(keep.evict_unhealthy().await, 0);
+        assert_eq!(keep.prune_addresses().await, 0);
     });
     drop(keep);
     let doomed = pool_with(&keys, Duration::from_millis(1));
     std::thread::sleep(Duration::from_millis(5));
-    let evicts_all = neighbour_gap_ms(async {
+    let idle_all = neighbour_gap_ms(async {
         assert_eq!(doomed.evict_idle().await, n);
     });
+    let closed = pool_with(&keys, Duration::from_secs(3600));
+    for k in &keys {
+        closed.peek(k).expect("pooled").mark_closed();
+    }
+    let unhealthy_all = neighbour_gap_ms(async {
+        assert_eq!(closed.evict_unhealthy().await, n);
+    });
+    println!("    no sweep (a 20 ms sleep instead) {base:6.2}");
     println!(
-        "    no sweep (a 20 ms sleep instead) {base:6.2} ms   evict_idle finds nothing {finds_nothing:6.2} ms   evict_idle evicts all {evicts_all:6.2} ms"
+        "    finds nothing: evict_idle {idle_none:6.2}   evict_unhealthy {unhealthy_none:6.2}   prune_addresses {prune_none:6.2}   a cleanup round (all three) {round:6.2}"
     );
+    println!("    evicts all:    evict_idle {idle_all:6.2}   evict_unhealthy {unhealthy_all:6.2}");
+}
+
+/// One sweep of 100,000 and nothing else, for a profiler (`SWEEPS_PROFILE=idle_none|idle_all`):
+/// `valgrind --tool=callgrind target/release/deps/sweeps-* --bench` with it set.
+fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
+    let n = 100_000;
+    let keys = addrs(n);
+    match what {
+        "idle_none" => {
+            let pool = pool_with(&keys, Duration::from_secs(3600));
+            assert_eq!(rt.block_on(pool.evict_idle()), 0);
+        }
+        "idle_all" => {
+            let pool = pool_with(&keys, Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(rt.block_on(pool.evict_idle()), n);
+        }
+        other => panic!("SWEEPS_PROFILE: idle_none or idle_all, not {other:?}"),
+    }
 }
 
 fn main() {
@@ -310,7 +425,20 @@ fn main() {
         return;
     }
     let rt = rt();
-    sweep_costs(&rt);
-    reader_latency(&rt);
-    async_neighbours();
+    if let Ok(what) = std::env::var("SWEEPS_PROFILE") {
+        profile_one(&rt, &what);
+        return;
+    }
+    // `SWEEPS_PARTS=13` runs parts 1 and 3 only (part 2 reads for 9 s).
+    let parts = std::env::var("SWEEPS_PARTS").unwrap_or_else(|_| "123".into());
+    if parts.contains('1') {
+        sweep_costs(&rt);
+    }
+    if parts.contains('2') {
+        reader_latency(&rt);
+    }
+    if parts.contains('3') {
+        async_neighbours();
+        longest_holds();
+    }
 }
