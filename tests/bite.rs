@@ -296,3 +296,66 @@ async fn i16_a_connect_timeout_past_the_clock_waits_thirty_years() {
         "I3 violated: the slot was not given back"
     );
 }
+
+/// I17: when the last handle of a pool is dropped, every connection it still held is closed
+/// through the connector; while a clone lives, nothing is.
+#[tokio::test(start_paused = true)]
+async fn i17_dropping_the_last_handle_closes_what_the_pool_held() {
+    let script = Script::default();
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .connector(script.clone())
+        .build()
+        .unwrap();
+    let (a, b) = (Conn::new(1), Conn::new(2));
+    let closed = [a.closed_by_pool.clone(), b.closed_by_pool.clone()];
+    pool.insert(addr(0), a);
+    pool.insert(addr(1), b);
+    let clone = pool.clone();
+    drop(pool);
+    assert_eq!(script.closes(), 0, "I17: a clone still holds the pool");
+    drop(clone);
+    assert_eq!(
+        script.closes(),
+        2,
+        "I17 violated: the last handle went and left connections open"
+    );
+    assert!(
+        closed
+            .iter()
+            .all(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    );
+}
+
+/// The builder's `max_idle`: a duration is the idle bound (I6), zero disables idle eviction (as
+/// `ConnectionPool::new` does with zero).
+#[tokio::test(start_paused = true)]
+async fn i6_the_builders_max_idle_is_the_bound_and_zero_disables_it() {
+    let pool = ConnectionPool::builder()
+        .max_idle(MAX_IDLE)
+        .build::<u32>()
+        .unwrap();
+    assert_eq!(pool.config().max_idle, Some(MAX_IDLE));
+    pool.insert(addr(0), 0);
+    advance(MAX_IDLE - MS).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        0,
+        "I5 violated: evicted within max_idle"
+    );
+    advance(2 * MS).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        1,
+        "I6 violated: idle past max_idle, not evicted"
+    );
+
+    let off = ConnectionPool::builder()
+        .max_idle(Duration::ZERO)
+        .build::<u32>()
+        .unwrap();
+    assert_eq!(off.config().max_idle, None, "zero disables idle eviction");
+    off.insert(addr(0), 0);
+    advance(24 * 3600 * SEC).await;
+    assert_eq!(off.evict_idle().await, 0, "zero disables idle eviction");
+    assert_eq!(off.len(), 1);
+}
