@@ -296,3 +296,39 @@ async fn i16_a_connect_timeout_past_the_clock_waits_thirty_years() {
         "I3 violated: the slot was not given back"
     );
 }
+
+/// `clear` removes and closes every pooled connection (manual evictions) and frees their slots; a
+/// connect in flight keeps its slot (I3) and a backing-off address keeps its backoff (I12). It was
+/// called only where its effect was not checked.
+#[tokio::test(start_paused = true)]
+async fn clear_closes_every_connection_and_leaves_flights_and_backoffs() {
+    let script = Script::default();
+    script.then(Outcome::Fail(Duration::ZERO));
+    script.then(Outcome::Hang);
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .max_connections(8)
+        .connector(script.clone())
+        .build()
+        .unwrap();
+    assert!(pool.get_or_connect(addr(2)).await.is_err());
+    let caller = pool.clone();
+    let flight = tokio::spawn(async move { caller.get_or_connect(addr(3)).await });
+    advance(MS).await;
+    pool.insert(addr(0), Conn::new(100));
+    pool.insert(addr(1), Conn::new(101));
+    assert_eq!((pool.len(), pool.used_slots()), (2, 3));
+    pool.clear();
+    assert!(pool.is_empty(), "clear left a connection pooled");
+    assert_eq!(script.closes(), 2, "clear closes what it removes");
+    assert_eq!(pool.stats().evictions.manual, 2);
+    assert_eq!(
+        pool.used_slots(),
+        1,
+        "I3: the connect in flight keeps its slot, the others are free"
+    );
+    assert!(
+        pool.backoff_until(addr(2)).is_some(),
+        "I12: clear leaves the backoff"
+    );
+    assert!(!flight.is_finished(), "clear leaves the connect in flight");
+}
