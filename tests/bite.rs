@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Conn, MS, Outcome, SEC, Script, addr, advance};
 use keyed_pool::core::{UnhealthyReason, Verdict};
-use keyed_pool::{CallError, CallOutcome, ConnectionPool};
+use keyed_pool::{CallError, CallOutcome, ConnectionPool, PoolError};
 
 const MAX_IDLE: Duration = Duration::from_secs(10);
 
@@ -229,4 +229,106 @@ async fn a_warm_up_report_hands_over_its_results_and_shows_them() {
     assert_eq!(results[0].1.as_ref().unwrap().id(), id);
     assert_eq!(results[1].0, addr(1));
     assert!(results[1].1.is_err());
+}
+
+/// A pool's `Debug` shows its addresses, the slots in use against the cap, and whether it is
+/// closed (it was only ever formatted, never read).
+#[tokio::test(start_paused = true)]
+async fn a_pool_shows_its_addresses_slots_and_state() {
+    let pool: ConnectionPool<u32> = ConnectionPool::new(3, MAX_IDLE);
+    pool.insert(addr(0), 0);
+    pool.insert(addr(1), 1);
+    assert_eq!(
+        format!("{pool:?}"),
+        "ConnectionPool { addresses: 2, used_slots: 2, max_connections: 3, closed: false, .. }"
+    );
+}
+
+/// The deprecated `remove` is `take_unclosed` under its old name: it hands the connection back
+/// unclosed and frees its slot at once (I2).
+#[tokio::test(start_paused = true)]
+#[allow(deprecated)]
+async fn i2_the_old_remove_hands_the_connection_back_and_frees_its_slot() {
+    let script = Script::default();
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .max_connections(1)
+        .connector(script.clone())
+        .build()
+        .unwrap();
+    pool.insert(addr(0), Conn::new(7));
+    let conn = pool.remove(addr(0)).expect("it was pooled");
+    assert_eq!(conn.client().serial, 7);
+    assert_eq!(script.closes(), 0, "handed back unclosed");
+    assert!(pool.is_empty());
+    assert_eq!(pool.used_slots(), 0, "I2 violated: the slot stayed taken");
+    assert!(pool.remove(addr(0)).is_none(), "nothing left to remove");
+    assert!(pool.insert(addr(1), Conn::new(8)), "I2 violated: no room");
+}
+
+/// I16 with a connect timeout beyond the clock's range (`Instant + Duration::MAX` overflows): the
+/// connect's deadline falls back to 30 years on, so a hung connect is still waited for after 29
+/// years, holds its slot (I3), and times out after 30.
+#[tokio::test(start_paused = true)]
+async fn i16_a_connect_timeout_past_the_clock_waits_thirty_years() {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .connect_timeout(Duration::MAX)
+        .connector(Script::always(Outcome::Hang))
+        .build()
+        .unwrap();
+    let caller = pool.clone();
+    let waiting = tokio::spawn(async move { caller.get_or_connect(addr(0)).await });
+    advance(29 * YEAR).await;
+    assert!(
+        !waiting.is_finished(),
+        "I16: the wait ended long before its deadline"
+    );
+    assert_eq!(pool.used_slots(), 1, "I3: the connect holds its slot");
+    advance(YEAR + SEC).await;
+    let err = waiting.await.expect("no panic").unwrap_err();
+    assert!(
+        matches!(err, PoolError::ConnectTimeout { .. }),
+        "I16 violated: {err:?}"
+    );
+    assert_eq!(
+        pool.used_slots(),
+        0,
+        "I3 violated: the slot was not given back"
+    );
+}
+
+/// `clear` removes and closes every pooled connection (manual evictions) and frees their slots; a
+/// connect in flight keeps its slot (I3) and a backing-off address keeps its backoff (I12). It was
+/// called only where its effect was not checked.
+#[tokio::test(start_paused = true)]
+async fn clear_closes_every_connection_and_leaves_flights_and_backoffs() {
+    let script = Script::default();
+    script.then(Outcome::Fail(Duration::ZERO));
+    script.then(Outcome::Hang);
+    let pool: ConnectionPool<Conn, Script> = ConnectionPool::builder()
+        .max_connections(8)
+        .connector(script.clone())
+        .build()
+        .unwrap();
+    assert!(pool.get_or_connect(addr(2)).await.is_err());
+    let caller = pool.clone();
+    let flight = tokio::spawn(async move { caller.get_or_connect(addr(3)).await });
+    advance(MS).await;
+    pool.insert(addr(0), Conn::new(100));
+    pool.insert(addr(1), Conn::new(101));
+    assert_eq!((pool.len(), pool.used_slots()), (2, 3));
+    pool.clear();
+    assert!(pool.is_empty(), "clear left a connection pooled");
+    assert_eq!(script.closes(), 2, "clear closes what it removes");
+    assert_eq!(pool.stats().evictions.manual, 2);
+    assert_eq!(
+        pool.used_slots(),
+        1,
+        "I3: the connect in flight keeps its slot, the others are free"
+    );
+    assert!(
+        pool.backoff_until(addr(2)).is_some(),
+        "I12: clear leaves the backoff"
+    );
+    assert!(!flight.is_finished(), "clear leaves the connect in flight");
 }
