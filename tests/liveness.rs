@@ -305,6 +305,63 @@ async fn check_before_use_probes_only_past_its_threshold() {
     assert_eq!(connector.probes(), 1, "used just now: not probed again");
 }
 
+/// A probe that answers hands out the connection it probed, the same one (I8 allows it); a
+/// connection judged unhealthy while its probe ran is not handed out however the probe ends (I9):
+/// it is evicted, and the caller meets the backoff its eviction started (I12).
+#[tokio::test(start_paused = true)]
+async fn i9_check_before_use_hands_out_the_probed_connection_only_if_still_usable() {
+    let (pool, connector) = pool_with(|b| b.check_idle_before_use(SEC).consecutive_failures(1));
+    let first = pool.get_or_connect(addr(0)).await.unwrap();
+    advance(2 * SEC).await;
+    let again = pool.get_or_connect(addr(0)).await.unwrap();
+    assert_eq!(connector.probes(), 1);
+    assert_eq!(
+        again.id(),
+        first.id(),
+        "an answered probe hands out the probed connection"
+    );
+
+    advance(2 * SEC).await;
+    connector.set_probe_delay(100 * MS);
+    let checking = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get_or_connect(addr(0)).await.map(|c| c.id()) })
+    };
+    advance(50 * MS).await;
+    assert_eq!(connector.probes(), 2, "the check's probe is running");
+    // A call on the connection fails meanwhile: one failure is unhealthy here.
+    assert!(first.begin().failure().is_unhealthy());
+    advance(100 * MS).await;
+    match checking.await.unwrap() {
+        Err(PoolError::Backoff { .. }) => {}
+        Ok(id) if id == first.id() => {
+            panic!("I9 violated: a connection judged unhealthy mid-probe was handed out")
+        }
+        other => panic!("I12: expected the backoff of the eviction, got {other:?}"),
+    }
+    assert!(
+        pool.peek(addr(0)).is_none(),
+        "I9: the unhealthy connection was evicted"
+    );
+}
+
+/// A probe whose connection was marked closed while it ran fails as closed, even if the
+/// connector's probe itself answered (I8).
+#[tokio::test(start_paused = true)]
+async fn i8_a_probe_of_a_connection_marked_closed_fails_as_closed() {
+    let (pool, _connector) = pool_with(|b| b);
+    let conn = pool.get_or_connect(addr(0)).await.unwrap();
+    conn.mark_closed();
+    let err = pool
+        .probe(&conn)
+        .await
+        .expect_err("I8 violated: a closed connection answered");
+    assert!(
+        matches!(&err, PoolError::Connect { cause, .. } if cause.to_string().contains("closed")),
+        "{err}"
+    );
+}
+
 /// Cancel safety: a caller dropped mid-probe leaves the connection pooled, with no call in
 /// flight, nothing recorded, and its probe clock where it was.
 #[tokio::test(start_paused = true)]
