@@ -872,9 +872,9 @@ where
         AddressState {
             addr: addr.clone(),
             connection,
-            connecting: slot.flight.is_some(),
-            ejection_count: slot.ejection.count_at(at, &self.inner.config.ejection),
-            backoff_until: slot.ejection.retry_after(at).map(|left| now + left),
+            connecting: slot.flight().is_some(),
+            ejection_count: slot.ejection().count_at(at, &self.inner.config.ejection),
+            backoff_until: slot.ejection().retry_after(at).map(|left| now + left),
         }
     }
 }

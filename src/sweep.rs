@@ -306,7 +306,9 @@ where
     /// Forgets the addresses that hold nothing any more: no connection, no connect in flight, and
     /// an ejection count decayed to zero (I18). The cleanup task runs it every round; addresses
     /// whose state empties during an operation leave at once without it. Also lets go of the
-    /// result channels of connects whose waiters have all had their connection. Returns how many
+    /// result channels of connects whose waiters have all had their connection, and of the
+    /// backoff state of addresses that keep a connection once that state has decayed (I18).
+    /// Returns how many
     /// addresses it forgot. Gives its runtime thread back as it goes, like
     /// [`evict_idle`](Self::evict_idle).
     ///
@@ -315,34 +317,37 @@ where
     pub async fn prune_addresses(&self) -> usize {
         let now = self.inner.offset(Instant::now());
         let policy = self.inner.config.ejection;
-        let (vacant, handed_off) = self
+        let (vacant, to_tidy) = self
             .look(move |pool| {
                 let mut vacant = Vec::new();
-                let mut handed_off = Vec::new();
+                let mut to_tidy = Vec::new();
                 for e in pool.inner.map.iter() {
-                    if e.value().is_vacant(now, &policy) {
+                    let slot = e.value();
+                    if slot.is_vacant(now, &policy) {
                         vacant.push(e.key().clone());
-                    } else if e
-                        .value()
-                        .conn
-                        .as_ref()
-                        .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
+                    } else if slot.needs_tidy(now, &policy)
+                        || slot
+                            .conn
+                            .as_ref()
+                            .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
                     {
-                        handed_off.push(e.key().clone());
+                        to_tidy.push(e.key().clone());
                     }
                 }
                 vacant.sort_unstable();
-                handed_off.sort_unstable();
-                (vacant, handed_off)
+                to_tidy.sort_unstable();
+                (vacant, to_tidy)
             })
             .await;
-        in_chunks(&handed_off, |chunk| {
+        in_chunks(&to_tidy, |chunk| {
             for addr in chunk {
-                if let Some(mut slot) = self.inner.map.get_mut(addr)
-                    && let Some(pooled) = slot.conn.as_mut()
-                    && !pooled.in_handoff()
-                {
-                    pooled.handoff = None;
+                if let Some(mut slot) = self.inner.map.get_mut(addr) {
+                    slot.tidy(now, &policy);
+                    if let Some(pooled) = slot.conn.as_mut()
+                        && !pooled.in_handoff()
+                    {
+                        pooled.handoff = None;
+                    }
                 }
             }
             0
