@@ -100,6 +100,12 @@ impl<C> Slot<C> {
         }
     }
 
+    /// Whether the out-of-line part is allocated (for tests of when it is freed).
+    #[cfg(test)]
+    pub(crate) fn has_cold(&self) -> bool {
+        self.cold.is_some()
+    }
+
     fn cold_mut(&mut self) -> &mut Cold<C> {
         self.cold.get_or_insert_with(|| {
             Box::new(Cold {

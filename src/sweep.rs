@@ -535,4 +535,36 @@ mod tests {
         assert_eq!(pool.peek(addr(0)).map(|c| *c.client()), Some(100));
         assert!(pool.peek(addr(1)).is_none());
     }
+
+    /// I18: an address that keeps its connection lets go of its backoff state once that has
+    /// decayed: `prune_addresses` frees the slot's out-of-line part and keeps the connection.
+    #[tokio::test(start_paused = true)]
+    async fn i18_prune_frees_the_decayed_backoff_state_of_a_connected_address() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(3600));
+        pool.insert(addr(0), 1);
+        let failure: crate::error::Cause = std::sync::Arc::new(std::io::Error::other("refused"));
+        pool.with_existing_slot(&addr(0), |slot| {
+            pool.inner.eject(&addr(0), slot, Instant::now(), failure);
+        })
+        .unwrap();
+        assert_eq!(pool.ejection_count(addr(0)), 1);
+        let kept = |pool: &ConnectionPool<u32>| pool.inner.map.get(&addr(0)).unwrap().has_cold();
+        assert!(kept(&pool), "a backoff is state");
+        assert_eq!(pool.prune_addresses().await, 0);
+        assert!(
+            kept(&pool),
+            "I18 violated: backoff state freed before it decayed"
+        );
+        // The backoff ends, then one quiet interval takes the count to 0.
+        let until = pool.backoff_until(addr(0)).expect("backing off");
+        tokio::time::sleep_until(until + pool.inner.config.ejection.decay_interval).await;
+        assert_eq!(pool.ejection_count(addr(0)), 0);
+        assert_eq!(
+            pool.prune_addresses().await,
+            0,
+            "the address keeps its connection"
+        );
+        assert!(!kept(&pool), "I18 violated: decayed backoff state kept");
+        assert_eq!(pool.get(addr(0)).map(|c| *c.client()), Some(1));
+    }
 }
