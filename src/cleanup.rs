@@ -187,7 +187,7 @@ where
             .inner
             .map
             .iter()
-            .filter_map(|e| e.value().flight.as_ref().map(|f| f.rx.clone()))
+            .filter_map(|e| e.value().flight().map(|f| f.rx.clone()))
             .collect();
         for mut rx in flights {
             // Err: the task ended without publishing (its runtime shut down); nothing to wait for.

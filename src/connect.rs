@@ -50,9 +50,7 @@ impl<C: Send + Sync + 'static, K: Connector<Conn = C>> Drop for FlightGuard<'_, 
         let permit = self.permit.take();
         let flight = self.flight;
         self.pool.with_existing_slot(self.addr, |slot| {
-            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
-                slot.flight = None;
-            }
+            slot.end_flight(flight);
             drop(permit); // under the entry lock, with the flight
         });
     }
@@ -166,14 +164,15 @@ where
         now: Instant,
     ) -> Option<PoolError> {
         let at = self.inner.offset(now);
-        let retry_after = slot.ejection.retry_after(at)?;
+        let ejection = slot.ejection();
+        let retry_after = ejection.retry_after(at)?;
         Some(PoolError::Backoff {
             addr: addr.clone(),
             retry_after,
-            failures: slot.ejection.count_at(at, &self.inner.config.ejection),
+            failures: ejection.count_at(at, &self.inner.config.ejection),
             cause: slot
-                .cause
-                .clone()
+                .cause()
+                .cloned()
                 .unwrap_or_else(|| Arc::new(UnhealthyReason::Closed)),
         })
     }
@@ -232,7 +231,7 @@ where
                 // failure backs the address off before we would dial again (I12).
                 self.evict_if_unfit(slot, now);
             }
-            if let Some(flight) = &slot.flight {
+            if let Some(flight) = slot.flight() {
                 PoolCounters::bump(&self.inner.counters.connects_shared);
                 return Decision::Done(Ok(Joined::Wait(flight.deadline, flight.rx.clone())));
             }
@@ -250,7 +249,7 @@ where
             let deadline = now
                 .checked_add(self.inner.config.connect_timeout)
                 .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
-            slot.flight = Some(Flight {
+            slot.start_flight(Flight {
                 id,
                 deadline,
                 rx: rx.clone(),
@@ -380,9 +379,7 @@ where
     ) {
         let now = Instant::now();
         self.with_slot(addr, |slot| {
-            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
-                slot.flight = None;
-            }
+            slot.end_flight(flight);
             self.inner.events.connect_failed(addr, err);
             if !self.is_closed() {
                 self.inner.eject(addr, slot, now, cause);
@@ -407,9 +404,7 @@ where
         let now = Instant::now();
         let pooled = self.new_connection(addr.clone(), conn);
         self.with_slot(addr, |slot| {
-            if slot.flight.as_ref().is_some_and(|f| f.id == flight) {
-                slot.flight = None;
-            }
+            slot.end_flight(flight);
             let Some(mut permit) = permit else {
                 unreachable!("a connect task holds its permit until it adopts or fails")
             };
@@ -448,7 +443,7 @@ where
     pub fn backoff_until(&self, addr: impl AsRef<str>) -> Option<Instant> {
         let now = Instant::now();
         let slot = self.inner.map.get(addr.as_ref())?;
-        let retry_after = slot.ejection.retry_after(self.inner.offset(now))?;
+        let retry_after = slot.ejection().retry_after(self.inner.offset(now))?;
         Some(now + retry_after)
     }
 
@@ -465,7 +460,7 @@ where
     pub fn ejection_count(&self, addr: impl AsRef<str>) -> u32 {
         let at = self.inner.offset(Instant::now());
         self.inner.map.get(addr.as_ref()).map_or(0, |slot| {
-            slot.ejection.count_at(at, &self.inner.config.ejection)
+            slot.ejection().count_at(at, &self.inner.config.ejection)
         })
     }
 
@@ -475,8 +470,7 @@ where
     pub fn mark_up(&self, addr: impl AsRef<str>) {
         let addr = crate::pool::key(addr.as_ref());
         self.with_existing_slot(&addr, |slot| {
-            slot.ejection.reset();
-            slot.cause = None;
+            slot.reset_ejection();
         });
         tracing::debug!(addr = %addr, "marked up: backoff ended");
         self.inner.events.mark_up(&addr);

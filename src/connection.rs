@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -41,8 +40,6 @@ struct Shared {
     /// The pool's [`call_timeout`](crate::PoolConfig::call_timeout) when the connection was made:
     /// the default of [`PooledConnection::call`].
     call_timeout: Option<Duration>,
-    /// Set by the first guard dropped unfinished, which alone is logged at `warn`.
-    warned_unfinished: AtomicBool,
 }
 
 /// One pooled connection: one allocation (issue 16: the handle, the guard's part and the metrics
@@ -141,7 +138,6 @@ impl<C> PooledConnection<C> {
                     addr,
                     metrics,
                     call_timeout,
-                    warned_unfinished: AtomicBool::new(false),
                 },
                 conn,
             }),
@@ -396,11 +392,7 @@ impl Drop for CallGuard {
         let (addr, conn) = (&self.shared().addr, self.shared().id);
         // The first unfinished guard of a connection is worth a warning (a `?` between `begin` and
         // `success` hides every failure from health eviction); the rest would flood the log.
-        let first = !self.quiet
-            && !self
-                .shared()
-                .warned_unfinished
-                .swap(true, Ordering::Relaxed);
+        let first = !self.quiet && self.shared().metrics.first_unfinished();
         if first {
             tracing::warn!(
                 addr = %addr,

@@ -23,6 +23,9 @@ const FLAG_CLOSED: u8 = 2;
 /// Set by `get` (a use at some instant it did not read), cleared when an observer of the idle clock
 /// folds it in (see [`ConnectionMetrics::mark_used`]).
 const FLAG_USED: u8 = 4;
+/// Set by the first call guard dropped unfinished, which alone is logged at `warn`. Kept here, in
+/// a spare bit, rather than in a byte of its own padded to 8 in every connection (issue 16).
+const FLAG_WARNED_UNFINISHED: u8 = 8;
 /// The flags that make a connection unfit for use.
 const FLAGS_UNFIT: u8 = FLAG_UNHEALTHY | FLAG_CLOSED;
 
@@ -68,9 +71,10 @@ pub struct ConnectionMetrics {
     /// completes a call needs none).
     latency: OnceLock<Box<LatencyHistogram>>,
     /// The pool's cumulative counters (none for a connection made without a pool), and this
-    /// connection's stripe of them.
+    /// connection's stripe of them: a byte, which shares the flag byte's padding (a `usize` cost 8
+    /// bytes in every connection; issue 16).
     totals: Option<Arc<CallTotals>>,
-    stripe: usize,
+    stripe: u8,
 }
 
 impl ConnectionMetrics {
@@ -130,6 +134,15 @@ impl ConnectionMetrics {
 
     fn at(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.created_at)
+    }
+
+    /// `true` the first time it is called on this connection: whether an unfinished call guard is
+    /// the first, the one worth a warning.
+    pub(crate) fn first_unfinished(&self) -> bool {
+        self.flags
+            .fetch_or(FLAG_WARNED_UNFINISHED, Ordering::Relaxed)
+            & FLAG_WARNED_UNFINISHED
+            == 0
     }
 
     /// Moves the idle clock to `now` (never backwards).
@@ -498,6 +511,8 @@ pub(crate) struct CallTotals {
 
 /// How many cells [`CallTotals`] is striped over: 2 KiB per pool.
 pub(crate) const STRIPES: usize = 16;
+// A connection's stripe is stored in a byte.
+const _: () = assert!(STRIPES <= 256);
 
 /// One stripe of [`CallTotals`], aligned to 128 bytes (two cache lines: the adjacent-line
 /// prefetcher pairs them), so no two stripes share a line.
@@ -512,23 +527,28 @@ struct TotalsCell {
 
 impl CallTotals {
     /// The stripe for a new connection: round robin.
-    fn next_stripe(&self) -> usize {
-        (self.next.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize
+    fn next_stripe(&self) -> u8 {
+        // `STRIPES <= 256` (asserted at compile time), so the remainder fits a byte.
+        (self.next.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as u8
     }
 
-    fn success(&self, stripe: usize, latency: Duration) {
+    fn success(&self, stripe: u8, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let cell = &self.cells[stripe];
+        let cell = &self.cells[usize::from(stripe)];
         cell.successes.fetch_add(1, Ordering::Relaxed);
         cell.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    fn failure(&self, stripe: usize) {
-        self.cells[stripe].failures.fetch_add(1, Ordering::Relaxed);
+    fn failure(&self, stripe: u8) {
+        self.cells[usize::from(stripe)]
+            .failures
+            .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn cancelled(&self, stripe: usize) {
-        self.cells[stripe].cancelled.fetch_add(1, Ordering::Relaxed);
+    fn cancelled(&self, stripe: u8) {
+        self.cells[usize::from(stripe)]
+            .cancelled
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Fills the cumulative call fields of `stats`.
@@ -872,9 +892,9 @@ where
         AddressState {
             addr: addr.clone(),
             connection,
-            connecting: slot.flight.is_some(),
-            ejection_count: slot.ejection.count_at(at, &self.inner.config.ejection),
-            backoff_until: slot.ejection.retry_after(at).map(|left| now + left),
+            connecting: slot.flight().is_some(),
+            ejection_count: slot.ejection().count_at(at, &self.inner.config.ejection),
+            backoff_until: slot.ejection().retry_after(at).map(|left| now + left),
         }
     }
 }

@@ -140,14 +140,14 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         cause: Cause,
     ) {
         let config = &self.config;
-        let delay = slot.ejection.eject(
+        let delay = slot.eject(
             self.offset(now),
             &config.backoff,
             &config.ejection,
             self.jitter_unit(),
+            cause,
         );
-        slot.cause = Some(cause);
-        let ejections = slot.ejection.count_at(self.offset(now), &config.ejection);
+        let ejections = slot.ejection().count_at(self.offset(now), &config.ejection);
         tracing::debug!(addr = %addr, ejections, ?delay, "backing off");
         self.events.backoff(addr, delay, ejections);
     }
@@ -568,7 +568,8 @@ where
     }
 
     /// Runs `f` on the slot of `addr` under its entry's write lock, creating the slot if there is
-    /// none, and removes the slot afterwards if `f` left it vacant (I18).
+    /// none, and removes the slot afterwards if `f` left it vacant (I18), or else frees its
+    /// out-of-line part if `f` left that settled.
     pub(crate) fn with_slot<R>(
         &self,
         addr: &CheetahString,
@@ -601,6 +602,8 @@ where
                 let result = f(occupied.get_mut());
                 if occupied.get().is_vacant(now, policy) {
                     occupied.remove();
+                } else {
+                    occupied.get_mut().tidy(now, policy);
                 }
                 Some(result)
             }
@@ -608,6 +611,7 @@ where
                 let mut slot = Slot::default();
                 let result = f(&mut slot);
                 if !slot.is_vacant(now, policy) {
+                    slot.tidy(now, policy);
                     vacant.insert(slot);
                 }
                 Some(result)
@@ -958,7 +962,7 @@ where
         };
         for entry in self.inner.map.iter() {
             let slot = entry.value();
-            stats.reserved += usize::from(slot.flight.is_some());
+            stats.reserved += usize::from(slot.flight().is_some());
             let Some(pooled) = &slot.conn else { continue };
             let m = pooled.conn.metrics();
             stats.total += 1;

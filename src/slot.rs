@@ -1,6 +1,7 @@
 //! [`Slot`]: everything the pool keeps for one address, in one map entry, decided under that
 //! entry's lock: the pooled connection with the capacity permit it holds, the connect in flight,
 //! and the address's ejection state. There is no second map to keep in step, and no lock-order rule.
+//! The last two live out of line, allocated only while an address has one of them.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::connection::PooledConnection;
-use crate::core::{Ejection, EjectionPolicy, Permit};
+use crate::core::{BackoffPolicy, Ejection, EjectionPolicy, Permit};
 use crate::error::{Cause, PoolError};
 
 /// A pooled connection and the capacity slot it holds. The permit is released only when the pool
@@ -34,23 +35,30 @@ pub(crate) struct Flight<C> {
     pub(crate) rx: watch::Receiver<FlightResult<C>>,
 }
 
-/// Everything the pool keeps for one address.
+/// Everything the pool keeps for one address. Sized for the common case, an address with a
+/// connection and nothing else: what only a connecting or failing address needs lives in
+/// [`Cold`], out of line, so every map bucket pays one pointer for it instead of its full size.
 pub(crate) struct Slot<C> {
     /// One connection per address today; a later issue makes this several.
     pub(crate) conn: Option<Pooled<C>>,
-    pub(crate) flight: Option<Flight<C>>,
-    pub(crate) ejection: Ejection,
+    /// `None` while the address has no connect in flight and a settled ejection state; allocated by
+    /// the first connect or failure, dropped by [`tidy`](Self::tidy) once both are over again.
+    cold: Option<Box<Cold<C>>>,
+}
+
+/// The parts of a [`Slot`] that almost every address lacks at any moment (issue 16).
+struct Cold<C> {
+    flight: Option<Flight<C>>,
+    ejection: Ejection,
     /// The failure behind the current backoff, for [`PoolError::Backoff`].
-    pub(crate) cause: Option<Cause>,
+    cause: Option<Cause>,
 }
 
 impl<C> Default for Slot<C> {
     fn default() -> Self {
         Self {
             conn: None,
-            flight: None,
-            ejection: Ejection::default(),
-            cause: None,
+            cold: None,
         }
     }
 }
@@ -68,6 +76,174 @@ impl<C> Slot<C> {
     /// `true` when the slot holds nothing worth keeping at `now` (offset since the pool's origin):
     /// no connection, no connect in flight, and an ejection state fully decayed (I18).
     pub(crate) fn is_vacant(&self, now: Duration, policy: &EjectionPolicy) -> bool {
-        self.conn.is_none() && self.flight.is_none() && self.ejection.is_settled(now, policy)
+        self.conn.is_none() && self.cold_is_settled(now, policy)
+    }
+
+    /// `true` when the out-of-line part is absent or holds nothing worth keeping at `now`.
+    fn cold_is_settled(&self, now: Duration, policy: &EjectionPolicy) -> bool {
+        self.cold
+            .as_ref()
+            .is_none_or(|c| c.flight.is_none() && c.ejection.is_settled(now, policy))
+    }
+
+    /// `true` when [`tidy`](Self::tidy) would free something: the out-of-line part is allocated
+    /// but holds nothing worth keeping at `now`.
+    pub(crate) fn needs_tidy(&self, now: Duration, policy: &EjectionPolicy) -> bool {
+        self.cold.is_some() && self.cold_is_settled(now, policy)
+    }
+
+    /// Frees the out-of-line part once it holds nothing worth keeping at `now`: no connect in
+    /// flight and a settled ejection state (whose cause no error can report any more).
+    pub(crate) fn tidy(&mut self, now: Duration, policy: &EjectionPolicy) {
+        if self.needs_tidy(now, policy) {
+            self.cold = None;
+        }
+    }
+
+    /// Whether the out-of-line part is allocated (for tests of when it is freed).
+    #[cfg(test)]
+    pub(crate) fn has_cold(&self) -> bool {
+        self.cold.is_some()
+    }
+
+    fn cold_mut(&mut self) -> &mut Cold<C> {
+        self.cold.get_or_insert_with(|| {
+            Box::new(Cold {
+                flight: None,
+                ejection: Ejection::default(),
+                cause: None,
+            })
+        })
+    }
+
+    /// The connect in flight for the address, if any.
+    pub(crate) fn flight(&self) -> Option<&Flight<C>> {
+        self.cold.as_ref()?.flight.as_ref()
+    }
+
+    /// Records a new connect in flight (the caller checked there was none).
+    pub(crate) fn start_flight(&mut self, flight: Flight<C>) {
+        self.cold_mut().flight = Some(flight);
+    }
+
+    /// Forgets the connect in flight if it is still flight `id` (a later one is left alone).
+    pub(crate) fn end_flight(&mut self, id: u64) {
+        if let Some(cold) = self.cold.as_mut()
+            && cold.flight.as_ref().is_some_and(|f| f.id == id)
+        {
+            cold.flight = None;
+        }
+    }
+
+    /// The address's ejection state (the default, settled one when it has none).
+    pub(crate) fn ejection(&self) -> Ejection {
+        self.cold
+            .as_ref()
+            .map_or_else(Ejection::default, |c| c.ejection)
+    }
+
+    /// The failure behind the current backoff, if one was recorded.
+    pub(crate) fn cause(&self) -> Option<&Cause> {
+        self.cold.as_ref()?.cause.as_ref()
+    }
+
+    /// One more failure at `now`, caused by `cause`: see [`Ejection::eject`]. Returns the delay.
+    pub(crate) fn eject(
+        &mut self,
+        now: Duration,
+        backoff: &BackoffPolicy,
+        policy: &EjectionPolicy,
+        unit: f64,
+        cause: Cause,
+    ) -> Duration {
+        let cold = self.cold_mut();
+        cold.cause = Some(cause);
+        cold.ejection.eject(now, backoff, policy, unit)
+    }
+
+    /// Ends the backoff and forgets the count and its cause (`mark_up`).
+    pub(crate) fn reset_ejection(&mut self) {
+        if let Some(cold) = self.cold.as_mut() {
+            cold.ejection.reset();
+            cold.cause = None;
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::UnhealthyReason;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn cause() -> Cause {
+        Arc::new(UnhealthyReason::Closed)
+    }
+
+    /// I18: a failure allocates the out-of-line part; it is kept, with its cause, while the
+    /// address backs off or its count has not decayed, and freed once both are over.
+    #[test]
+    fn i18_ejection_state_is_freed_once_settled() {
+        let (backoff, policy) = (BackoffPolicy::default(), EjectionPolicy::default());
+        let mut slot = Slot::<u64>::default();
+        assert!(slot.is_vacant(S(0), &policy));
+        assert!(!slot.needs_tidy(S(0), &policy), "nothing allocated yet");
+        let delay = slot.eject(S(0), &backoff, &policy, 0.5, cause());
+        assert_eq!(slot.ejection().retry_after(S(0)), Some(delay));
+        assert!(slot.cause().is_some(), "I12: the backoff keeps its cause");
+        assert!(!slot.is_vacant(S(0), &policy), "I18: backing off is state");
+        slot.tidy(S(0), &policy);
+        assert_eq!(
+            slot.ejection().count_at(S(0), &policy),
+            1,
+            "I18 violated: freed early"
+        );
+        // Count 1 decays one quiet interval after the backoff ends.
+        let settled = delay + policy.decay_interval;
+        assert!(!slot.needs_tidy(settled - Duration::from_nanos(1), &policy));
+        assert!(slot.needs_tidy(settled, &policy));
+        assert!(slot.is_vacant(settled, &policy));
+        slot.tidy(settled, &policy);
+        assert!(slot.cold.is_none(), "I18 violated: settled state kept");
+        assert_eq!(slot.ejection(), Ejection::default());
+        assert!(slot.cause().is_none());
+    }
+
+    /// I4/I18: a flight keeps the out-of-line part alive; only its own id ends it, and `mark_up`
+    /// clears the backoff without ending the flight.
+    #[test]
+    fn i4_flight_ends_only_by_its_id_and_outlives_a_reset() {
+        let (backoff, policy) = (BackoffPolicy::default(), EjectionPolicy::default());
+        let mut slot = Slot::<u64>::default();
+        let (_tx, rx) = watch::channel(None);
+        slot.start_flight(Flight {
+            id: 7,
+            deadline: Instant::now(),
+            rx,
+        });
+        slot.eject(S(0), &backoff, &policy, 0.5, cause());
+        slot.reset_ejection();
+        assert_eq!(slot.ejection(), Ejection::default());
+        assert!(slot.cause().is_none());
+        slot.tidy(S(0), &policy);
+        assert_eq!(
+            slot.flight().map(|f| f.id),
+            Some(7),
+            "I4 violated: flight lost"
+        );
+        slot.end_flight(8);
+        assert!(
+            slot.flight().is_some(),
+            "I4 violated: another flight's end ended this one"
+        );
+        assert!(!slot.is_vacant(S(0), &policy));
+        slot.end_flight(7);
+        assert!(slot.flight().is_none());
+        assert!(slot.is_vacant(S(0), &policy));
+        slot.tidy(S(0), &policy);
+        assert!(slot.cold.is_none(), "I18 violated: settled state kept");
     }
 }

@@ -306,7 +306,9 @@ where
     /// Forgets the addresses that hold nothing any more: no connection, no connect in flight, and
     /// an ejection count decayed to zero (I18). The cleanup task runs it every round; addresses
     /// whose state empties during an operation leave at once without it. Also lets go of the
-    /// result channels of connects whose waiters have all had their connection. Returns how many
+    /// result channels of connects whose waiters have all had their connection, and of the
+    /// backoff state of addresses that keep a connection once that state has decayed (I18).
+    /// Returns how many
     /// addresses it forgot. Gives its runtime thread back as it goes, like
     /// [`evict_idle`](Self::evict_idle).
     ///
@@ -315,34 +317,37 @@ where
     pub async fn prune_addresses(&self) -> usize {
         let now = self.inner.offset(Instant::now());
         let policy = self.inner.config.ejection;
-        let (vacant, handed_off) = self
+        let (vacant, to_tidy) = self
             .look(move |pool| {
                 let mut vacant = Vec::new();
-                let mut handed_off = Vec::new();
+                let mut to_tidy = Vec::new();
                 for e in pool.inner.map.iter() {
-                    if e.value().is_vacant(now, &policy) {
+                    let slot = e.value();
+                    if slot.is_vacant(now, &policy) {
                         vacant.push(e.key().clone());
-                    } else if e
-                        .value()
-                        .conn
-                        .as_ref()
-                        .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
+                    } else if slot.needs_tidy(now, &policy)
+                        || slot
+                            .conn
+                            .as_ref()
+                            .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
                     {
-                        handed_off.push(e.key().clone());
+                        to_tidy.push(e.key().clone());
                     }
                 }
                 vacant.sort_unstable();
-                handed_off.sort_unstable();
-                (vacant, handed_off)
+                to_tidy.sort_unstable();
+                (vacant, to_tidy)
             })
             .await;
-        in_chunks(&handed_off, |chunk| {
+        in_chunks(&to_tidy, |chunk| {
             for addr in chunk {
-                if let Some(mut slot) = self.inner.map.get_mut(addr)
-                    && let Some(pooled) = slot.conn.as_mut()
-                    && !pooled.in_handoff()
-                {
-                    pooled.handoff = None;
+                if let Some(mut slot) = self.inner.map.get_mut(addr) {
+                    slot.tidy(now, &policy);
+                    if let Some(pooled) = slot.conn.as_mut()
+                        && !pooled.in_handoff()
+                    {
+                        pooled.handoff = None;
+                    }
                 }
             }
             0
@@ -529,5 +534,37 @@ mod tests {
         assert_eq!(removed, 1, "I7 violated: a healthy replacement was removed");
         assert_eq!(pool.peek(addr(0)).map(|c| *c.client()), Some(100));
         assert!(pool.peek(addr(1)).is_none());
+    }
+
+    /// I18: an address that keeps its connection lets go of its backoff state once that has
+    /// decayed: `prune_addresses` frees the slot's out-of-line part and keeps the connection.
+    #[tokio::test(start_paused = true)]
+    async fn i18_prune_frees_the_decayed_backoff_state_of_a_connected_address() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(3600));
+        pool.insert(addr(0), 1);
+        let failure: crate::error::Cause = std::sync::Arc::new(std::io::Error::other("refused"));
+        pool.with_existing_slot(&addr(0), |slot| {
+            pool.inner.eject(&addr(0), slot, Instant::now(), failure);
+        })
+        .unwrap();
+        assert_eq!(pool.ejection_count(addr(0)), 1);
+        let kept = |pool: &ConnectionPool<u32>| pool.inner.map.get(&addr(0)).unwrap().has_cold();
+        assert!(kept(&pool), "a backoff is state");
+        assert_eq!(pool.prune_addresses().await, 0);
+        assert!(
+            kept(&pool),
+            "I18 violated: backoff state freed before it decayed"
+        );
+        // The backoff ends, then one quiet interval takes the count to 0.
+        let until = pool.backoff_until(addr(0)).expect("backing off");
+        tokio::time::sleep_until(until + pool.inner.config.ejection.decay_interval).await;
+        assert_eq!(pool.ejection_count(addr(0)), 0);
+        assert_eq!(
+            pool.prune_addresses().await,
+            0,
+            "the address keeps its connection"
+        );
+        assert!(!kept(&pool), "I18 violated: decayed backoff state kept");
+        assert_eq!(pool.get(addr(0)).map(|c| *c.client()), Some(1));
     }
 }
