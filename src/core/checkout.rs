@@ -1,15 +1,4 @@
 //! [`CheckoutQueue`]: the exclusive-checkout state of one address, pure (issue 13).
-//!
-//! In exclusive mode every connection of an address is in exactly one place: idle in the queue,
-//! checked out to one caller, or (before it exists) a connect in flight. Callers that find no idle
-//! connection wait in FIFO order. The queue decides who gets what; the async layer around it owns
-//! the channels and the clock, and the global capacity: when the queue asks for a connect, the
-//! caller must still find a capacity slot for it (or give the request back with
-//! [`connect_not_started`](CheckoutQueue::connect_not_started)).
-//!
-//! A connection handed to a waiter that has gone (its receiver dropped) comes back to the async
-//! layer, which [`release`](CheckoutQueue::release)s it as that waiter's: the waiter left the queue
-//! when it was chosen, so the next one gets it, and nothing is lost (I22).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -65,8 +54,19 @@ struct Waiter {
     deadline: Duration,
 }
 
-/// The exclusive-checkout state of one address; see the [module docs](self). Time is an offset
-/// from an origin the caller keeps.
+/// The exclusive-checkout state of one address, pure (issue 13). Time is an offset from an origin
+/// the caller keeps.
+///
+/// In exclusive mode every connection of an address is in exactly one place: idle in the queue,
+/// checked out to one caller, or (before it exists) a connect in flight. Callers that find no idle
+/// connection wait in FIFO order. The queue decides who gets what; the async layer around it owns
+/// the channels and the clock, and the global capacity: when the queue asks for a connect, the
+/// caller must still find a capacity slot for it (or give the request back with
+/// [`connect_not_started`](CheckoutQueue::connect_not_started)).
+///
+/// A connection handed to a waiter that has gone (its receiver dropped) comes back to the async
+/// layer, which [`release`](CheckoutQueue::release)s it as that waiter's: the waiter left the queue
+/// when it was chosen, so the next one gets it, and nothing is lost (I22).
 ///
 /// ```
 /// use std::time::Duration;
