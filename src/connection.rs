@@ -267,7 +267,7 @@ impl<C: Send + Sync + 'static> PooledConnection<C> {
 
     fn start(&self, quiet: bool) -> CallGuard {
         let started = self.entry.shared.metrics.now_for_use();
-        self.entry.shared.metrics.call_started(started);
+        self.entry.shared.metrics.call_started();
         CallGuard {
             entry: Arc::clone(&self.entry) as Arc<dyn HasShared>,
             started,

@@ -701,10 +701,14 @@ impl Model {
         removed
     }
 
-    /// A call starts on connection `i`.
+    /// A call starts on connection `i`. It clears a pending `get`'s mark (the call's end, later,
+    /// covers that `get`) but does not move the idle clock: in flight the connection is not idle
+    /// (I5), and every end of a call moves the clock to its end.
     pub fn begin(&mut self, i: usize) {
-        self.touch(i);
-        self.conns[i].in_flight += 1;
+        let c = &mut self.conns[i];
+        c.used = false;
+        c.exact_last_use = c.exact_last_use.max(self.now);
+        c.in_flight += 1;
     }
 
     /// A call on `i` ends as a success that took `latency` (or a result recorded without a call).
