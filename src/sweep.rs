@@ -567,4 +567,35 @@ mod tests {
         assert!(!kept(&pool), "I18 violated: decayed backoff state kept");
         assert_eq!(pool.get(addr(0)).map(|c| *c.client()), Some(1));
     }
+
+    /// `prune_addresses` returns how many addresses it forgot: none while they back off, each
+    /// once its count decays (I18), and none after.
+    #[tokio::test(start_paused = true)]
+    async fn i18_prune_counts_the_addresses_it_forgets() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(3600));
+        for i in 0..2 {
+            pool.insert(addr(i), 1);
+            let failure: crate::error::Cause =
+                std::sync::Arc::new(std::io::Error::other("refused"));
+            pool.with_existing_slot(&addr(i), |slot| {
+                pool.inner.eject(&addr(i), slot, Instant::now(), failure);
+            })
+            .unwrap();
+            assert!(pool.take_unclosed(addr(i)).is_some());
+        }
+        assert_eq!(pool.prune_addresses().await, 0, "I18: backing off, kept");
+        // The later of the two jittered backoffs, then one quiet interval.
+        let until = (0..2)
+            .filter_map(|i| pool.backoff_until(addr(i)))
+            .max()
+            .expect("backing off");
+        tokio::time::sleep_until(until + pool.inner.config.ejection.decay_interval).await;
+        assert_eq!(
+            pool.prune_addresses().await,
+            2,
+            "I18: both decayed, both forgotten"
+        );
+        assert_eq!(pool.prune_addresses().await, 0, "nothing left to forget");
+        assert!(pool.inner.map.is_empty());
+    }
 }
