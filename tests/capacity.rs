@@ -247,3 +247,60 @@ async fn when_full_lru_rejects_if_every_connection_is_busy() {
     drop(calls);
     assert!(pool.insert(addr(2), 2));
 }
+
+/// The LRU take claims only the connection it takes: the others it looked at stay as they were,
+/// fit for calls and for idle eviction (I6).
+#[tokio::test(start_paused = true)]
+async fn i6_when_full_lru_leaves_the_connections_it_did_not_take_untouched() {
+    let pool: ConnectionPool<u32> = ConnectionPool::builder()
+        .max_connections(3)
+        .max_idle(60 * SEC)
+        .when_full(WhenFull::EvictLeastRecentlyUsed)
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        assert!(pool.insert(addr(i), i as u32));
+        advance(10 * MS).await;
+    }
+    assert!(pool.insert(addr(3), 3), "room must be made");
+    assert!(
+        pool.peek(addr(0)).is_none(),
+        "the least recently used one went"
+    );
+    assert_eq!(pool.stats().evictions.make_room, 1);
+    advance(61 * SEC).await;
+    assert_eq!(
+        pool.evict_idle().await,
+        3,
+        "I6 violated: a connection the LRU take looked at but left cannot be evicted as idle"
+    );
+    assert_eq!(pool.len(), 0);
+}
+
+/// Connections with a call in flight are no candidates of the LRU take, however old: with more of
+/// them than the take tries at once (8), the idle connection behind them is still found.
+#[tokio::test(start_paused = true)]
+async fn when_full_lru_finds_the_idle_connection_behind_many_busy_ones() {
+    let pool: ConnectionPool<u32> = ConnectionPool::builder()
+        .max_connections(10)
+        .when_full(WhenFull::EvictLeastRecentlyUsed)
+        .build()
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        assert!(pool.insert(addr(i), i as u32));
+        calls.push(pool.get(addr(i)).unwrap().begin());
+        advance(10 * MS).await;
+    }
+    assert!(pool.insert(addr(9), 9));
+    advance(10 * MS).await;
+    assert!(
+        pool.insert(addr(10), 10),
+        "the idle connection behind nine busy ones was not found"
+    );
+    assert!(pool.peek(addr(9)).is_none(), "the idle one went");
+    assert_eq!(pool.len(), 10);
+    for call in calls {
+        call.success();
+    }
+}
