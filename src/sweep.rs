@@ -568,6 +568,49 @@ mod tests {
         assert_eq!(pool.get(addr(0)).map(|c| *c.client()), Some(1));
     }
 
+    /// `prune_addresses` lets go of the result channel of a connect once every waiter has had its
+    /// connection, and keeps it while one has not (LRU must not take that connection, defect 4).
+    #[tokio::test(start_paused = true)]
+    async fn i4_prune_releases_only_finished_handoffs() {
+        let pool: ConnectionPool<u32> = ConnectionPool::new(0, Duration::from_secs(3600));
+        let mut waiting = Vec::new();
+        for i in 0..2 {
+            pool.insert(addr(i), 1);
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            pool.inner
+                .map
+                .get_mut(&addr(i))
+                .unwrap()
+                .conn
+                .as_mut()
+                .unwrap()
+                .handoff = Some(tx);
+            if i == 1 {
+                waiting.push(rx); // addr(1)'s waiter has not had its connection yet
+            }
+        }
+        let handoff = |i: u8| {
+            let slot = pool.inner.map.get(&addr(i)).unwrap();
+            let pooled = slot.conn.as_ref().unwrap();
+            (pooled.handoff.is_some(), pooled.in_handoff())
+        };
+        assert_eq!((handoff(0), handoff(1)), ((true, false), (true, true)));
+        assert_eq!(pool.prune_addresses().await, 0);
+        assert_eq!(
+            handoff(0),
+            (false, false),
+            "a finished handoff's channel is released"
+        );
+        assert_eq!(
+            handoff(1),
+            (true, true),
+            "I4: a handoff still waited on is kept"
+        );
+        drop(waiting);
+        pool.prune_addresses().await;
+        assert_eq!(handoff(1), (false, false));
+    }
+
     /// `prune_addresses` returns how many addresses it forgot: none while they back off, each
     /// once its count decays (I18), and none after.
     #[tokio::test(start_paused = true)]
