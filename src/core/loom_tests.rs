@@ -408,7 +408,7 @@ fn loom_finished_call_vs_touch_vs_retire() {
     let t0 = Instant::now();
     model("finished_call_vs_touch_vs_retire", move || {
         let m = Arc::new(ConnectionMetrics::new(t0, HealthPolicy::default()));
-        m.call_started(t0);
+        m.call_started();
         let caller = {
             let m = Arc::clone(&m);
             thread::spawn(move || {
