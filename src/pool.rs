@@ -652,11 +652,20 @@ where
         mut attempt: impl FnMut(&mut Option<crate::core::Permit>) -> Option<Result<R, PoolError>>,
     ) -> Result<R, PoolError> {
         let _room = self.inner.room.lock();
-        // Declared after the room guard, so a freed slot left unused goes back before the lock
-        // does: otherwise the next caller could find the pool full and evict for nothing.
+        // While we make room, a slot freed by a removal is ours, not a racer's: otherwise a
+        // remove-and-insert elsewhere could take every slot freed under us, and we would refuse
+        // although the pool was never full of connections in use (I1's linearizability). Racers
+        // refused by it come here and wait on the room lock. One holder at a time: the room lock.
+        let last = self.inner.ledger.reserve_last();
+        // Declared after the room guard and the reservation, so a freed slot left unused goes back
+        // before either does: otherwise the next caller could find the pool full and evict for
+        // nothing.
         let mut permit = None;
         let mut nothing_seen = false;
         for _ in 0..MAX_ROOM_ATTEMPTS {
+            if permit.is_none() {
+                permit = last.as_ref().and_then(|last| last.try_acquire());
+            }
             // Another caller may have placed this address, or freed a slot, meanwhile.
             if let Some(result) = attempt(&mut permit) {
                 return result;

@@ -26,6 +26,9 @@ use crate::sync::atomic::{AtomicUsize, Ordering};
 #[derive(Debug)]
 pub struct CapacityLedger {
     max: usize,
+    /// The slots held, and in its top bit ([`LAST_SLOT_RESERVED`]) whether the last free slot is
+    /// kept for the holder of a [`LastSlot`]: one word, so that every acquire decides against both
+    /// at once.
     used: AtomicUsize,
     /// How many of the `used` slots are reserved by connects in flight (for error messages and
     /// stats: the cap is held against `used` alone).
@@ -62,9 +65,10 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.mark_live();
-        // Every permit was counted by `try_acquire`, so the count is at least 1 here.
+        // Every permit was counted by an acquire, so the count is at least 1 here, and the
+        // subtraction leaves the reservation bit as it is.
         let prev = self.ledger.used.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(prev > 0, "a capacity slot was released twice");
+        debug_assert!(prev & COUNT > 0, "a capacity slot was released twice");
     }
 }
 
@@ -85,7 +89,7 @@ impl CapacityLedger {
 
     /// Slots held now (live connections plus connects in flight).
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.used.load(Ordering::Acquire) & COUNT
     }
 
     /// Slots reserved by connects in flight now (a part of [`used`](Self::used); the two are
@@ -94,15 +98,45 @@ impl CapacityLedger {
         self.connecting.load(Ordering::Acquire)
     }
 
-    /// Takes one slot if one is free. Never lets the count exceed `max`.
+    /// Takes one slot if one is free. Never lets the count exceed `max`. While a [`LastSlot`]
+    /// is held, the last free slot is not free for this: only the holder takes it.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.acquire(false)
+    }
+
+    /// Keeps the last free slot for the caller until the returned [`LastSlot`] is dropped: every
+    /// other [`try_acquire`](Self::try_acquire) then leaves one slot free, and only
+    /// [`LastSlot::try_acquire`] takes it. A caller that must make room (evict a connection to
+    /// take its slot) holds one, so that a slot freed meanwhile comes to it rather than to a
+    /// racer, and making room ends (I1, linearizable under churn). `None` while another
+    /// `LastSlot` is held: there is one last slot.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keyed_pool::core::CapacityLedger;
+    /// let ledger = Arc::new(CapacityLedger::new(2));
+    /// let a = ledger.try_acquire().expect("a free slot");
+    /// let last = ledger.reserve_last().expect("nobody else holds it");
+    /// assert!(ledger.try_acquire().is_none(), "the last slot is kept");
+    /// let b = last.try_acquire().expect("the holder takes it");
+    /// assert_eq!(ledger.used(), 2);
+    /// # drop((a, b));
+    /// ```
+    pub fn reserve_last(self: &Arc<Self>) -> Option<LastSlot<'_>> {
+        let prev = self.used.fetch_or(LAST_SLOT_RESERVED, Ordering::AcqRel);
+        // `then`, not `then_some`: a guard built and dropped here would clear the holder's bit.
+        (prev & LAST_SLOT_RESERVED == 0).then(|| LastSlot { ledger: self })
+    }
+
+    fn acquire(self: &Arc<Self>, holds_last: bool) -> Option<Permit> {
         let taken = if self.max == 0 {
             self.used.fetch_add(1, Ordering::AcqRel);
             true
         } else {
             self.used
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                    (used < self.max).then_some(used + 1)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                    let kept = usize::from(word & LAST_SLOT_RESERVED != 0 && !holds_last);
+                    ((word & COUNT) + kept < self.max).then_some(word + 1)
                 })
                 .is_ok()
         };
@@ -110,6 +144,32 @@ impl CapacityLedger {
             ledger: Arc::clone(self),
             connecting: false,
         })
+    }
+}
+
+/// The bit of [`CapacityLedger::used`]'s word that says a [`LastSlot`] is held.
+const LAST_SLOT_RESERVED: usize = 1 << (usize::BITS - 1);
+/// The bits of that word that count slots.
+const COUNT: usize = !LAST_SLOT_RESERVED;
+
+/// The last free slot of a [`CapacityLedger`], kept for the holder of this guard (see
+/// [`CapacityLedger::reserve_last`]); dropping it gives the slot back to everyone.
+#[derive(Debug)]
+#[must_use = "dropping it stops keeping the last slot"]
+pub struct LastSlot<'a> {
+    ledger: &'a Arc<CapacityLedger>,
+}
+
+impl LastSlot<'_> {
+    /// Takes one slot if one is free, the kept one included.
+    pub fn try_acquire(&self) -> Option<Permit> {
+        self.ledger.acquire(true)
+    }
+}
+
+impl Drop for LastSlot<'_> {
+    fn drop(&mut self) {
+        self.ledger.used.fetch_and(COUNT, Ordering::AcqRel);
     }
 }
 
@@ -144,6 +204,40 @@ mod tests {
         let c = ledger.try_acquire().expect("room again");
         assert_eq!(ledger.used(), 1);
         drop(c);
+    }
+
+    #[test]
+    fn i1_the_last_slot_kept_goes_only_to_its_holder() {
+        let ledger = Arc::new(CapacityLedger::new(3));
+        let a = ledger.try_acquire().expect("first of three");
+        let last = ledger.reserve_last().expect("nobody holds it yet");
+        assert!(
+            ledger.reserve_last().is_none(),
+            "there is one last slot to keep"
+        );
+        let b = ledger.try_acquire().expect("second of three: not the last");
+        assert!(
+            ledger.try_acquire().is_none(),
+            "I1 violated: the kept last slot went to a racer"
+        );
+        assert_eq!(ledger.used(), 2, "a refused acquire takes nothing");
+        let c = last.try_acquire().expect("the holder takes the last slot");
+        assert_eq!(ledger.used(), 3);
+        assert!(
+            last.try_acquire().is_none(),
+            "I1 violated: a fourth of three"
+        );
+        drop(c);
+        drop(b);
+        assert_eq!(ledger.used(), 1, "releases under a reservation count right");
+        drop(last);
+        let b = ledger.try_acquire().expect("second again");
+        let c = ledger
+            .try_acquire()
+            .expect("the last slot is everyone's once the holder lets go");
+        assert!(ledger.reserve_last().is_some(), "free to keep again");
+        drop((a, b, c));
+        assert_eq!(ledger.used(), 0, "I3 violated");
     }
 
     #[test]

@@ -188,6 +188,63 @@ fn loom_one_freed_slot_two_takers_cap2() {
     });
 }
 
+/// The last slot kept (`CapacityLedger::reserve_last`, what the pool's room-maker holds): the
+/// ledger is full (`max` permits); the holder reserves the last slot, then one thread drops a
+/// permit while a racer tries to take a slot. The freed slot is the holder's in every
+/// interleaving: the racer is refused, and once the freer is done the holder's take succeeds, so
+/// making room cannot be starved by remove-and-insert churn (I1, linearizable).
+fn last_slot_kept_from_a_racer(max: usize) {
+    let ledger = Arc::new(CapacityLedger::new(max));
+    let mut permits: Vec<_> = (0..max)
+        .map(|_| ledger.try_acquire().expect("the ledger starts empty"))
+        .collect();
+    let last = ledger
+        .reserve_last()
+        .expect("nobody else holds the last slot");
+    let freer = {
+        let permit = permits.pop().unwrap();
+        thread::spawn(move || drop(permit))
+    };
+    let racer = {
+        let ledger = Arc::clone(&ledger);
+        thread::spawn(move || ledger.try_acquire())
+    };
+    let raced = racer.join().unwrap();
+    assert!(
+        raced.is_none(),
+        "I1 violated: the last slot, kept for the room-maker, went to a racer (max = {max})"
+    );
+    freer.join().unwrap();
+    let taken = last
+        .try_acquire()
+        .expect("I1 violated: a slot freed while kept for the holder did not come to it");
+    assert_eq!(
+        ledger.used(),
+        max,
+        "I1 violated: the count is not the permits alive"
+    );
+    drop(last);
+    drop(taken);
+    drop(permits);
+    assert_eq!(ledger.used(), 0, "I3 violated: a slot leaked");
+}
+
+/// I1, I3: cap 1, a release racing a take while the last slot is kept.
+#[test]
+fn loom_last_slot_kept_from_a_racer_cap1() {
+    model("last_slot_kept_from_a_racer_cap1", || {
+        last_slot_kept_from_a_racer(1)
+    });
+}
+
+/// I1, I3: cap 2, a release racing a take while the last slot is kept.
+#[test]
+fn loom_last_slot_kept_from_a_racer_cap2() {
+    model("last_slot_kept_from_a_racer_cap2", || {
+        last_slot_kept_from_a_racer(2)
+    });
+}
+
 /// No spurious refusal: a slot whose release *happens before* a `try_acquire` (here through a
 /// release/acquire flag) is acquirable. The ledger is full (`max` permits held); thread A drops one
 /// and raises the flag; thread B reads the flag, then tries. If B saw the flag, the count its CAS

@@ -27,7 +27,7 @@ mod latency;
 mod loom_tests;
 
 pub use backoff::BackoffPolicy;
-pub use capacity::{CapacityLedger, Permit};
+pub use capacity::{CapacityLedger, LastSlot, Permit};
 pub use checkout::{Acquired, CheckoutLimits, CheckoutQueue, Placed, WaiterId};
 pub use conn::{CallClaim, CallRecord};
 pub use ejection::{Ejection, EjectionPolicy};
