@@ -34,7 +34,8 @@ use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::ConnectionPool;
 use keyed_pool_benches::{
-    MakeConn, Scatter, addrs, criterion_dir, median, run_threads, run_threads_with,
+    MakeConn, Scatter, ValidatingConnector, addrs, criterion_dir, median, run_threads,
+    run_threads_with,
 };
 use tower_service::Service;
 
@@ -261,22 +262,6 @@ fn group_clock(c: &mut Criterion) {
     let mut group = c.benchmark_group("clock");
     group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
     group.finish();
-}
-
-/// A connector that validates addresses as the crate's TCP and remoting connectors do.
-struct ValidatingConnector;
-
-impl keyed_pool::Connector for ValidatingConnector {
-    type Conn = u64;
-    type Error = std::convert::Infallible;
-
-    async fn connect(&self, _addr: &str) -> Result<u64, Self::Error> {
-        Ok(0)
-    }
-
-    fn validate(&self, addr: &str) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr)
-    }
 }
 
 /// Polls a future once; a pool hit never waits.

@@ -36,7 +36,7 @@ use gungraun::{
     Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
 };
 use keyed_pool::ConnectionPool;
-use keyed_pool_benches::{Scatter, addrs};
+use keyed_pool_benches::{Scatter, ValidatingConnector, addrs};
 
 /// Operations per benchmark; `scripts/instructions.sh` reads this line to print counts per op.
 const OPS: usize = 1_000;
@@ -86,23 +86,6 @@ fn warm_pool(n: usize) -> Fixture<ConnectionPool<u64>> {
         pool.get(k).expect("warm").begin().success();
     }
     Fixture { map: pool, walk }
-}
-
-/// A connector that validates addresses as the crate's TCP and remoting connectors do (never
-/// asked to connect here: every address is pooled).
-struct ValidatingConnector;
-
-impl keyed_pool::Connector for ValidatingConnector {
-    type Conn = u64;
-    type Error = std::convert::Infallible;
-
-    async fn connect(&self, _addr: &str) -> Result<u64, Self::Error> {
-        Ok(0)
-    }
-
-    fn validate(&self, addr: &str) -> Result<(), String> {
-        keyed_pool::tcp::validate_addr(addr)
-    }
 }
 
 type ConnectingPool = ConnectionPool<u64, ValidatingConnector>;
