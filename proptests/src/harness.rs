@@ -64,6 +64,7 @@ impl std::error::Error for ScriptedError {}
 #[derive(Debug)]
 pub struct ScriptedConnector {
     next: Mutex<Option<ConnectScript>>,
+    every: Mutex<Option<ConnectScript>>,
     connects: AtomicU64,
     running: AtomicU64,
     serial: AtomicU64,
@@ -91,6 +92,7 @@ impl ScriptedConnector {
     pub fn new(slow: Duration) -> Self {
         Self {
             next: Mutex::new(None),
+            every: Mutex::new(None),
             connects: AtomicU64::new(0),
             running: AtomicU64::new(0),
             serial: AtomicU64::new(1 << 32),
@@ -101,6 +103,12 @@ impl ScriptedConnector {
     /// What the next connect does.
     pub fn script(&self, script: Option<ConnectScript>) {
         *self.next.lock().expect("script lock") = script;
+    }
+
+    /// What every connect does until this is set to `None` (a warm-up's several connects); a
+    /// script for the next connect alone ([`script`](Self::script)) goes first.
+    pub fn script_every(&self, script: Option<ConnectScript>) {
+        *self.every.lock().expect("script lock") = script;
     }
 
     /// Connects made so far.
@@ -121,7 +129,8 @@ impl Connector for ScriptedConnector {
     async fn connect(&self, _addr: &str) -> Result<FakeConn, ScriptedError> {
         self.connects.fetch_add(1, Ordering::SeqCst);
         let _running = Running::new(&self.running);
-        let script = self.next.lock().expect("script lock").take();
+        let next = self.next.lock().expect("script lock").take();
+        let script = next.or(*self.every.lock().expect("script lock"));
         let conn = FakeConn::new(self.serial.fetch_add(1, Ordering::Relaxed));
         match script {
             Some(ConnectScript::Ok) => Ok(conn),
@@ -601,6 +610,50 @@ impl Harness {
                 let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
                 ensure(want == made, || {
                     format!("I4 violated: {made} connects made, model expects {want}")
+                })?;
+            }
+            Op::WarmUp {
+                addrs: given,
+                script,
+            } => {
+                let given = given.map(|a| a % ADDRS);
+                // Instant connects only (see `ops::op`): a fuzzer's slow or hung script is played
+                // as its instant outcome, so the backoffs are still running when compared.
+                let script = match script {
+                    ConnectScript::Ok | ConnectScript::Slow => ConnectScript::Ok,
+                    ConnectScript::Fail | ConnectScript::Hang => ConnectScript::Fail,
+                };
+                self.pool.connector().script_every(Some(script));
+                let report = self.pool.warm_up(given.map(addr), 1).await;
+                self.settle().await?;
+                self.pool.connector().script_every(None);
+                let mut distinct: Vec<u8> = Vec::new();
+                for a in given {
+                    if !distinct.contains(&a) {
+                        distinct.push(a);
+                    }
+                }
+                let results = report.into_results();
+                ensure(results.len() == distinct.len(), || {
+                    format!(
+                        "warm-up of {given:?} reported {} results, one per distinct address is {}",
+                        results.len(),
+                        distinct.len()
+                    )
+                })?;
+                // With one connect at a time, the warm-up is a `get_or_connect` of each distinct
+                // address in the order given: the model plays them so, every rule included.
+                for (&a, (key, got)) in distinct.iter().zip(results) {
+                    ensure(key.as_str() == addr(a), || {
+                        format!("warm-up reported {key} where {} was next", addr(a))
+                    })?;
+                    let plan = self.m.get_or_connect(a, script, false);
+                    self.compare_connect(a, plan, got)?;
+                    self.check_rises()?;
+                }
+                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
+                ensure(want == made, || {
+                    format!("I4 violated: {made} connects made by a warm-up, model expects {want}")
                 })?;
             }
             Op::Clear => {

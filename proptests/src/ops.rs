@@ -203,6 +203,15 @@ pub enum Op {
         /// What the connector does.
         script: ConnectScript,
     },
+    /// `warm_up(addrs, 1).await`: the addresses (repeats included) connected one at a time, every
+    /// connect scripted alike (drawn instant: `Ok` or `Fail`); the report has one result per distinct address, each what a
+    /// `get_or_connect` of it would have returned at its turn.
+    WarmUp {
+        /// Address indices, in the order given.
+        addrs: [u8; 3],
+        /// What the connector does with every connect of the warm-up.
+        script: ConnectScript,
+    },
 }
 
 /// The pool's configuration as small choices, each an index into a list of values that matter
@@ -339,6 +348,11 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Clear),
         2 => Just(Op::PruneAddresses),
         1 => a().prop_map(|addr| Op::MarkUp { addr }),
+        // Instant connects only: a warm-up's connects run back to back, and the harness sees the
+        // pool's backoffs only at the end, when a timed-out connect's may have run out already
+        // (GetOrConnect covers slow and hung connects, tests/warmup.rs a warm-up's deadlines).
+        2 => ([a(), a(), a()], prop_oneof![Just(ConnectScript::Ok), Just(ConnectScript::Fail)])
+            .prop_map(|(addrs, script)| Op::WarmUp { addrs, script }),
     ]
 }
 
