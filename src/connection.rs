@@ -32,18 +32,22 @@ impl fmt::Display for ConnId {
 
 /// The part of a pooled connection that does not depend on its type: what a [`CallGuard`] and a
 /// [`SharedMetrics`] need. It lives in the connection's one allocation, beside the connection.
+///
+/// In a fixed order (`repr(C)`), metrics first, as [`Entry`] puts this first: the metrics' hot
+/// fields then sit on the cache line of the `Arc`'s counts (see [`ConnectionMetrics`]).
 #[derive(Debug)]
+#[repr(C)]
 struct Shared {
+    metrics: ConnectionMetrics,
     id: ConnId,
     addr: CheetahString,
-    metrics: ConnectionMetrics,
-    /// The pool's [`call_timeout`](crate::PoolConfig::call_timeout) when the connection was made:
-    /// the default of [`PooledConnection::call`].
-    call_timeout: Option<Duration>,
 }
 
 /// One pooled connection: one allocation (issue 16: the handle, the guard's part and the metrics
-/// were three, a cache miss each at 100,000 connections).
+/// were three, a cache miss each at 100,000 connections). `repr(C)`, the shared part first, so
+/// that the metrics' hot fields follow the `Arc`'s counts on their cache line, whatever the size
+/// of `C` (an allocation is 16-byte aligned, so the two share a line three times in four).
+#[repr(C)]
 struct Entry<C> {
     shared: Shared,
     conn: C,
@@ -129,16 +133,10 @@ impl<C> PooledConnection<C> {
         addr: CheetahString,
         conn: C,
         metrics: ConnectionMetrics,
-        call_timeout: Option<Duration>,
     ) -> Self {
         Self {
             entry: Arc::new(Entry {
-                shared: Shared {
-                    id,
-                    addr,
-                    metrics,
-                    call_timeout,
-                },
+                shared: Shared { id, addr, metrics },
                 conn,
             }),
         }
@@ -214,7 +212,7 @@ impl<C> PooledConnection<C> {
     /// assert_eq!(conn.call_timeout(), Some(Duration::from_millis(250)));
     /// ```
     pub fn call_timeout(&self) -> Option<Duration> {
-        self.entry.shared.call_timeout
+        self.entry.shared.metrics.call_timeout()
     }
 }
 
@@ -406,5 +404,21 @@ impl Drop for CallGuard {
         } else {
             tracing::debug!(addr = %addr, conn = %conn, "call cancelled: its guard was dropped unfinished");
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::mem::offset_of;
+
+    use super::{Entry, Shared};
+
+    /// Issue 16's layout: the metrics open the connection's allocation, right after the `Arc`'s
+    /// counts, so their hot fields share that cache line
+    /// (`metrics::tests::the_hot_fields_come_first`).
+    #[test]
+    fn the_metrics_open_the_entry() {
+        assert_eq!(offset_of!(Entry<[u64; 3]>, shared), 0);
+        assert_eq!(offset_of!(Shared, metrics), 0);
     }
 }

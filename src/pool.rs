@@ -22,8 +22,7 @@ use crate::core::{CapacityLedger, UnhealthyReason};
 use crate::error::{Cause, ConfigError, PoolError};
 use crate::events::{Hook, PoolEvents};
 use crate::metrics::{
-    CallTotals, ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters,
-    PoolStats,
+    ConnectStats, ConnectionMetrics, EvictionReason, EvictionStats, PoolCounters, PoolStats,
 };
 use crate::slot::{Pooled, Slot};
 use crate::sweep::LruTake;
@@ -90,12 +89,11 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) map: DashMap<CheetahString, Slot<C>>,
     pub(crate) ledger: Arc<CapacityLedger>,
     pub(crate) config: PoolConfig,
-    /// `config.health`, shared with every connection's metrics.
-    health: Arc<crate::core::HealthPolicy>,
+    /// What every connection's metrics share: the time origin, `config.health`, the call outcomes
+    /// of every connection the pool ever had, and `config.call_timeout`.
+    pub(crate) conns: Arc<crate::metrics::PoolShared>,
     pub(crate) connector: K,
     pub(crate) counters: PoolCounters,
-    /// Call outcomes of every connection the pool ever had, shared with each one's metrics.
-    pub(crate) calls: Arc<CallTotals>,
     pub(crate) next_id: AtomicU64,
     pub(crate) closed: AtomicBool,
     /// Serialises making room under `WhenFull::EvictLeastRecentlyUsed`, so that two callers never
@@ -493,19 +491,23 @@ where
 {
     fn from_parts(config: PoolConfig, connector: K, extras: PoolExtras) -> Self {
         let shards = config.shard_amount;
+        let origin = Instant::now();
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
                 ledger: Arc::new(CapacityLedger::new(config.max_connections)),
-                health: Arc::new(config.health),
+                conns: Arc::new(crate::metrics::PoolShared::for_pool(
+                    origin,
+                    config.health,
+                    config.call_timeout,
+                )),
                 connector,
                 counters: PoolCounters::default(),
-                calls: Arc::default(),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 room: crate::sync::Mutex::new(()),
                 closing: watch::Sender::new(false),
-                origin: Instant::now(),
+                origin,
                 cleanup: CleanupControl::new(),
                 jitter_seed: RandomState::new(),
                 jitter_draws: AtomicU64::new(0),
@@ -540,12 +542,8 @@ where
 
     pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let metrics = ConnectionMetrics::with_totals(
-            Instant::now(),
-            Arc::clone(&self.inner.health),
-            Arc::clone(&self.inner.calls),
-        );
-        PooledConnection::new(id, addr, conn, metrics, self.inner.config.call_timeout)
+        let metrics = ConnectionMetrics::in_pool(&self.inner.conns, Instant::now());
+        PooledConnection::new(id, addr, conn, metrics)
     }
 
     /// Whether `conn` may be handed out (I8, I9); a transport found closed is marked so.
@@ -980,7 +978,7 @@ where
             stats.idle += usize::from(m.seems_idle_at(now, max_idle));
             stats.in_flight += m.in_flight();
         }
-        self.inner.calls.fill(&mut stats);
+        self.inner.conns.fill_totals(&mut stats);
         let c = &self.inner.counters;
         let load = |a: &crate::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         stats.evictions = EvictionStats {

@@ -13,11 +13,12 @@
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
+use dashmap::mapref::multiple::RefMulti;
 use tokio::time::Instant;
 
 use crate::connection::ConnId;
 use crate::connector::ManagesConnections;
-use crate::metrics::EvictionReason;
+use crate::metrics::{ConnectionMetrics, EvictionReason, MarkFolds};
 
 /// Evictions a sweep makes before it yields to the other tasks of its runtime thread: a sweep of a
 /// very large pool must not hold the thread for its whole length (tens of ms at 100,000
@@ -35,6 +36,14 @@ const LOOK_INLINE_MAX: usize = 4096;
 fn by_id(mut candidates: Vec<(CheetahString, ConnId)>) -> Vec<(CheetahString, ConnId)> {
     candidates.sort_unstable_by_key(|&(_, id)| id);
     candidates
+}
+
+/// The metrics of the connection a map entry holds, if it holds one: how [`MarkFolds`] reaches
+/// the connections whose entries it keeps.
+fn entry_metrics<'a, C>(
+    e: &'a RefMulti<'_, CheetahString, Slot<C>>,
+) -> Option<&'a ConnectionMetrics> {
+    Some(e.value().conn.as_ref()?.conn.metrics())
 }
 
 /// The remove phase of a sweep, `SWEEP_CHUNK` candidates at a time with a yield between chunks.
@@ -127,17 +136,21 @@ where
         let Some(max_idle) = self.inner.config.max_idle else {
             return Vec::new();
         };
-        let candidates = self
-            .inner
-            .map
-            .iter()
-            .filter_map(|e| {
-                let conn = &e.value().conn.as_ref()?.conn;
-                conn.metrics()
-                    .is_idle_at(now, Some(max_idle))
-                    .then(|| (e.key().clone(), conn.id()))
-            })
-            .collect();
+        // A connection marked used by a `get` is not idle at `now`: its mark is taken here and
+        // folded into its clock with its chunk's, at one clock reading (see `MarkFolds`), while
+        // the entry, held in `folds`, keeps its shard read-locked until then.
+        let mut folds = MarkFolds::new(now, entry_metrics::<C>);
+        let mut candidates = Vec::new();
+        for e in self.inner.map.iter() {
+            let Some(e) = folds.take(e) else { continue };
+            let Some(pooled) = e.value().conn.as_ref() else {
+                continue;
+            };
+            if pooled.conn.metrics().seems_idle_at(now, Some(max_idle)) {
+                candidates.push((e.key().clone(), pooled.conn.id()));
+            }
+        }
+        folds.fold();
         by_id(candidates)
     }
 

@@ -57,20 +57,21 @@ fn main() {
     }
     println!("memory per pooled connection (net heap bytes counted by the global allocator)");
     println!(
-        "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which the shared HealthPolicy's Arc {} B, HealthWindow {} B, Instant {} B)",
+        "  sizes: CheetahString {} B, PooledConnection {} B, ConnectionMetrics {} B (of which the pool's shared part's Arc {} B, HealthWindow {} B, CallRecord {} B)",
         size_of::<CheetahString>(),
         size_of::<PooledConnection<u64>>(),
         size_of::<ConnectionMetrics>(),
         size_of::<std::sync::Arc<HealthPolicy>>(),
         size_of::<HealthWindow>(),
-        size_of::<tokio::time::Instant>(),
+        size_of::<keyed_pool::core::CallRecord>(),
     );
-    // One allocation per connection (issue 16): Arc header 16 + id 8 + addr 24 + metrics +
-    // call_timeout 16 + the connection; plus one map slot (the key and the address's `Slot`, 40 B
-    // with the connect in flight and the ejection state out of line) with its control byte, in a
-    // table kept at most 7/8 full. The latency histogram (456 B + malloc's 16) comes with a
-    // connection's first success.
-    let entry_alloc = 16 + 8 + size_of::<CheetahString>() + size_of::<ConnectionMetrics>() + 16;
+    // One allocation per connection (issue 16): Arc header 16 + id 8 + addr 24 + metrics + the
+    // connection; plus one map slot (the key and the address's `Slot`, 40 B with the connect in
+    // flight and the ejection state out of line) with its control byte, in a table kept at most
+    // 7/8 full. The latency histogram (456 B + malloc's 16) comes with a connection's first
+    // success. The health policy, the pool's totals and the call timeout are the pool's, behind
+    // one `Arc` in the metrics.
+    let entry_alloc = 16 + 8 + size_of::<CheetahString>() + size_of::<ConnectionMetrics>();
     println!(
         "  expected per connection: entry {entry_alloc} B + the connection + map slot x table headroom"
     );

@@ -3,7 +3,9 @@
 //! Part 1, the cost of one sweep (median of a few, ns per connection), against a floor measured in
 //! the same process on a raw `DashMap<CheetahString, Arc<u64>>` of the same size:
 //! - `evict_idle` / `evict_unhealthy` that find nothing (the steady state of the cleanup task),
-//!   against iterating the floor map and collecting its keys;
+//!   against iterating the floor map and collecting its keys; and `evict_idle` finding nothing on a
+//!   pool whose every connection had a `get` since the last sweep (a busy pool's steady state: the
+//!   look folds every "used" mark);
 //! - `evict_idle` / `evict_unhealthy` that evict everything, against collecting, sorting and
 //!   removing every key of the floor map.
 //!
@@ -87,6 +89,18 @@ fn sweep_costs(rt: &tokio::runtime::Runtime) {
         );
         let keep = pool_with(&keys, Duration::from_secs(3600));
         let idle_none = per_conn(n, || (), |()| assert_eq!(rt.block_on(keep.evict_idle()), 0));
+        // The cleanup task's steady state on a busy pool: every connection had a `get` since the
+        // last sweep, so the look folds every "used" mark (issue 16: one clock read per mark was
+        // 20 ms of a sweep of 100,000 on a VM whose clock read costs ~200 ns).
+        let idle_marked = per_conn(
+            n,
+            || {
+                for k in &keys {
+                    keep.get(k).expect("pooled");
+                }
+            },
+            |()| assert_eq!(rt.block_on(keep.evict_idle()), 0),
+        );
         let unhealthy_none = per_conn(
             n,
             || (),
@@ -132,13 +146,18 @@ fn sweep_costs(rt: &tokio::runtime::Runtime) {
             unhealthy_none / scan_floor
         );
         println!(
+            "    finds nothing, every connection marked by a get: evict_idle {idle_marked:6.1} [{:.2}x the floor]",
+            idle_marked / scan_floor
+        );
+        println!(
             "    evicts all:    floor (collect, sort, remove) {remove_floor:6.1}   evict_idle {idle_all:6.1} [{:.2}x]   evict_unhealthy {unhealthy_all:6.1} [{:.2}x]",
             idle_all / remove_floor,
             unhealthy_all / remove_floor
         );
         println!(
-            "    one sweep of all {n}: evict_idle {:.2} ms (finds nothing) / {:.2} ms (evicts all)",
+            "    one sweep of all {n}: evict_idle {:.2} ms (finds nothing) / {:.2} ms (finds nothing, all marked) / {:.2} ms (evicts all)",
             idle_none * n as f64 / 1e6,
+            idle_marked * n as f64 / 1e6,
             idle_all * n as f64 / 1e6
         );
     }
@@ -401,7 +420,8 @@ fn async_neighbours() {
     println!("    evicts all:    evict_idle {idle_all:6.2}   evict_unhealthy {unhealthy_all:6.2}");
 }
 
-/// One sweep of 100,000 and nothing else, for a profiler (`SWEEPS_PROFILE=idle_none|idle_all`):
+/// One sweep of 100,000 and nothing else, for a profiler
+/// (`SWEEPS_PROFILE=idle_none|idle_marked|idle_all`):
 /// `valgrind --tool=callgrind target/release/deps/sweeps-* --bench` with it set.
 fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
     let n = 100_000;
@@ -411,12 +431,19 @@ fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
             let pool = pool_with(&keys, Duration::from_secs(3600));
             assert_eq!(rt.block_on(pool.evict_idle()), 0);
         }
+        "idle_marked" => {
+            let pool = pool_with(&keys, Duration::from_secs(3600));
+            for k in &keys {
+                pool.get(k).expect("pooled");
+            }
+            assert_eq!(rt.block_on(pool.evict_idle()), 0);
+        }
         "idle_all" => {
             let pool = pool_with(&keys, Duration::from_millis(1));
             std::thread::sleep(Duration::from_millis(5));
             assert_eq!(rt.block_on(pool.evict_idle()), n);
         }
-        other => panic!("SWEEPS_PROFILE: idle_none or idle_all, not {other:?}"),
+        other => panic!("SWEEPS_PROFILE: idle_none, idle_marked or idle_all, not {other:?}"),
     }
 }
 

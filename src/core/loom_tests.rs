@@ -498,6 +498,68 @@ fn loom_finished_call_vs_touch_vs_retire() {
     });
 }
 
+/// How `MarkFolds` reaches a connection held by an `Arc` (the sweep holds a map entry instead).
+fn arc_metrics(m: &Arc<ConnectionMetrics>) -> Option<&ConnectionMetrics> {
+    Some(m)
+}
+
+/// I5 for the chunked fold (issue 16): a sweep's look takes the "used" marks of two connections,
+/// then reads the clock once and folds both at that reading, while a `get` on the second one reads
+/// the clock (the instant it is used at) and marks it. The clock is modelled as a counter each
+/// reading increments (a reading is a step of the model, as a real clock read is). In every
+/// interleaving the `get`'s use is either still marked (it came after the clear, for a later fold)
+/// or in the clock at an instant not earlier than the `get`'s: never recorded as earlier than it
+/// happened. The first connection, marked before the threads start, is folded exactly at the
+/// sweep's reading.
+#[test]
+fn loom_chunk_fold_vs_get() {
+    use crate::metrics::MarkFolds;
+    let t0 = Instant::now();
+    model("chunk_fold_vs_get", move || {
+        let clock = Arc::new(loom::sync::atomic::AtomicU64::new(1));
+        let read = move |clock: &loom::sync::atomic::AtomicU64| {
+            t0 + MS * u32::try_from(clock.fetch_add(1, Ordering::SeqCst)).unwrap()
+        };
+        let first = Arc::new(ConnectionMetrics::new(t0, HealthPolicy::default()));
+        let second = Arc::new(ConnectionMetrics::new(t0, HealthPolicy::default()));
+        first.mark_used();
+        second.mark_used();
+        let getter = {
+            let (second, clock) = (Arc::clone(&second), Arc::clone(&clock));
+            thread::spawn(move || {
+                let used_at = read(&clock);
+                second.mark_used();
+                used_at
+            })
+        };
+        let sweeper = {
+            let (first, second, clock) =
+                (Arc::clone(&first), Arc::clone(&second), Arc::clone(&clock));
+            thread::spawn(move || {
+                let mut folds = MarkFolds::with_chunk(t0, arc_metrics, 8);
+                assert!(folds.take(first).is_none(), "the first one was marked");
+                let _ = folds.take(second);
+                let at = read(&clock);
+                folds.fold_at(at);
+                at
+            })
+        };
+        let used_at = getter.join().unwrap();
+        let folded_at = sweeper.join().unwrap();
+        assert_eq!(
+            first.last_used(),
+            folded_at,
+            "I5 violated: a taken mark was not folded at the chunk's reading"
+        );
+        assert!(
+            second.pending_use() || second.last_used() >= used_at,
+            "I5 violated: a get at {:?} was folded at {:?}, earlier than it happened",
+            used_at - t0,
+            second.last_used() - t0
+        );
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // record vs record, record vs verdict: the `CallRecord` under `crate::sync::Mutex`
 // ---------------------------------------------------------------------------------------------
