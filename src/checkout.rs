@@ -24,6 +24,7 @@ use cheetah_string::CheetahString;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+use crate::ConnectionPool;
 use crate::connection::{CallGuard, ConnId, PooledConnection};
 use crate::connector::{Connector, ManagesConnections};
 use crate::core::{
@@ -33,7 +34,6 @@ use crate::error::{Cause, PoolError, count, human};
 use crate::metrics::{ConnectionMetrics, EvictionReason, PoolCounters};
 use crate::pool::Inner;
 use crate::slot::Slot;
-use crate::ConnectionPool;
 
 /// An exclusive connection while the pool owns it or lends it: the connection itself (not shared,
 /// so a checkout can hand out `&mut`), a handle that carries its id, address and metrics (its
@@ -227,7 +227,9 @@ where
 
 impl<C: Send + Sync + 'static> Checkout<C> {
     fn held(&self) -> &Held<C> {
-        self.held.as_ref().expect("a checkout holds its connection until dropped")
+        self.held
+            .as_ref()
+            .expect("a checkout holds its connection until dropped")
     }
 
     /// The connection's identity in the pool.
@@ -901,6 +903,11 @@ where
             tracing::debug!(addr = %addr, conn = %id, "connected (exclusive)");
             self.inner.events.connect(addr, id);
             self.deliver(ex, placed, now);
+            // The line may want another connect (I19 allows more than one per address); at the
+            // cap, the callers in line make room themselves, so they are woken.
+            if self.try_start(addr, slot, &mut None) == Start::Full {
+                self.inner.wake.wake();
+            }
         });
         if let Some(held) = held {
             // The pool closed (and took the line away) while this connect ran.
@@ -1065,7 +1072,11 @@ where
             .map(|e| e.key().clone())
             .collect();
         addrs.sort_unstable();
-        let max_idle = if idle { self.inner.config.max_idle } else { None };
+        let max_idle = if idle {
+            self.inner.config.max_idle
+        } else {
+            None
+        };
         let at_now = self.inner.offset(now);
         let mut closed = 0;
         for addr in addrs {

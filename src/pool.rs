@@ -757,7 +757,8 @@ where
         for_checkout: bool,
         mut attempt: impl FnMut(&mut Option<crate::core::Permit>) -> Option<Result<R, PoolError>>,
     ) -> Result<R, PoolError> {
-        let shared_too = !for_checkout || self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed;
+        let shared_too =
+            !for_checkout || self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed;
         let refuse = || {
             if for_checkout {
                 let ledger = &self.inner.ledger;
@@ -853,10 +854,12 @@ where
             Err(err) => return Err(err),
         }
         // The slow path: full, and the policy allows making room.
-        self.with_room(pooled.addr(), false, |permit| match self.place(&pooled, permit) {
-            Ok(()) => Some(Ok(pooled.clone())),
-            Err(PoolError::AtCapacity { .. }) => None,
-            Err(err) => Some(Err(err)),
+        self.with_room(pooled.addr(), false, |permit| {
+            match self.place(&pooled, permit) {
+                Ok(()) => Some(Ok(pooled.clone())),
+                Err(PoolError::AtCapacity { .. }) => None,
+                Err(err) => Some(Err(err)),
+            }
         })
     }
 
@@ -1095,8 +1098,7 @@ where
                 let (idle, checked_out, connecting, waiting) = ex.counts();
                 stats.total += idle + checked_out;
                 stats.idle += idle;
-                stats.healthy +=
-                    checked_out + ex.idle_metrics().filter(|m| m.is_healthy()).count();
+                stats.healthy += checked_out + ex.idle_metrics().filter(|m| m.is_healthy()).count();
                 stats.reserved += connecting;
                 stats.checked_out += checked_out;
                 stats.waiting += waiting;

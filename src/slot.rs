@@ -97,9 +97,10 @@ impl<C> Slot<C> {
     /// `true` when [`tidy`](Self::tidy) would free something: the out-of-line part is allocated
     /// but holds nothing worth keeping at `now`.
     pub(crate) fn needs_tidy(&self, now: Duration, policy: &EjectionPolicy) -> bool {
-        self.cold.as_ref().is_some_and(|c| {
-            c.exclusive.as_ref().is_some_and(|e| e.is_empty())
-        }) || (self.cold.is_some() && self.cold_is_settled(now, policy))
+        self.cold
+            .as_ref()
+            .is_some_and(|c| c.exclusive.as_ref().is_some_and(|e| e.is_empty()))
+            || (self.cold.is_some() && self.cold_is_settled(now, policy))
     }
 
     /// Frees the out-of-line part once it holds nothing worth keeping at `now`: no connect in

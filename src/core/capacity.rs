@@ -219,9 +219,14 @@ impl LastSlot<'_> {
 
 impl Drop for LastSlot<'_> {
     fn drop(&mut self) {
-        self.ledger.used.fetch_and(COUNT, Ordering::AcqRel);
-        // The kept slot is everyone's again: a caller refused by it may take it now.
-        self.ledger.released();
+        let prev = self.ledger.used.fetch_and(COUNT, Ordering::AcqRel);
+        // The kept slot is everyone's again: a caller refused by it may take it now, if it is
+        // free. Only then: a room-maker that found the pool full and gave up must not wake the
+        // callers waiting for room, which would make room again, find it full again, and wake
+        // them again, for ever.
+        if self.ledger.max == 0 || prev & COUNT < self.ledger.max {
+            self.ledger.released();
+        }
     }
 }
 
@@ -300,13 +305,18 @@ mod tests {
         let (cell, log) = (Arc::clone(&ledger_cell), Arc::clone(&seen));
         let hook: ReleaseHook = Arc::new(move || {
             let ledger = cell.lock().unwrap().as_ref().and_then(|w| w.upgrade());
-            log.lock().unwrap().push(ledger.map_or(usize::MAX, |l| l.used()));
+            log.lock()
+                .unwrap()
+                .push(ledger.map_or(usize::MAX, |l| l.used()));
         });
         let ledger = Arc::new(CapacityLedger::with_release_hook(2, hook));
         *ledger_cell.lock().unwrap() = Some(Arc::downgrade(&ledger));
         let a = ledger.try_acquire().unwrap();
         let b = ledger.try_acquire().unwrap();
-        assert!(seen.lock().unwrap().is_empty(), "acquiring releases nothing");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "acquiring releases nothing"
+        );
         drop(a);
         let last = ledger.reserve_last().unwrap();
         drop(last);
@@ -314,6 +324,14 @@ mod tests {
         // The hook runs after the count dropped: a waiter it wakes finds the slot free (I1 holds:
         // it never sees a slot that is not there).
         assert_eq!(*seen.lock().unwrap(), [1, 1, 0]);
+        // A kept last slot given back while the ledger is full frees nothing: no wake-up (a
+        // room-maker that found no room would otherwise wake the waiters for ever).
+        let a = ledger.try_acquire().unwrap();
+        let last = ledger.reserve_last().unwrap();
+        let b = last.try_acquire().unwrap();
+        drop(last);
+        assert_eq!(seen.lock().unwrap().len(), 3, "nothing was freed");
+        drop((a, b));
     }
 
     #[test]
