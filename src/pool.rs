@@ -33,6 +33,14 @@ use crate::sweep::LruTake;
 /// only a burst of concurrent changes can repeat.
 pub(crate) const MAX_ROOM_ATTEMPTS: usize = 16;
 
+/// The exclusive connections of a slot, idle or checked out.
+fn exclusive_live<C>(slot: &Slot<C>) -> usize {
+    slot.exclusive().map_or(0, |ex| {
+        let (idle, checked_out, _, _) = ex.counts();
+        idle + checked_out
+    })
+}
+
 /// The map's key for an address given as a string. Addresses of up to 23 bytes (every IPv4
 /// `host:port`) are stored inline by `CheetahString`, so this does not allocate for them.
 pub(crate) fn key(addr: &str) -> CheetahString {
@@ -1057,17 +1065,23 @@ where
     /// Live connections, counted address by address (O(addresses)). While connections are added
     /// and removed concurrently the count is not a snapshot; [`used_slots`](Self::used_slots) is the
     /// exact figure the cap (I1) is held against.
+    ///
+    /// Exclusive connections ([`checkout`](Self::checkout)) count too, idle or checked out.
     pub fn len(&self) -> usize {
         self.inner
             .map
             .iter()
-            .filter(|e| e.value().conn.is_some())
-            .count()
+            .map(|e| usize::from(e.value().conn.is_some()) + exclusive_live(e.value()))
+            .sum()
     }
 
-    /// `true` when no connection is pooled.
+    /// `true` when no connection is pooled, shared or exclusive.
     pub fn is_empty(&self) -> bool {
-        !self.inner.map.iter().any(|e| e.value().conn.is_some())
+        !self
+            .inner
+            .map
+            .iter()
+            .any(|e| e.value().conn.is_some() || exclusive_live(e.value()) > 0)
     }
 
     /// Slots in use: live connections plus connects in flight (I3: never above the cap).
