@@ -495,7 +495,7 @@ mod tests {
             q.connected(conn, S);
         }
         for conn in 1..=4 {
-            q.release(conn, true, u64::from(conn) * S);
+            q.release(conn, true, conn * S);
         }
         assert_eq!(q.take_idle_where(|&c, _| c % 2 == 0), vec![2, 4]);
         assert_eq!(q.idle_iter().map(|(c, _)| *c).collect::<Vec<_>>(), [1, 3]);
