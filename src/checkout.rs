@@ -285,7 +285,7 @@ impl<C: Send + Sync + 'static> Checkout<C> {
     /// let pool = ConnectionPool::builder().connector(Unit).build().unwrap();
     /// let conn = pool.checkout("10.0.0.1:80").await.unwrap();
     /// conn.begin().failure();
-    /// assert_eq!(conn.metrics().error_count(), 1);
+    /// assert_eq!(conn.metrics().total_errors(), 1);
     /// # }
     /// ```
     pub fn metrics(&self) -> &ConnectionMetrics {
