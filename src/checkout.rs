@@ -95,6 +95,9 @@ pub(crate) struct Wake {
     /// Checkouts waiting now. While zero, a release costs one load and wakes nobody.
     waiting: AtomicUsize,
     notify: Notify,
+    /// Set by the pool's first checkout: until then the sweeps skip their pass over the
+    /// exclusive connections (a pool used only shared pays no second pass over its map).
+    pub(crate) used: std::sync::atomic::AtomicBool,
 }
 
 impl Wake {
@@ -102,6 +105,7 @@ impl Wake {
         Self {
             waiting: AtomicUsize::new(0),
             notify: Notify::new(),
+            used: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -445,6 +449,10 @@ impl<C: Send + Sync + 'static, K: ManagesConnections<C>> Drop for Waiting<'_, C,
                     if let Some(ex) = slot.exclusive_mut() {
                         ex.queue.cancel(id);
                         ex.take_sender(id);
+                        // The next caller may now be first in line, the one that makes room.
+                        if ex.queue.waiting() > 0 {
+                            self.pool.inner.wake.wake();
+                        }
                     }
                     None
                 }
@@ -598,7 +606,7 @@ where
             tokio::pin!(notified);
             notified.as_mut().enable();
             if pump {
-                retry_at = match self.pump(addr) {
+                retry_at = match self.pump(addr, id) {
                     Start::Backoff(at) => Some(at),
                     _ => None,
                 };
@@ -635,6 +643,9 @@ where
         let now = Instant::now();
         let limits = self.limits();
         let deadline_at = self.inner.offset(deadline);
+        if !self.inner.wake.used.load(Ordering::Relaxed) {
+            self.inner.wake.used.store(true, Ordering::Relaxed);
+        }
         self.with_slot(addr, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
@@ -722,13 +733,19 @@ where
     }
 
     /// Tries to start a connect for the address's line, making room at the global cap by closing
-    /// an idle connection of another address (least recently used first).
-    fn pump(&self, addr: &CheetahString) -> Start {
-        let first = self
-            .with_existing_slot(addr, |slot| self.try_start(addr, slot, &mut None))
-            .unwrap_or(Start::Nothing);
-        if first != Start::Full {
-            return first;
+    /// an idle connection of another address (least recently used first). Only the first caller
+    /// in line makes room (it is always a live future: one that gave up left the line), so a
+    /// wake-up costs the others one lock of their own entry, not a pass over the map each.
+    fn pump(&self, addr: &CheetahString, me: WaiterId) -> Start {
+        let (start, first) = self
+            .with_existing_slot(addr, |slot| {
+                let start = self.try_start(addr, slot, &mut None);
+                let first = slot.exclusive().and_then(|ex| ex.queue.first_waiter());
+                (start, first == Some(me))
+            })
+            .unwrap_or((Start::Nothing, false));
+        if start != Start::Full || !first {
+            return start;
         }
         let made = self.with_room(addr, true, |permit| {
             match self
@@ -767,6 +784,10 @@ where
             };
             ex.queue.cancel(id);
             ex.take_sender(id);
+            if ex.queue.waiting() > 0 {
+                // The next caller may now be first in line, the one that makes room.
+                self.inner.wake.wake();
+            }
             let live = ex.queue.live();
             if let Some(err) = backoff
                 && live == 0
@@ -1064,6 +1085,11 @@ where
     /// one's, I5) and those unfit for use (I8, I9), address by address under each lock. A checked-out connection is never
     /// looked at (I5). Returns how many it closed.
     pub(crate) fn sweep_exclusive(&self, now: Instant, idle: bool) -> usize {
+        // Relaxed is enough: an exclusive connection exists only after a checkout set the flag
+        // under an entry lock, which this pass's lookups then take.
+        if !self.inner.wake.used.load(Ordering::Relaxed) {
+            return 0;
+        }
         let mut addrs: Vec<CheetahString> = self
             .inner
             .map

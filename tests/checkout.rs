@@ -719,3 +719,35 @@ async fn stats_and_addresses_count_exclusive_connections_and_the_line() {
         EvictionReason::Manual
     );
 }
+
+/// Only the first caller in line makes room; the others are served as the line moves: each
+/// connection idled elsewhere goes to the line that waits, one after the other.
+#[tokio::test(start_paused = true)]
+async fn every_caller_of_a_starved_line_is_served_as_room_appears() {
+    let script = Script::always(Outcome::Ok(MS));
+    let pool = pool(&script, 2, 2);
+    let a1 = pool.checkout(addr(0)).await.unwrap();
+    let a2 = pool.checkout(addr(0)).await.unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            // The checkout is held (returned), so the two callers need two connections.
+            tokio::spawn(async move { pool.checkout(addr(1)).await })
+        })
+        .collect();
+    until("both in line", || pool.stats().waiting == 2).await;
+    drop(a1);
+    advance(10 * MS).await;
+    drop(a2);
+    let mut held = Vec::new();
+    for w in waiters {
+        held.push(w.await.unwrap().expect("served, not starved"));
+    }
+    assert_ne!(
+        held[0].id(),
+        held[1].id(),
+        "I20 violated: two callers held one connection"
+    );
+    assert_eq!(pool.stats().evictions.make_room, 2);
+    assert!(script.open_now() <= 2, "I1 violated");
+}
