@@ -199,8 +199,15 @@ where
                 self.inner
                     .retire(slot, pooled, EvictionReason::Manual, None, now);
             }
+            // Checkouts in line get `Closed`, idle exclusive connections are closed; those
+            // checked out are closed when they come back (they find no line).
+            self.close_exclusive(slot);
             false
         });
+        // Exclusive connects: each either started before the sweep took its address's lock (and
+        // is counted here) or saw the flag. Each stops at `closing` and closes what it made.
+        let mut connects = self.inner.ex_connects.subscribe();
+        let _ = connects.wait_for(|n| *n == 0).await;
         tracing::debug!("pool closed");
     }
 }

@@ -65,6 +65,18 @@ pub struct PoolConfig {
     /// connection neither used nor probed for longer than this before handing it out, and connects
     /// afresh if the probe fails. `None` (the default) hands pooled connections out unprobed.
     pub check_idle_before_use: Option<Duration>,
+    /// Connections an address may have for [`checkout`](crate::ConnectionPool::checkout): idle,
+    /// checked out and connecting (I19), under the global cap. At least 1. Default: 1, as many as
+    /// the shared connection of [`get_or_connect`](crate::ConnectionPool::get_or_connect).
+    pub max_per_address: usize,
+    /// How long [`checkout`](crate::ConnectionPool::checkout) waits in line for a connection
+    /// (I16). `None` (the default) uses `connect_timeout`: a caller waits no longer for a free
+    /// connection than it would for a new one.
+    pub checkout_timeout: Option<Duration>,
+    /// A checked-out connection older than this is closed when it comes back instead of being
+    /// kept (an idle one past it is closed instead of being handed out). `None` (the default):
+    /// connections live until evicted for another reason.
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -83,6 +95,9 @@ impl Default for PoolConfig {
             probe_timeout: None,
             probe_concurrency: 16,
             check_idle_before_use: None,
+            max_per_address: 1,
+            checkout_timeout: None,
+            max_lifetime: None,
         }
     }
 }
@@ -116,7 +131,30 @@ impl PoolConfig {
                 shards: self.shard_amount,
             });
         }
-        self.validate_probing()
+        self.validate_probing()?;
+        self.validate_checkout()
+    }
+
+    fn validate_checkout(&self) -> Result<(), ConfigError> {
+        if self.max_per_address == 0 {
+            return Err(ConfigError::ZeroMaxPerAddress);
+        }
+        if let Some(timeout) = self.checkout_timeout
+            && timeout < Duration::from_millis(1)
+        {
+            return Err(ConfigError::CheckoutTimeoutTooShort { timeout });
+        }
+        if let Some(lifetime) = self.max_lifetime
+            && lifetime < Duration::from_millis(1)
+        {
+            return Err(ConfigError::MaxLifetimeTooShort { lifetime });
+        }
+        Ok(())
+    }
+
+    /// How long a checkout waits: `checkout_timeout`, or else `connect_timeout`.
+    pub(crate) fn effective_checkout_timeout(&self) -> Duration {
+        self.checkout_timeout.unwrap_or(self.connect_timeout)
     }
 
     fn validate_probing(&self) -> Result<(), ConfigError> {

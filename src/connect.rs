@@ -157,7 +157,7 @@ where
         }
     }
 
-    fn backoff_error(
+    pub(crate) fn backoff_error(
         &self,
         addr: &CheetahString,
         slot: &Slot<C>,
@@ -187,7 +187,7 @@ where
             Decision::Full if self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed => {}
             decision => return self.launch(addr, decision),
         }
-        self.with_room(addr, |permit| match self.decide(addr, permit) {
+        self.with_room(addr, false, |permit| match self.decide(addr, permit) {
             Decision::Full => None,
             decision => Some(self.launch(addr, decision)),
         })

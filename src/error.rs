@@ -240,6 +240,21 @@ pub enum ConfigError {
     /// At least one probe must be allowed at a time.
     #[error("probe concurrency must be at least 1")]
     ZeroProbeConcurrency,
+    /// `max_per_address` must be at least 1.
+    #[error("max_per_address must be at least 1")]
+    ZeroMaxPerAddress,
+    /// The checkout timeout, when set, must be at least 1 ms.
+    #[error("checkout timeout {timeout:?} is shorter than 1 ms")]
+    CheckoutTimeoutTooShort {
+        /// The value given.
+        timeout: Duration,
+    },
+    /// `max_lifetime`, when set, must be at least 1 ms.
+    #[error("max lifetime {lifetime:?} is shorter than 1 ms")]
+    MaxLifetimeTooShort {
+        /// The value given.
+        lifetime: Duration,
+    },
 }
 
 #[cfg(test)]

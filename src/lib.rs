@@ -3,6 +3,7 @@
 
 mod bounded;
 mod call;
+mod checkout;
 mod cleanup;
 mod config;
 mod connect;
@@ -27,6 +28,7 @@ mod warmup;
 pub mod tcp;
 
 pub use call::{Call, CallError, CallOutcome, CallTarget, EveryErrorFails, FromPool};
+pub use checkout::{Checkout, CheckoutError};
 pub use cheetah_string::CheetahString;
 pub use config::{MAX_SHARDS, PoolConfig, WhenFull};
 pub use connection::{CallGuard, ConnId, PooledConnection, SharedMetrics};
@@ -37,7 +39,7 @@ pub use events::PoolEvents;
 pub use export::{DEFAULT_EXPORTED_ADDRESSES, describe_metrics};
 pub use metrics::{
     AddressState, ConnectStats, ConnectionMetrics, ConnectionState, EvictionReason, EvictionStats,
-    PoolStats,
+    ExclusiveState, PoolStats,
 };
 pub use pool::{ConnectionPool, PoolBuilder};
 pub use probe::ProbeRound;

@@ -885,16 +885,22 @@ pub struct ConnectStats {
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PoolStats {
-    /// Live connections (gauge).
+    /// Live connections, shared and exclusive (idle or checked out) (gauge).
     pub total: usize,
-    /// Live connections neither unhealthy nor closed (gauge).
+    /// Live connections neither unhealthy nor closed (gauge). A checked-out exclusive connection
+    /// counts as healthy: its verdict is taken when it comes back.
     pub healthy: usize,
-    /// Live connections that are idle now (gauge).
+    /// Live connections that are idle now: shared ones by the idle clock, exclusive ones waiting
+    /// in their line for a caller (gauge).
     pub idle: usize,
     /// Calls in flight over all live connections (gauge).
     pub in_flight: u64,
-    /// Slots held by connects in flight (gauge).
+    /// Slots held by connects in flight, shared and exclusive (gauge).
     pub reserved: usize,
+    /// Exclusive connections checked out now (gauge; also counted in `total` and `healthy`).
+    pub checked_out: usize,
+    /// Callers waiting in line for an exclusive connection now (gauge).
+    pub waiting: usize,
     /// The configured cap; `0` = unlimited.
     pub max_connections: usize,
     /// Finished calls, successes plus failures, since the pool was built (cumulative). Until 0.2
@@ -969,6 +975,43 @@ pub struct AddressState {
     pub ejection_count: u32,
     /// When it may be connected again, while it backs off.
     pub backoff_until: Option<Instant>,
+    /// Its exclusive connections and line (see
+    /// [`ConnectionPool::checkout`](crate::ConnectionPool::checkout)).
+    pub exclusive: ExclusiveState,
+}
+
+/// An address's exclusive connections and the callers in line for them, in an [`AddressState`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use keyed_pool::{ConnectionPool, Connector};
+/// struct Unit;
+/// impl Connector for Unit {
+///     type Conn = ();
+///     type Error = std::io::Error;
+///     async fn connect(&self, _addr: &str) -> std::io::Result<()> {
+///         Ok(())
+///     }
+/// }
+/// let pool = ConnectionPool::builder().connector(Unit).build().unwrap();
+/// let held = pool.checkout("10.0.0.1:80").await.unwrap();
+/// let state = pool.address("10.0.0.1:80").unwrap().exclusive;
+/// assert_eq!((state.idle, state.checked_out, state.connecting, state.waiting), (0, 1, 0, 0));
+/// drop(held);
+/// assert_eq!(pool.address("10.0.0.1:80").unwrap().exclusive.idle, 1);
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExclusiveState {
+    /// Idle, in line for the next caller.
+    pub idle: usize,
+    /// Checked out to a caller.
+    pub checked_out: usize,
+    /// Connects in flight for the line.
+    pub connecting: usize,
+    /// Callers in line.
+    pub waiting: usize,
 }
 
 /// A pooled connection's state, in an [`AddressState`].
@@ -1077,6 +1120,15 @@ where
             connecting: slot.flight().is_some(),
             ejection_count: slot.ejection().count_at(at, &self.inner.config.ejection),
             backoff_until: slot.ejection().retry_after(at).map(|left| now + left),
+            exclusive: slot.exclusive().map_or_else(ExclusiveState::default, |ex| {
+                let (idle, checked_out, connecting, waiting) = ex.counts();
+                ExclusiveState {
+                    idle,
+                    checked_out,
+                    connecting,
+                    waiting,
+                }
+            }),
         }
     }
 }

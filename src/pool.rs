@@ -32,6 +32,14 @@ use crate::sweep::LruTake;
 /// only a burst of concurrent changes can repeat.
 pub(crate) const MAX_ROOM_ATTEMPTS: usize = 16;
 
+/// The exclusive connections of a slot, idle or checked out.
+fn exclusive_live<C>(slot: &Slot<C>) -> usize {
+    slot.exclusive().map_or(0, |ex| {
+        let (idle, checked_out, _, _) = ex.counts();
+        idle + checked_out
+    })
+}
+
 /// The map's key for an address given as a string. Addresses of up to 23 bytes (every IPv4
 /// `host:port`) are stored inline by `CheetahString`, so this does not allocate for them.
 pub(crate) fn key(addr: &str) -> CheetahString {
@@ -102,6 +110,11 @@ pub(crate) struct Inner<C, K: ManagesConnections<C>> {
     pub(crate) room: crate::sync::Mutex<()>,
     /// Turns `true` when `close` begins: every connect task stops at once.
     pub(crate) closing: watch::Sender<bool>,
+    /// Wakes the checkouts waiting in line when capacity may have freed (issue 13); the
+    /// ledger's release hook calls it.
+    pub(crate) wake: Arc<crate::checkout::Wake>,
+    /// Exclusive connects in flight (their tasks), which `close` waits for (I17).
+    pub(crate) ex_connects: watch::Sender<usize>,
     /// The origin of the offsets the pure core's ejection state is kept in.
     origin: Instant,
     pub(crate) cleanup: CleanupControl,
@@ -126,6 +139,11 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
     /// `now` as the core's offset.
     pub(crate) fn offset(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.origin)
+    }
+
+    /// The instant of a core offset.
+    pub(crate) fn instant_at(&self, offset: Duration) -> Instant {
+        self.origin + offset
     }
 
     /// One more failure of the address of `slot` at `now`: its ejection count rises and it backs
@@ -169,12 +187,42 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         now: Instant,
     ) {
         let conn = &pooled.conn;
-        self.note_evicted(conn.addr(), conn.id(), reason);
-        tracing::debug!(addr = %conn.addr(), conn = %conn.id(), reason = reason.as_str(), "connection evicted");
-        self.connector.close_conn(conn.client());
+        let created_at = conn.metrics().created_at();
+        self.close_evicted(
+            slot,
+            conn.addr(),
+            conn.id(),
+            conn.client(),
+            created_at,
+            reason,
+            why,
+            now,
+        );
+        // The slot's permit goes last: the connection is out of the map and closed.
+        drop(pooled);
+    }
+
+    /// The part of retiring a connection, shared or exclusive, before its permit goes: counted,
+    /// closed through the connector, and judged (a connection that leaves unhealthy, or closed
+    /// younger than `ejection.short_lived`, counts as a failure of its address, I12).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn close_evicted(
+        &self,
+        slot: &mut Slot<C>,
+        addr: &CheetahString,
+        id: ConnId,
+        client: &C,
+        created_at: Instant,
+        reason: EvictionReason,
+        why: Option<UnhealthyReason>,
+        now: Instant,
+    ) {
+        self.note_evicted(addr, id, reason);
+        tracing::debug!(addr = %addr, conn = %id, reason = reason.as_str(), "connection evicted");
+        self.connector.close_conn(client);
         // The age matters only for a closed connection (and its log line): idle sweeps of many
         // connections skip the clock arithmetic.
-        let age = || now.saturating_duration_since(conn.metrics().created_at());
+        let age = || now.saturating_duration_since(created_at);
         let failed = match reason {
             EvictionReason::Unhealthy => true,
             EvictionReason::Closed => age() < self.config.ejection.short_lived,
@@ -183,15 +231,12 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         if failed {
             let why = why.unwrap_or(UnhealthyReason::Closed);
             if why == UnhealthyReason::Closed {
-                tracing::info!(addr = %conn.addr(), conn = %conn.id(), age = ?age(), "connection died young");
+                tracing::info!(addr = %addr, conn = %id, age = ?age(), "connection died young");
             } else {
-                tracing::info!(addr = %conn.addr(), conn = %conn.id(), cause = %why, "evicting unhealthy connection");
+                tracing::info!(addr = %addr, conn = %id, cause = %why, "evicting unhealthy connection");
             }
-            let addr = conn.addr().clone();
-            self.eject(&addr, slot, now, Arc::new(why));
+            self.eject(addr, slot, now, Arc::new(why));
         }
-        // The slot's permit goes last: the connection is out of the map and closed.
-        drop(pooled);
     }
 
     /// Closes a connection evicted to make room and hands its permit to the caller that made
@@ -213,6 +258,7 @@ impl<C, K: ManagesConnections<C>> Drop for Inner<C, K> {
             if let Some(pooled) = &entry.value().conn {
                 self.connector.close_conn(pooled.conn.client());
             }
+            self.close_idle_exclusive(entry.value());
         }
     }
 }
@@ -466,6 +512,59 @@ impl<K> PoolBuilder<K> {
         self
     }
 
+    /// See [`PoolConfig::max_per_address`]: connections an address may have for
+    /// [`checkout`](ConnectionPool::checkout).
+    ///
+    /// ```
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder().max_per_address(8).build::<u32>().unwrap();
+    /// assert_eq!(pool.config().max_per_address, 8);
+    /// let bad = ConnectionPool::builder().max_per_address(0).build::<u32>();
+    /// assert_eq!(bad.unwrap_err(), ConfigError::ZeroMaxPerAddress);
+    /// ```
+    pub fn max_per_address(mut self, max: usize) -> Self {
+        self.config.max_per_address = max;
+        self
+    }
+
+    /// See [`PoolConfig::checkout_timeout`]: how long a
+    /// [`checkout`](ConnectionPool::checkout) waits in line.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder()
+    ///     .checkout_timeout(Duration::from_millis(250))
+    ///     .build::<u32>()
+    ///     .unwrap();
+    /// assert_eq!(pool.config().checkout_timeout, Some(Duration::from_millis(250)));
+    /// let bad = ConnectionPool::builder().checkout_timeout(Duration::ZERO).build::<u32>();
+    /// assert!(matches!(bad, Err(ConfigError::CheckoutTimeoutTooShort { .. })));
+    /// ```
+    pub fn checkout_timeout(mut self, timeout: Duration) -> Self {
+        self.config.checkout_timeout = Some(timeout);
+        self
+    }
+
+    /// See [`PoolConfig::max_lifetime`]: a checked-out connection older than `lifetime` is
+    /// closed when it comes back.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder()
+    ///     .max_lifetime(Duration::from_secs(600))
+    ///     .build::<u32>()
+    ///     .unwrap();
+    /// assert_eq!(pool.config().max_lifetime, Some(Duration::from_secs(600)));
+    /// let bad = ConnectionPool::builder().max_lifetime(Duration::ZERO).build::<u32>();
+    /// assert!(matches!(bad, Err(ConfigError::MaxLifetimeTooShort { .. })));
+    /// ```
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.max_lifetime = Some(lifetime);
+        self
+    }
+
     /// Validates the configuration and builds the pool.
     ///
     /// # Errors
@@ -492,10 +591,19 @@ where
     fn from_parts(config: PoolConfig, connector: K, extras: PoolExtras) -> Self {
         let shards = config.shard_amount;
         let origin = Instant::now();
+        let wake = Arc::new(crate::checkout::Wake::new());
+        let waker = Arc::clone(&wake);
+        // Every released slot may be the one a checkout waits for (issue 13).
+        let hook: crate::core::ReleaseHook = Arc::new(move || waker.wake());
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
-                ledger: Arc::new(CapacityLedger::new(config.max_connections)),
+                ledger: Arc::new(CapacityLedger::with_release_hook(
+                    config.max_connections,
+                    hook,
+                )),
+                wake,
+                ex_connects: watch::Sender::new(0),
                 conns: Arc::new(crate::metrics::PoolShared::for_pool(
                     origin,
                     config.health,
@@ -540,7 +648,7 @@ where
         self.inner.closed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn new_connection(&self, addr: CheetahString, conn: C) -> PooledConnection<C> {
+    pub(crate) fn new_connection<T>(&self, addr: CheetahString, conn: T) -> PooledConnection<T> {
         let id = ConnId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let metrics = ConnectionMetrics::in_pool(&self.inner.conns, Instant::now());
         PooledConnection::new(id, addr, conn, metrics)
@@ -644,11 +752,31 @@ where
     /// lock): `attempt` decides again for `addr`, given the slot freed for it so far, and returns
     /// `None` while the pool is still full; between attempts the least recently used connection of
     /// another address is closed and its slot handed over. Refuses only when nothing is evictable.
+    ///
+    /// `for_checkout`: a checkout waiter makes the room (issue 13). It may close an idle exclusive
+    /// connection whatever the policy (nobody holds one), a shared one only under
+    /// [`WhenFull::EvictLeastRecentlyUsed`]; and finding no room is not counted as a refusal (the
+    /// waiter waits on).
     pub(crate) fn with_room<R>(
         &self,
         addr: &CheetahString,
+        for_checkout: bool,
         mut attempt: impl FnMut(&mut Option<crate::core::Permit>) -> Option<Result<R, PoolError>>,
     ) -> Result<R, PoolError> {
+        let shared_too =
+            !for_checkout || self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed;
+        let refuse = || {
+            if for_checkout {
+                let ledger = &self.inner.ledger;
+                PoolError::AtCapacity {
+                    max: ledger.max(),
+                    live: ledger.used().saturating_sub(ledger.connecting()),
+                    connecting: ledger.connecting(),
+                }
+            } else {
+                self.at_capacity()
+            }
+        };
         let _room = self.inner.room.lock();
         // While we make room, a slot freed by a removal is ours, not a racer's: otherwise a
         // remove-and-insert elsewhere could take every slot freed under us, and we would refuse
@@ -668,17 +796,17 @@ where
             if let Some(result) = attempt(&mut permit) {
                 return result;
             }
-            match self.take_lru_permit(addr) {
+            match self.take_lru_permit(addr, shared_too) {
                 LruTake::Taken(freed) => permit = Some(freed),
                 LruTake::Raced => nothing_seen = false,
                 // Nothing to evict, seen twice around a failed attempt: the pool is full of
                 // connections in use (or of this address's own racers).
                 LruTake::Nothing if !nothing_seen => nothing_seen = true,
                 LruTake::Nothing if self.is_closed() => return Err(PoolError::Closed),
-                LruTake::Nothing => return Err(self.at_capacity()),
+                LruTake::Nothing => return Err(refuse()),
             }
         }
-        Err(self.at_capacity())
+        Err(refuse())
     }
 
     /// The healthy connection pooled for `addr`, if any. Marks it used (I5): it reads no clock, and
@@ -732,10 +860,12 @@ where
             Err(err) => return Err(err),
         }
         // The slow path: full, and the policy allows making room.
-        self.with_room(pooled.addr(), |permit| match self.place(&pooled, permit) {
-            Ok(()) => Some(Ok(pooled.clone())),
-            Err(PoolError::AtCapacity { .. }) => None,
-            Err(err) => Some(Err(err)),
+        self.with_room(pooled.addr(), false, |permit| {
+            match self.place(&pooled, permit) {
+                Ok(()) => Some(Ok(pooled.clone())),
+                Err(PoolError::AtCapacity { .. }) => None,
+                Err(err) => Some(Err(err)),
+            }
         })
     }
 
@@ -933,17 +1063,23 @@ where
     /// Live connections, counted address by address (O(addresses)). While connections are added
     /// and removed concurrently the count is not a snapshot; [`used_slots`](Self::used_slots) is the
     /// exact figure the cap (I1) is held against.
+    ///
+    /// Exclusive connections ([`checkout`](Self::checkout)) count too, idle or checked out.
     pub fn len(&self) -> usize {
         self.inner
             .map
             .iter()
-            .filter(|e| e.value().conn.is_some())
-            .count()
+            .map(|e| usize::from(e.value().conn.is_some()) + exclusive_live(e.value()))
+            .sum()
     }
 
-    /// `true` when no connection is pooled.
+    /// `true` when no connection is pooled, shared or exclusive.
     pub fn is_empty(&self) -> bool {
-        !self.inner.map.iter().any(|e| e.value().conn.is_some())
+        !self
+            .inner
+            .map
+            .iter()
+            .any(|e| e.value().conn.is_some() || exclusive_live(e.value()) > 0)
     }
 
     /// Slots in use: live connections plus connects in flight (I3: never above the cap).
@@ -970,6 +1106,15 @@ where
         for entry in self.inner.map.iter() {
             let slot = entry.value();
             stats.reserved += usize::from(slot.flight().is_some());
+            if let Some(ex) = slot.exclusive() {
+                let (idle, checked_out, connecting, waiting) = ex.counts();
+                stats.total += idle + checked_out;
+                stats.idle += idle;
+                stats.healthy += checked_out + ex.idle_metrics().filter(|m| m.is_healthy()).count();
+                stats.reserved += connecting;
+                stats.checked_out += checked_out;
+                stats.waiting += waiting;
+            }
             let Some(pooled) = &slot.conn else { continue };
             let m = pooled.conn.metrics();
             stats.total += 1;

@@ -114,15 +114,27 @@ where
 
     /// The probe and its record, without the eviction.
     async fn probe_recorded(&self, conn: &PooledConnection<C>) -> Result<(), PoolError> {
+        self.probe_client(conn.client(), conn).await
+    }
+
+    /// The probe of `client`, recorded in the metrics of `conn` (the connection itself, or, for a
+    /// checked-out connection, the handle that carries its id, address and metrics).
+    pub(crate) async fn probe_client<T>(
+        &self,
+        client: &C,
+        conn: &PooledConnection<T>,
+    ) -> Result<(), PoolError>
+    where
+        T: Send + Sync + 'static,
+    {
         let timeout = self.inner.config.effective_probe_timeout();
         let claim = ProbeClaim::new(conn.shared_metrics());
         let started = Instant::now();
-        let answer =
-            tokio::time::timeout(timeout, self.inner.connector.probe_conn(conn.client())).await;
+        let answer = tokio::time::timeout(timeout, self.inner.connector.probe_conn(client)).await;
         let addr = conn.addr();
         // Asked after the probe: a probe that failed because the peer closed the transport is a
         // closed connection, not a silent server.
-        let open = self.inner.connector.is_conn_open(conn.client()) && !conn.metrics().is_closed();
+        let open = self.inner.connector.is_conn_open(client) && !conn.metrics().is_closed();
         let (end, result) = match answer {
             Ok(Ok(())) if open => (
                 ProbeEnd::Answered(Instant::now().saturating_duration_since(started)),

@@ -1,13 +1,15 @@
 //! [`Slot`]: everything the pool keeps for one address, in one map entry, decided under that
 //! entry's lock: the pooled connection with the capacity permit it holds, the connect in flight,
 //! and the address's ejection state. There is no second map to keep in step, and no lock-order rule.
-//! The last two live out of line, allocated only while an address has one of them.
+//! The last two, and the exclusive checkouts of the address (issue 13), live out of line,
+//! allocated only while an address has one of them.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::checkout::Exclusive;
 use crate::connection::PooledConnection;
 use crate::core::{BackoffPolicy, Ejection, EjectionPolicy, Permit};
 use crate::error::{Cause, PoolError};
@@ -52,6 +54,10 @@ struct Cold<C> {
     ejection: Ejection,
     /// The failure behind the current backoff, for [`PoolError::Backoff`].
     cause: Option<Cause>,
+    /// The address's exclusive connections and its line of checkout callers, allocated by its
+    /// first checkout and freed once it holds nothing (no connection, no connect, nobody in line).
+    /// Boxed again: an address that only connects or fails (the shared mode) pays a pointer.
+    exclusive: Option<Box<Exclusive<C>>>,
 }
 
 impl<C> Default for Slot<C> {
@@ -81,22 +87,31 @@ impl<C> Slot<C> {
 
     /// `true` when the out-of-line part is absent or holds nothing worth keeping at `now`.
     fn cold_is_settled(&self, now: Duration, policy: &EjectionPolicy) -> bool {
-        self.cold
-            .as_ref()
-            .is_none_or(|c| c.flight.is_none() && c.ejection.is_settled(now, policy))
+        self.cold.as_ref().is_none_or(|c| {
+            c.flight.is_none()
+                && c.ejection.is_settled(now, policy)
+                && c.exclusive.as_ref().is_none_or(|e| e.is_empty())
+        })
     }
 
     /// `true` when [`tidy`](Self::tidy) would free something: the out-of-line part is allocated
     /// but holds nothing worth keeping at `now`.
     pub(crate) fn needs_tidy(&self, now: Duration, policy: &EjectionPolicy) -> bool {
-        self.cold.is_some() && self.cold_is_settled(now, policy)
+        self.cold
+            .as_ref()
+            .is_some_and(|c| c.exclusive.as_ref().is_some_and(|e| e.is_empty()))
+            || (self.cold.is_some() && self.cold_is_settled(now, policy))
     }
 
     /// Frees the out-of-line part once it holds nothing worth keeping at `now`: no connect in
     /// flight and a settled ejection state (whose cause no error can report any more).
     pub(crate) fn tidy(&mut self, now: Duration, policy: &EjectionPolicy) {
-        if self.needs_tidy(now, policy) {
+        if self.cold.is_some() && self.cold_is_settled(now, policy) {
             self.cold = None;
+        } else if let Some(cold) = self.cold.as_mut()
+            && cold.exclusive.as_ref().is_some_and(|e| e.is_empty())
+        {
+            cold.exclusive = None;
         }
     }
 
@@ -112,8 +127,31 @@ impl<C> Slot<C> {
                 flight: None,
                 ejection: Ejection::default(),
                 cause: None,
+                exclusive: None,
             })
         })
+    }
+
+    /// The address's exclusive checkouts, if it has any state for them.
+    pub(crate) fn exclusive(&self) -> Option<&Exclusive<C>> {
+        self.cold.as_ref()?.exclusive.as_deref()
+    }
+
+    /// The address's exclusive checkouts, if it has any state for them, to change.
+    pub(crate) fn exclusive_mut(&mut self) -> Option<&mut Exclusive<C>> {
+        self.cold.as_mut()?.exclusive.as_deref_mut()
+    }
+
+    /// The address's exclusive checkouts, allocated if it had none.
+    pub(crate) fn exclusive_or_new(&mut self) -> &mut Exclusive<C> {
+        self.cold_mut()
+            .exclusive
+            .get_or_insert_with(|| Box::new(Exclusive::new()))
+    }
+
+    /// Takes the address's exclusive state out (`close`).
+    pub(crate) fn take_exclusive(&mut self) -> Option<Box<Exclusive<C>>> {
+        self.cold.as_mut()?.exclusive.take()
     }
 
     /// The connect in flight for the address, if any.

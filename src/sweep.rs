@@ -90,6 +90,7 @@ where
         let now = Instant::now();
         let candidates = self.look(move |pool| pool.idle_candidates(now)).await;
         in_chunks(&candidates, |chunk| self.evict_idle_candidates(now, chunk)).await
+            + self.sweep_exclusive(now, true)
     }
 
     /// Runs a sweep's look phase (a pass over the whole map under shard read locks, then a sort):
@@ -224,6 +225,7 @@ where
             self.evict_unhealthy_candidates(now, chunk)
         })
         .await
+            + self.sweep_exclusive(now, false)
     }
 
     /// The look phase of a health sweep: `(addr, id)` of the connections not fit for use, sorted.
@@ -257,32 +259,36 @@ where
     }
 
     /// Makes room for a connection to `except`: closes the least-recently-used connection of another
-    /// address that has no call in flight and is not being handed to the callers that waited for
-    /// its connect, and hands its capacity slot over to the caller (so no racer takes the freed slot
-    /// first). A victim is taken only while the pool is still full, checked under the victim's
-    /// entry lock. Called with the pool's room lock held (see [`Inner::room`]).
-    pub(crate) fn take_lru_permit(&self, except: &CheetahString) -> LruTake {
+    /// address that nobody holds, and hands its capacity slot over to the caller (so no racer
+    /// takes the freed slot first): an idle exclusive connection (issue 13), or, if `shared_too`, a
+    /// shared one with no call in flight that is not being handed to the callers that waited for
+    /// its connect. A victim is taken only while the pool is still full, checked under the
+    /// victim's entry lock. Called with the pool's room lock held (see [`Inner::room`]).
+    pub(crate) fn take_lru_permit(&self, except: &CheetahString, shared_too: bool) -> LruTake {
         let max = self.inner.ledger.max();
         // Least recently used first: connections with no `get` since the last fold (their clock
-        // is exact), then by the clock. A `get`'s mark sorts as newer than any clock.
-        let mut candidates: Vec<(bool, Instant, CheetahString, ConnId)> = self
-            .inner
-            .map
-            .iter()
-            .filter(|e| e.key() != except)
-            .filter_map(|e| {
-                let pooled = e.value().conn.as_ref()?;
-                let m = pooled.conn.metrics();
-                (m.in_flight() == 0 && !pooled.in_handoff()).then(|| {
-                    (
-                        m.pending_use(),
-                        m.last_used(),
-                        e.key().clone(),
-                        pooled.conn.id(),
-                    )
-                })
-            })
-            .collect();
+        // is exact; an idle exclusive connection's return time is exact too), then by the clock.
+        // A `get`'s mark sorts as newer than any clock. The last field says which kind it is.
+        let mut candidates: Vec<(bool, Instant, CheetahString, ConnId, bool)> = Vec::new();
+        for e in self.inner.map.iter().filter(|e| e.key() != except) {
+            let slot = e.value();
+            if let Some((id, at)) = slot.exclusive().and_then(|ex| ex.least_recently_used()) {
+                candidates.push((false, self.inner.instant_at(at), e.key().clone(), id, true));
+            }
+            let Some(pooled) = slot.conn.as_ref().filter(|_| shared_too) else {
+                continue;
+            };
+            let m = pooled.conn.metrics();
+            if m.in_flight() == 0 && !pooled.in_handoff() {
+                candidates.push((
+                    m.pending_use(),
+                    m.last_used(),
+                    e.key().clone(),
+                    pooled.conn.id(),
+                    false,
+                ));
+            }
+        }
         if candidates.is_empty() {
             // Nothing to evict, unless room appeared since the caller found the pool full.
             return if self.inner.ledger.used() < max {
@@ -292,12 +298,17 @@ where
             };
         }
         candidates.sort_unstable();
-        for (_, _, addr, id) in candidates.into_iter().take(8) {
+        for (_, _, addr, id, exclusive) in candidates.into_iter().take(8) {
             let taken = self.with_existing_slot(&addr, |slot| {
+                if self.inner.ledger.used() < max {
+                    return None;
+                }
+                if exclusive {
+                    return self.take_idle_exclusive_for_room(slot, id);
+                }
                 let still = slot.conn.as_ref().is_some_and(|pooled| {
                     pooled.conn.id() == id
                         && !pooled.in_handoff()
-                        && self.inner.ledger.used() >= max
                         && pooled.conn.metrics().try_retire_unused()
                 });
                 if !still {

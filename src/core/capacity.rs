@@ -23,7 +23,6 @@ use crate::sync::atomic::{AtomicUsize, Ordering};
 /// drop(b);
 /// assert_eq!(ledger.used(), 0);
 /// ```
-#[derive(Debug)]
 pub struct CapacityLedger {
     max: usize,
     /// The slots held, and in its top bit ([`LAST_SLOT_RESERVED`]) whether the last free slot is
@@ -33,6 +32,25 @@ pub struct CapacityLedger {
     /// How many of the `used` slots are reserved by connects in flight (for error messages and
     /// stats: the cap is held against `used` alone).
     connecting: AtomicUsize,
+    /// Called after a slot is released (a permit dropped, or the kept last slot given back), so
+    /// that callers waiting for capacity elsewhere can try again (issue 13: a checkout waiting at
+    /// the global cap). The core knows no runtime: the async layer passes a function that wakes
+    /// its waiters, and keeps it cheap when nobody waits.
+    on_release: Option<ReleaseHook>,
+}
+
+/// What [`CapacityLedger::with_release_hook`] calls after each release.
+pub type ReleaseHook = Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for CapacityLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapacityLedger")
+            .field("max", &self.max)
+            .field("used", &self.used())
+            .field("connecting", &self.connecting())
+            .field("on_release", &self.on_release.is_some())
+            .finish()
+    }
 }
 
 /// One capacity slot, held until dropped. Not `Clone`: a slot is released exactly once.
@@ -69,6 +87,7 @@ impl Drop for Permit {
         // subtraction leaves the reservation bit as it is.
         let prev = self.ledger.used.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(prev & COUNT > 0, "a capacity slot was released twice");
+        self.ledger.released();
     }
 }
 
@@ -79,6 +98,37 @@ impl CapacityLedger {
             max,
             used: AtomicUsize::new(0),
             connecting: AtomicUsize::new(0),
+            on_release: None,
+        }
+    }
+
+    /// A ledger of `max` slots that calls `hook` after every release: a [`Permit`] dropped, or a
+    /// [`LastSlot`] given back. The hook runs on the releasing thread, possibly under a lock of the
+    /// caller's, so it must be quick and must not take slots itself.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use keyed_pool::core::CapacityLedger;
+    /// let released = Arc::new(AtomicUsize::new(0));
+    /// let seen = Arc::clone(&released);
+    /// let hook = Arc::new(move || {
+    ///     seen.fetch_add(1, Ordering::SeqCst);
+    /// });
+    /// let ledger = Arc::new(CapacityLedger::with_release_hook(1, hook));
+    /// drop(ledger.try_acquire().expect("a free slot"));
+    /// assert_eq!(released.load(Ordering::SeqCst), 1);
+    /// ```
+    pub fn with_release_hook(max: usize, hook: ReleaseHook) -> Self {
+        Self {
+            on_release: Some(hook),
+            ..Self::new(max)
+        }
+    }
+
+    fn released(&self) {
+        if let Some(hook) = &self.on_release {
+            hook();
         }
     }
 
@@ -169,7 +219,14 @@ impl LastSlot<'_> {
 
 impl Drop for LastSlot<'_> {
     fn drop(&mut self) {
-        self.ledger.used.fetch_and(COUNT, Ordering::AcqRel);
+        let prev = self.ledger.used.fetch_and(COUNT, Ordering::AcqRel);
+        // The kept slot is everyone's again: a caller refused by it may take it now, if it is
+        // free. Only then: a room-maker that found the pool full and gave up must not wake the
+        // callers waiting for room, which would make room again, find it full again, and wake
+        // them again, for ever.
+        if self.ledger.max == 0 || prev & COUNT < self.ledger.max {
+            self.ledger.released();
+        }
     }
 }
 
@@ -238,6 +295,43 @@ mod tests {
         assert!(ledger.reserve_last().is_some(), "free to keep again");
         drop((a, b, c));
         assert_eq!(ledger.used(), 0, "I3 violated");
+    }
+
+    #[test]
+    fn the_release_hook_runs_after_every_release_and_sees_the_slot_free() {
+        use std::sync::Mutex;
+        let ledger_cell: Arc<Mutex<Option<std::sync::Weak<CapacityLedger>>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let (cell, log) = (Arc::clone(&ledger_cell), Arc::clone(&seen));
+        let hook: ReleaseHook = Arc::new(move || {
+            let ledger = cell.lock().unwrap().as_ref().and_then(|w| w.upgrade());
+            log.lock()
+                .unwrap()
+                .push(ledger.map_or(usize::MAX, |l| l.used()));
+        });
+        let ledger = Arc::new(CapacityLedger::with_release_hook(2, hook));
+        *ledger_cell.lock().unwrap() = Some(Arc::downgrade(&ledger));
+        let a = ledger.try_acquire().unwrap();
+        let b = ledger.try_acquire().unwrap();
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "acquiring releases nothing"
+        );
+        drop(a);
+        let last = ledger.reserve_last().unwrap();
+        drop(last);
+        drop(b);
+        // The hook runs after the count dropped: a waiter it wakes finds the slot free (I1 holds:
+        // it never sees a slot that is not there).
+        assert_eq!(*seen.lock().unwrap(), [1, 1, 0]);
+        // A kept last slot given back while the ledger is full frees nothing: no wake-up (a
+        // room-maker that found no room would otherwise wake the waiters for ever).
+        let a = ledger.try_acquire().unwrap();
+        let last = ledger.reserve_last().unwrap();
+        let b = last.try_acquire().unwrap();
+        drop(last);
+        assert_eq!(seen.lock().unwrap().len(), 3, "nothing was freed");
+        drop((a, b));
     }
 
     #[test]

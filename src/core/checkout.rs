@@ -180,6 +180,18 @@ impl<T> CheckoutQueue<T> {
         Some(self.place(conn, now))
     }
 
+    /// A checked-out connection was closed instead of coming back (broken, unhealthy, past its
+    /// lifetime, or judged unfit when it was about to be handed out): it stops counting. Like
+    /// [`release`](Self::release) with `keep` false, for a caller that closes the connection
+    /// itself. Call [`start_connect`](Self::start_connect) for the waiters it leaves.
+    pub fn discard(&mut self) {
+        debug_assert!(
+            self.checked_out > 0,
+            "a connection was discarded that was not checked out"
+        );
+        self.checked_out = self.checked_out.saturating_sub(1);
+    }
+
     /// Gives a connection that is not checked out to the first waiter, or idles it as used at `now`.
     fn place(&mut self, conn: T, now: Duration) -> Placed<T> {
         match self.waiters.pop_front() {
@@ -240,6 +252,33 @@ impl<T> CheckoutQueue<T> {
             }
         }
         taken
+    }
+
+    /// Takes every idle connection for which `take(conn, returned_at)` holds (idle eviction, a
+    /// closed transport, past its lifetime), least recently used first; the others stay in order.
+    pub fn take_idle_where(&mut self, mut take: impl FnMut(&T, Duration) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.idle.len());
+        for (conn, at) in self.idle.drain(..) {
+            if take(&conn, at) {
+                taken.push(conn);
+            } else {
+                kept.push_back((conn, at));
+            }
+        }
+        self.idle = kept;
+        taken
+    }
+
+    /// The idle connections with when each was returned, least recently used first.
+    pub fn idle_iter(&self) -> impl Iterator<Item = (&T, Duration)> {
+        self.idle.iter().map(|(conn, at)| (conn, *at))
+    }
+
+    /// `true` when the queue holds nothing: no connection idle, checked out or connecting, and
+    /// nobody in line.
+    pub fn is_empty(&self) -> bool {
+        self.live() == 0 && self.waiters.is_empty()
     }
 
     /// Idle connections.
@@ -439,5 +478,31 @@ mod tests {
         assert_eq!(q.take_least_recently_used(), Some((2, 2 * S)));
         assert_eq!(q.release(3, false, S), None);
         assert_eq!(q.live(), 0);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn take_idle_where_keeps_the_order_of_what_stays() {
+        let limits = CheckoutLimits {
+            max_per_address: 4,
+            max_connecting: 4,
+        };
+        let mut q = CheckoutQueue::new();
+        for _ in 0..4 {
+            queued(q.acquire(S, limits));
+        }
+        for conn in 1..=4 {
+            q.connected(conn, S);
+        }
+        for conn in 1..=4 {
+            q.release(conn, true, conn * S);
+        }
+        assert_eq!(q.take_idle_where(|&c, _| c % 2 == 0), vec![2, 4]);
+        assert_eq!(q.idle_iter().map(|(c, _)| *c).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(q.take_idle_where(|_, at| at <= S), vec![1]);
+        assert_eq!((q.idle(), q.live(), q.is_empty()), (1, 1, false));
+        assert_eq!(q.acquire(S, limits), Acquired::Ready(3));
+        q.discard();
+        assert!(q.is_empty(), "I22: a discarded connection stops counting");
     }
 }

@@ -53,6 +53,8 @@ pub struct ScriptState {
     pub default: Mutex<Option<Outcome>>,
     pub connects: AtomicU64,
     pub closes: AtomicU64,
+    /// Connects that made a connection.
+    pub made: AtomicU64,
     pub connect_times: Mutex<Vec<Instant>>,
 }
 
@@ -79,6 +81,10 @@ impl Script {
     pub fn closes(&self) -> u64 {
         self.0.closes.load(Ordering::SeqCst)
     }
+    /// Connections made and not yet closed by the pool: what is open at the connector (I1).
+    pub fn open_now(&self) -> u64 {
+        self.0.made.load(Ordering::SeqCst) - self.closes()
+    }
     pub fn connect_times(&self) -> Vec<Instant> {
         self.0.connect_times.lock().unwrap().clone()
     }
@@ -102,10 +108,12 @@ impl Connector for Script {
         match outcome {
             Outcome::Ok(d) => {
                 tokio::time::sleep(d).await;
+                self.0.made.fetch_add(1, Ordering::SeqCst);
                 Ok(Conn::new(serial))
             }
             Outcome::OkButClosed(d) => {
                 tokio::time::sleep(d).await;
+                self.0.made.fetch_add(1, Ordering::SeqCst);
                 let conn = Conn::new(serial);
                 conn.open.store(false, Ordering::SeqCst);
                 Ok(conn)
