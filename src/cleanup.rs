@@ -195,7 +195,7 @@ where
         }
         let now = tokio::time::Instant::now();
         self.inner.map.retain(|_, slot| {
-            if let Some(pooled) = slot.conn.take() {
+            for pooled in slot.take_all_shared() {
                 self.inner
                     .retire(slot, pooled, EvictionReason::Manual, None, now);
             }

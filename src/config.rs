@@ -65,10 +65,20 @@ pub struct PoolConfig {
     /// connection neither used nor probed for longer than this before handing it out, and connects
     /// afresh if the probe fails. `None` (the default) hands pooled connections out unprobed.
     pub check_idle_before_use: Option<Duration>,
-    /// Connections an address may have for [`checkout`](crate::ConnectionPool::checkout): idle,
-    /// checked out and connecting (I19), under the global cap. At least 1. Default: 1, as many as
-    /// the shared connection of [`get_or_connect`](crate::ConnectionPool::get_or_connect).
+    /// Connections an address may have in each mode, under the global cap. At least 1. Default: 1.
+    ///
+    /// - Shared: [`get_or_connect`](crate::ConnectionPool::get_or_connect) keeps up to this many
+    ///   connections of an address and hands out the least loaded; it opens another when every
+    ///   one has [`busy_in_flight`](Self::busy_in_flight) calls in flight (I23).
+    /// - Exclusive: [`checkout`](crate::ConnectionPool::checkout)'s connections of an address,
+    ///   idle, checked out and connecting (I19).
     pub max_per_address: usize,
+    /// Shared mode: a connection with at least this many calls in flight (started with
+    /// [`begin`](crate::PooledConnection::begin) or [`call`](crate::ConnectionPool::call)) is busy;
+    /// when every connection of an address is busy and `max_per_address` allows,
+    /// `get_or_connect` connects another in the background. At least 1. Default: 1 (a second call
+    /// at once asks for a second connection). A multiplexed protocol sets it higher.
+    pub busy_in_flight: u64,
     /// How long [`checkout`](crate::ConnectionPool::checkout) waits in line for a connection
     /// (I16). `None` (the default) uses `connect_timeout`: a caller waits no longer for a free
     /// connection than it would for a new one.
@@ -96,6 +106,7 @@ impl Default for PoolConfig {
             probe_concurrency: 16,
             check_idle_before_use: None,
             max_per_address: 1,
+            busy_in_flight: 1,
             checkout_timeout: None,
             max_lifetime: None,
         }
@@ -138,6 +149,9 @@ impl PoolConfig {
     fn validate_checkout(&self) -> Result<(), ConfigError> {
         if self.max_per_address == 0 {
             return Err(ConfigError::ZeroMaxPerAddress);
+        }
+        if self.busy_in_flight == 0 {
+            return Err(ConfigError::ZeroBusyInFlight);
         }
         if let Some(timeout) = self.checkout_timeout
             && timeout < Duration::from_millis(1)

@@ -88,6 +88,11 @@ where
     ///
     /// - Concurrent callers for one address share a single connect and its result, error included
     ///   (I4).
+    /// - With [`max_per_address`](crate::PoolConfig::max_per_address) above 1, a hit returns the
+    ///   least-loaded connection of the address, and when even that one has
+    ///   [`busy_in_flight`](crate::PoolConfig::busy_in_flight) calls in flight, another is
+    ///   connected in the background (the caller does not wait for it), up to that many, one
+    ///   connect at a time, under the global cap and never by making room (I23).
     /// - A capacity slot is reserved before connecting and returned if the connect fails (I3).
     /// - Waiting is bounded by the connect timeout (I16), plus the probe timeout when a check
     ///   before use probes (below).
@@ -122,9 +127,11 @@ where
         // With the check off, a hit costs a `get` and this one branch.
         if let Some(quiet) = self.inner.config.check_idle_before_use {
             if let Some(conn) = self.get_checked(addr, quiet).await {
+                self.grow_if_busy(addr, &conn);
                 return Ok(conn);
             }
         } else if let Some(conn) = self.get(addr) {
+            self.grow_if_busy(addr, &conn);
             return Ok(conn);
         }
         // Validated only on the way to a connect: a pooled address was validated when it was
@@ -154,6 +161,53 @@ where
                 addr: addr.clone(),
                 cause: Arc::new(ClosedAfterConnect),
             })
+        }
+    }
+
+    /// Shared mode with several connections per address (issue 13): `least` is the least loaded
+    /// connection of `addr`, just handed out. If it is busy (at least
+    /// [`busy_in_flight`](crate::PoolConfig::busy_in_flight) calls in flight), so is every other;
+    /// then, if the address has fewer than `max_per_address` shared connections, no connect in
+    /// flight (I4), no backoff, and a free slot under the cap (growing never makes room), one more
+    /// connect starts in the background. The caller does not wait for it: it has its connection.
+    #[inline]
+    fn grow_if_busy(&self, addr: &str, least: &PooledConnection<C>) {
+        if self.inner.config.max_per_address > 1 {
+            self.grow_if_busy_cold(addr, least);
+        }
+    }
+
+    /// The rest of [`grow_if_busy`](Self::grow_if_busy), off the hot path of the default
+    /// (one connection per address).
+    #[cold]
+    #[inline(never)]
+    fn grow_if_busy_cold(&self, addr: &str, least: &PooledConnection<C>) {
+        let config = &self.inner.config;
+        if least.metrics().in_flight() < config.busy_in_flight {
+            return;
+        }
+        let addr = crate::pool::key(addr);
+        let now = Instant::now();
+        let decision = self.with_existing_slot(&addr, |slot| {
+            // Decided again under the entry lock: another caller may have grown it meanwhile.
+            let busy = slot
+                .shared()
+                .all(|p| p.conn.metrics().in_flight() >= config.busy_in_flight);
+            if !busy
+                || slot.shared_count() >= config.max_per_address
+                || slot.flight().is_some()
+                || self.inner.closed.load(Ordering::SeqCst)
+                || self.backoff_error(&addr, slot, now).is_some()
+            {
+                return None;
+            }
+            let permit = self.inner.ledger.try_acquire()?;
+            tracing::debug!(addr = %addr, connections = slot.shared_count(), "every connection busy: connecting another");
+            Some(self.start_flight(slot, now, permit))
+        });
+        if let Some(Some(decision)) = decision {
+            // Nobody waits on this flight; its connection joins the address's when it is made.
+            let _ = self.launch(&addr, decision);
         }
     }
 
@@ -222,15 +276,13 @@ where
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Decision::Done(Err(PoolError::Closed));
             }
-            if let Some(pooled) = &slot.conn {
-                if self.usable(&pooled.conn) {
-                    pooled.conn.metrics().touch(now);
-                    return Decision::Done(Ok(Joined::Ready(pooled.conn.clone())));
-                }
-                // Unfit but still pooled: evict it now rather than at the next sweep, so its
-                // failure backs the address off before we would dial again (I12).
-                self.evict_if_unfit(slot, now);
+            if let Some(conn) = self.least_loaded(slot) {
+                conn.metrics().touch(now);
+                return Decision::Done(Ok(Joined::Ready(conn.clone())));
             }
+            // Unfit but still pooled: evict them now rather than at the next sweep, so their
+            // failure backs the address off before we would dial again (I12).
+            self.evict_unfit(slot, None, now);
             if let Some(flight) = slot.flight() {
                 PoolCounters::bump(&self.inner.counters.connects_shared);
                 return Decision::Done(Ok(Joined::Wait(flight.deadline, flight.rx.clone())));
@@ -239,30 +291,36 @@ where
                 PoolCounters::bump(&self.inner.counters.backoff_rejections);
                 return Decision::Done(Err(err));
             }
-            let Some(mut permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
+            let Some(permit) = permit.take().or_else(|| self.inner.ledger.try_acquire()) else {
                 return Decision::Full;
             };
-            permit.mark_connecting();
-            let (tx, rx) = watch::channel(None);
-            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
-            let deadline = now
-                .checked_add(self.inner.config.connect_timeout)
-                .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
-            slot.start_flight(Flight {
-                id,
-                deadline,
-                rx: rx.clone(),
-            });
-            PoolCounters::bump(&self.inner.counters.connects_attempted);
-            Decision::Start {
-                id,
-                deadline,
-                tx,
-                rx,
-                permit,
-            }
+            self.start_flight(slot, now, permit)
         })
+    }
+
+    /// Records a new connect in flight for the slot, holding `permit`, under the entry lock (the
+    /// caller checked there was none, I4).
+    fn start_flight(&self, slot: &mut Slot<C>, now: Instant, mut permit: Permit) -> Decision<C> {
+        permit.mark_connecting();
+        let (tx, rx) = watch::channel(None);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
+        let deadline = now
+            .checked_add(self.inner.config.connect_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
+        slot.start_flight(Flight {
+            id,
+            deadline,
+            rx: rx.clone(),
+        });
+        PoolCounters::bump(&self.inner.counters.connects_attempted);
+        Decision::Start {
+            id,
+            deadline,
+            tx,
+            rx,
+            permit,
+        }
     }
 
     async fn wait_flight(
@@ -420,8 +478,12 @@ where
                 permit,
                 handoff: Some(tx),
             };
-            // A connection inserted by hand while we connected is replaced; it frees its own slot.
-            if let Some(old) = slot.conn.replace(fresh) {
+            // One more shared connection while the address has room for it (issue 13); otherwise
+            // (a connection inserted by hand while we connected) the first is replaced, and frees
+            // its own slot.
+            if slot.shared_count() < self.inner.config.max_per_address {
+                slot.push_shared(fresh);
+            } else if let Some(old) = slot.conn.replace(fresh) {
                 self.inner
                     .retire(slot, old, EvictionReason::Replaced, None, now);
             }

@@ -243,6 +243,9 @@ pub enum ConfigError {
     /// `max_per_address` must be at least 1.
     #[error("max_per_address must be at least 1")]
     ZeroMaxPerAddress,
+    /// `busy_in_flight` must be at least 1 (a connection with no call in flight is not busy).
+    #[error("busy_in_flight must be at least 1")]
+    ZeroBusyInFlight,
     /// The checkout timeout, when set, must be at least 1 ms.
     #[error("checkout timeout {timeout:?} is shorter than 1 ms")]
     CheckoutTimeoutTooShort {

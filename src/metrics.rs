@@ -967,8 +967,12 @@ impl PoolStats {
 pub struct AddressState {
     /// The address.
     pub addr: CheetahString,
-    /// Its pooled connection, if it has one.
+    /// Its (first) shared connection, if it has one.
     pub connection: Option<ConnectionState>,
+    /// Its further shared connections, oldest first: empty unless
+    /// [`max_per_address`](crate::PoolConfig::max_per_address) is above 1 and its load asked
+    /// for more (see [`ConnectionPool::get_or_connect`](crate::ConnectionPool::get_or_connect)).
+    pub more_connections: Vec<ConnectionState>,
     /// `true` while a connect for it is in flight.
     pub connecting: bool,
     /// Its ejection count now (see [`ConnectionPool::ejection_count`]).
@@ -1098,7 +1102,7 @@ where
 
     fn address_state(&self, addr: &CheetahString, slot: &Slot<C>, now: Instant) -> AddressState {
         let at = self.inner.offset(now);
-        let connection = slot.conn.as_ref().map(|pooled| {
+        let state = |pooled: &crate::slot::Pooled<C>| {
             let m = pooled.conn.metrics();
             let record = m.record();
             ConnectionState {
@@ -1113,10 +1117,11 @@ where
                 consecutive_errors: record.consecutive_failures(),
                 latency: m.latency(),
             }
-        });
+        };
         AddressState {
             addr: addr.clone(),
-            connection,
+            connection: slot.conn.as_ref().map(state),
+            more_connections: slot.more().iter().map(state).collect(),
             connecting: slot.flight().is_some(),
             ejection_count: slot.ejection().count_at(at, &self.inner.config.ejection),
             backoff_until: slot.ejection().retry_after(at).map(|left| now + left),

@@ -48,9 +48,11 @@ pub(crate) fn key(addr: &str) -> CheetahString {
 
 /// An async connection pool keyed by server address.
 ///
-/// It keeps at most one live connection per address (a shared, multiplexed handle), caps the number
-/// of connections, evicts idle and unhealthy ones, backs off from failing addresses, and keeps
-/// metrics per connection. Clones share one pool. See the crate docs for the guarantees (I1–I18).
+/// It keeps shared connections per address (handles any number of callers use at once: one per
+/// address by default, up to [`max_per_address`](PoolConfig::max_per_address) under load, I23)
+/// and lends exclusive ones ([`checkout`](Self::checkout)), caps the number of connections,
+/// evicts idle and unhealthy ones, backs off from failing addresses, and keeps metrics per
+/// connection. Clones share one pool. See the crate docs for the guarantees (I1–I23).
 ///
 /// `C` is the connection type; `K` the [`Connector`](crate::Connector) that creates and checks
 /// connections ([`NoConnector`] for a pool filled by hand with [`insert`](Self::insert)).
@@ -255,7 +257,7 @@ impl<C, K: ManagesConnections<C>> Drop for Inner<C, K> {
         // I17: the last handle is gone, so whatever the pool held is closed, before the permits go
         // with the map. The cleanup task sees its stop channel close with this struct and ends.
         for entry in self.map.iter() {
-            if let Some(pooled) = &entry.value().conn {
+            for pooled in entry.value().shared() {
                 self.connector.close_conn(pooled.conn.client());
             }
             self.close_idle_exclusive(entry.value());
@@ -512,8 +514,9 @@ impl<K> PoolBuilder<K> {
         self
     }
 
-    /// See [`PoolConfig::max_per_address`]: connections an address may have for
-    /// [`checkout`](ConnectionPool::checkout).
+    /// See [`PoolConfig::max_per_address`]: connections an address may have, shared
+    /// ([`get_or_connect`](ConnectionPool::get_or_connect)) or exclusive
+    /// ([`checkout`](ConnectionPool::checkout)).
     ///
     /// ```
     /// use keyed_pool::{ConfigError, ConnectionPool};
@@ -524,6 +527,25 @@ impl<K> PoolBuilder<K> {
     /// ```
     pub fn max_per_address(mut self, max: usize) -> Self {
         self.config.max_per_address = max;
+        self
+    }
+
+    /// See [`PoolConfig::busy_in_flight`]: the calls in flight at which a shared connection is
+    /// busy, and another is connected when every one of its address is.
+    ///
+    /// ```
+    /// use keyed_pool::{ConfigError, ConnectionPool};
+    /// let pool = ConnectionPool::builder()
+    ///     .max_per_address(4)
+    ///     .busy_in_flight(32)
+    ///     .build::<u32>()
+    ///     .unwrap();
+    /// assert_eq!(pool.config().busy_in_flight, 32);
+    /// let bad = ConnectionPool::builder().busy_in_flight(0).build::<u32>();
+    /// assert_eq!(bad.unwrap_err(), ConfigError::ZeroBusyInFlight);
+    /// ```
+    pub fn busy_in_flight(mut self, calls: u64) -> Self {
+        self.config.busy_in_flight = calls;
         self
     }
 
@@ -726,26 +748,31 @@ where
         }
     }
 
-    /// Evicts the slot's connection if it is unfit (its latched verdict, or a closed transport),
-    /// as `Unhealthy` or `Closed`, under the entry lock: the one place both a sweep and
-    /// `get_or_connect` decide that. Returns whether it evicted.
-    pub(crate) fn evict_if_unfit(&self, slot: &mut Slot<C>, now: Instant) -> bool {
-        let Some(why) = slot
-            .conn
-            .as_ref()
-            .and_then(|pooled| self.unusable_reason(&pooled.conn))
-        else {
-            return false;
-        };
-        let reason = if why == UnhealthyReason::Closed {
-            EvictionReason::Closed
-        } else {
-            EvictionReason::Unhealthy
-        };
-        if let Some(pooled) = slot.conn.take() {
-            self.inner.retire(slot, pooled, reason, Some(why), now);
+    /// Evicts the slot's shared connections that are unfit (their latched verdict, or a closed
+    /// transport), as `Unhealthy` or `Closed`, under the entry lock: the one place both a sweep and
+    /// `get_or_connect` decide that. `only`: just that connection. Returns how many it evicted.
+    pub(crate) fn evict_unfit(
+        &self,
+        slot: &mut Slot<C>,
+        only: Option<ConnId>,
+        now: Instant,
+    ) -> usize {
+        let unfit: Vec<(ConnId, UnhealthyReason)> = slot
+            .shared()
+            .filter(|p| only.is_none_or(|id| p.conn.id() == id))
+            .filter_map(|p| Some((p.conn.id(), self.unusable_reason(&p.conn)?)))
+            .collect();
+        for &(id, why) in &unfit {
+            let reason = if why == UnhealthyReason::Closed {
+                EvictionReason::Closed
+            } else {
+                EvictionReason::Unhealthy
+            };
+            if let Some(pooled) = slot.take_shared_if(id, |_| true) {
+                self.inner.retire(slot, pooled, reason, Some(why), now);
+            }
         }
-        true
+        unfit.len()
     }
 
     /// The slow path under [`WhenFull::EvictLeastRecentlyUsed`], one caller at a time (the room
@@ -809,7 +836,8 @@ where
         Err(refuse())
     }
 
-    /// The healthy connection pooled for `addr`, if any. Marks it used (I5): it reads no clock, and
+    /// The healthy connection pooled for `addr`, if any: of several (I23), the one with the fewest
+    /// calls in flight. Marks it used (I5): it reads no clock, and
     /// writes only the first time between two idle sweeps (see
     /// [`ConnectionMetrics::mark_used`]), so a connection used only through `get` is evicted at most
     /// one sweep interval later than its exact idle edge, never earlier (I6). Never returns a
@@ -817,16 +845,38 @@ where
     /// readers of different shards; never waits.
     pub fn get(&self, addr: impl AsRef<str>) -> Option<PooledConnection<C>> {
         let slot = self.inner.map.get(addr.as_ref())?;
-        let conn = &slot.value().conn.as_ref()?.conn;
-        if !self.usable(conn) {
+        let slot = slot.value();
+        let first = &slot.conn.as_ref()?.conn;
+        let conn = if slot.has_more() {
+            self.least_loaded_cold(slot)?
+        } else if self.usable(first) {
+            first
+        } else {
             return None;
-        }
+        };
         // Marked under the shard's read lock. A sweep re-checks under the write lock, which it
         // cannot take while this guard lives: either it ran entirely before this `get` (and the
         // connection was gone, or not taken), or it finds the mark and folds it in at its own
         // instant or later, and so does not take the connection (I7).
         conn.metrics().mark_used();
         Some(conn.clone())
+    }
+
+    /// The usable shared connection of `slot` with the fewest calls in flight, the oldest of
+    /// equals (issue 13's shared mode).
+    pub(crate) fn least_loaded<'s>(&self, slot: &'s Slot<C>) -> Option<&'s PooledConnection<C>> {
+        slot.shared()
+            .map(|p| &p.conn)
+            .filter(|conn| self.usable(conn))
+            .min_by_key(|conn| conn.metrics().in_flight())
+    }
+
+    /// [`least_loaded`](Self::least_loaded) off `get`'s hot path: only addresses with several
+    /// shared connections come here.
+    #[cold]
+    #[inline(never)]
+    fn least_loaded_cold<'s>(&self, slot: &'s Slot<C>) -> Option<&'s PooledConnection<C>> {
+        self.least_loaded(slot)
     }
 
     /// Pools `conn` for `addr`. Returns `false` if the pool is full (and its [`WhenFull`] policy
@@ -893,6 +943,8 @@ where
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed);
             }
+            // With several shared connections (issue 13), a connection inserted by hand replaces
+            // the first.
             match slot.conn.take() {
                 Some(old) => {
                     let Pooled { conn, permit, .. } = old;
@@ -951,7 +1003,7 @@ where
             .with_existing_slot(addr, |slot| {
                 // The permit goes with the `Pooled`, here, under the entry lock: an insert for this
                 // address right after finds the slot free (I2).
-                slot.conn.take().map(|pooled| pooled.conn)
+                slot.take_first().map(|pooled| pooled.conn)
             })
             .flatten()?;
         self.inner
@@ -970,8 +1022,8 @@ where
         self.take_unclosed(addr)
     }
 
-    /// Removes `conn` if, and only if, it is still the connection pooled for its address (I14), and
-    /// closes it. Returns whether it was removed.
+    /// Removes `conn` if, and only if, it is still pooled for its address (I14), and closes it.
+    /// Returns whether it was removed.
     pub fn remove_connection(&self, conn: &PooledConnection<C>) -> bool {
         self.remove_if(conn.addr(), conn.id(), EvictionReason::Manual, |_| true)
     }
@@ -988,16 +1040,10 @@ where
     ) -> bool {
         let now = Instant::now();
         self.with_existing_slot(addr, |slot| {
-            if !slot
-                .conn
-                .as_ref()
-                .is_some_and(|pooled| pooled.conn.id() == id && still(pooled))
-            {
+            let Some(pooled) = slot.take_shared_if(id, still) else {
                 return false;
-            }
-            if let Some(pooled) = slot.conn.take() {
-                self.inner.retire(slot, pooled, reason, None, now);
-            }
+            };
+            self.inner.retire(slot, pooled, reason, None, now);
             true
         })
         .unwrap_or(false)
@@ -1021,13 +1067,19 @@ where
             .inner
             .map
             .iter()
-            .filter_map(|e| Some((e.key().clone(), e.value().conn.as_ref()?.conn.id())))
+            .flat_map(|e| {
+                let addr = e.key();
+                e.value()
+                    .shared()
+                    .map(|p| (addr.clone(), p.conn.id()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         ids.sort_unstable();
         ids
     }
 
-    /// The connection pooled for `addr`, whatever its health: the common path of `peek`,
+    /// The (first) connection pooled for `addr`, whatever its health: the common path of `peek`,
     /// `get_metrics` and the `record_*` calls.
     fn pooled(&self, addr: &str) -> Option<PooledConnection<C>> {
         let slot = self.inner.map.get(addr)?;
@@ -1069,7 +1121,7 @@ where
         self.inner
             .map
             .iter()
-            .map(|e| usize::from(e.value().conn.is_some()) + exclusive_live(e.value()))
+            .map(|e| e.value().shared_count() + exclusive_live(e.value()))
             .sum()
     }
 
@@ -1115,13 +1167,14 @@ where
                 stats.checked_out += checked_out;
                 stats.waiting += waiting;
             }
-            let Some(pooled) = &slot.conn else { continue };
-            let m = pooled.conn.metrics();
-            stats.total += 1;
-            stats.healthy += usize::from(m.is_healthy());
-            // A gauge: read without folding pending uses, so looking does not move the clock.
-            stats.idle += usize::from(m.seems_idle_at(now, max_idle));
-            stats.in_flight += m.in_flight();
+            for pooled in slot.shared() {
+                let m = pooled.conn.metrics();
+                stats.total += 1;
+                stats.healthy += usize::from(m.is_healthy());
+                // A gauge: read without folding pending uses, so looking does not move the clock.
+                stats.idle += usize::from(m.seems_idle_at(now, max_idle));
+                stats.in_flight += m.in_flight();
+            }
         }
         self.inner.conns.fill_totals(&mut stats);
         let c = &self.inner.counters;

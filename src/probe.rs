@@ -178,13 +178,12 @@ where
         result
     }
 
-    /// Evicts `conn` if it is still the connection pooled for its address and its probe left it
-    /// unfit (I14): as unhealthy (backing the address off, I12) or as closed.
+    /// Evicts `conn` if it is still pooled for its address and its probe left it unfit (I14): as
+    /// unhealthy (backing the address off, I12) or as closed.
     fn evict_probed(&self, conn: &PooledConnection<C>) -> bool {
         let now = Instant::now();
         self.with_existing_slot(conn.addr(), |slot| {
-            slot.conn.as_ref().is_some_and(|p| p.conn.id() == conn.id())
-                && self.evict_if_unfit(slot, now)
+            self.evict_unfit(slot, Some(conn.id()), now) > 0
         })
         .unwrap_or(false)
     }
@@ -256,14 +255,21 @@ where
             .inner
             .map
             .iter()
-            .filter_map(|e| {
-                let conn = &e.value().conn.as_ref()?.conn;
-                let m = conn.metrics();
-                (m.in_flight() == 0 && m.since_last_checked(now) > quiet && self.usable(conn))
-                    .then(|| (e.key().clone(), conn.clone()))
+            .flat_map(|e| {
+                let addr = e.key();
+                e.value()
+                    .shared()
+                    .map(|p| &p.conn)
+                    .filter(|conn| {
+                        let m = conn.metrics();
+                        m.in_flight() == 0 && m.since_last_checked(now) > quiet && self.usable(conn)
+                    })
+                    .map(|conn| (addr.clone(), conn.clone()))
+                    .collect::<Vec<_>>()
             })
             .collect();
-        due.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // By address, then by connection: a seed replays the same.
+        due.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.id().cmp(&b.1.id())));
         due.into_iter().map(|(_, conn)| conn).collect()
     }
 
@@ -279,10 +285,7 @@ where
         let now = Instant::now();
         let conn = {
             let slot = self.inner.map.get(addr)?;
-            let conn = &slot.value().conn.as_ref()?.conn;
-            if !self.usable(conn) {
-                return None;
-            }
+            let conn = self.least_loaded(slot.value())?;
             if conn.metrics().since_last_checked(now) <= quiet {
                 // As `get`: touched under the shard's read lock (I7).
                 conn.metrics().touch(now);

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::checkout::Exclusive;
-use crate::connection::PooledConnection;
+use crate::connection::{ConnId, PooledConnection};
 use crate::core::{BackoffPolicy, Ejection, EjectionPolicy, Permit};
 use crate::error::{Cause, PoolError};
 
@@ -41,7 +41,10 @@ pub(crate) struct Flight<C> {
 /// connection and nothing else: what only a connecting or failing address needs lives in
 /// [`Cold`], out of line, so every map bucket pays one pointer for it instead of its full size.
 pub(crate) struct Slot<C> {
-    /// One connection per address today; a later issue makes this several.
+    /// The address's first shared connection. Further ones (up to
+    /// [`max_per_address`](crate::PoolConfig::max_per_address), issue 13) live out of line in
+    /// [`Cold::more`]: an address has some there only while it has one here (taking this one
+    /// moves the oldest of them here), so the common case, one connection, costs `get` nothing more.
     pub(crate) conn: Option<Pooled<C>>,
     /// `None` while the address has no connect in flight and a settled ejection state; allocated by
     /// the first connect or failure, dropped by [`tidy`](Self::tidy) once both are over again.
@@ -58,6 +61,8 @@ struct Cold<C> {
     /// first checkout and freed once it holds nothing (no connection, no connect, nobody in line).
     /// Boxed again: an address that only connects or fails (the shared mode) pays a pointer.
     exclusive: Option<Box<Exclusive<C>>>,
+    /// The address's shared connections after the first ([`Slot::conn`]), oldest first.
+    more: Vec<Pooled<C>>,
 }
 
 impl<C> Default for Slot<C> {
@@ -91,6 +96,7 @@ impl<C> Slot<C> {
             c.flight.is_none()
                 && c.ejection.is_settled(now, policy)
                 && c.exclusive.as_ref().is_none_or(|e| e.is_empty())
+                && c.more.is_empty()
         })
     }
 
@@ -128,8 +134,90 @@ impl<C> Slot<C> {
                 ejection: Ejection::default(),
                 cause: None,
                 exclusive: None,
+                more: Vec::new(),
             })
         })
+    }
+
+    /// The shared connections after the first, oldest first (empty for most addresses).
+    pub(crate) fn more(&self) -> &[Pooled<C>] {
+        self.cold.as_ref().map_or(&[], |c| &c.more)
+    }
+
+    /// Whether the address has more than one shared connection: `get`'s one extra branch.
+    #[inline]
+    pub(crate) fn has_more(&self) -> bool {
+        self.cold.as_ref().is_some_and(|c| !c.more.is_empty())
+    }
+
+    /// Every shared connection of the address, the first one first.
+    pub(crate) fn shared(&self) -> impl Iterator<Item = &Pooled<C>> {
+        self.conn.iter().chain(self.more())
+    }
+
+    /// How many shared connections the address has.
+    pub(crate) fn shared_count(&self) -> usize {
+        usize::from(self.conn.is_some()) + self.more().len()
+    }
+
+    /// Whether shared connection `id` is one of the address's.
+    pub(crate) fn holds_shared(&self, id: ConnId) -> bool {
+        self.shared().any(|p| p.conn.id() == id)
+    }
+
+    /// Adds a shared connection: the first, or one more.
+    pub(crate) fn push_shared(&mut self, pooled: Pooled<C>) {
+        if self.conn.is_none() {
+            self.conn = Some(pooled);
+        } else {
+            self.cold_mut().more.push(pooled);
+        }
+    }
+
+    /// Takes the first shared connection out; the oldest of the others takes its place.
+    pub(crate) fn take_first(&mut self) -> Option<Pooled<C>> {
+        let first = self.conn.take()?;
+        if let Some(cold) = self.cold.as_mut()
+            && !cold.more.is_empty()
+        {
+            self.conn = Some(cold.more.remove(0));
+        }
+        Some(first)
+    }
+
+    /// Takes shared connection `id` out if `still` holds for it (checked only on that one).
+    pub(crate) fn take_shared_if(
+        &mut self,
+        id: ConnId,
+        still: impl FnOnce(&Pooled<C>) -> bool,
+    ) -> Option<Pooled<C>> {
+        if self.conn.as_ref().is_some_and(|p| p.conn.id() == id) {
+            return if still(self.conn.as_ref()?) {
+                self.take_first()
+            } else {
+                None
+            };
+        }
+        let more = &mut self.cold.as_mut()?.more;
+        let at = more.iter().position(|p| p.conn.id() == id)?;
+        still(&more[at]).then(|| more.remove(at))
+    }
+
+    /// Runs `f` on every shared connection of the address.
+    pub(crate) fn for_each_shared_mut(&mut self, mut f: impl FnMut(&mut Pooled<C>)) {
+        self.conn.iter_mut().for_each(&mut f);
+        if let Some(cold) = self.cold.as_mut() {
+            cold.more.iter_mut().for_each(f);
+        }
+    }
+
+    /// Takes every shared connection out (`close`).
+    pub(crate) fn take_all_shared(&mut self) -> Vec<Pooled<C>> {
+        let mut all: Vec<_> = self.conn.take().into_iter().collect();
+        if let Some(cold) = self.cold.as_mut() {
+            all.append(&mut cold.more);
+        }
+        all
     }
 
     /// The address's exclusive checkouts, if it has any state for them.

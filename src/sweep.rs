@@ -150,6 +150,13 @@ where
             if pooled.conn.metrics().seems_idle_at(now, Some(max_idle)) {
                 candidates.push((e.key().clone(), pooled.conn.id()));
             }
+            // The further shared connections of an address (issue 13): few, so each folds its
+            // own mark here, under this shard's read lock, as `MarkFolds` does for the first.
+            for pooled in e.value().more() {
+                if pooled.conn.metrics().is_idle_at(now, Some(max_idle)) {
+                    candidates.push((e.key().clone(), pooled.conn.id()));
+                }
+            }
         }
         folds.fold();
         by_id(candidates)
@@ -169,10 +176,9 @@ where
             .iter()
             .filter(|(addr, id)| {
                 self.evict_candidate(addr, *id, vacant_at, |slot| {
-                    let Some(pooled) = slot
-                        .conn
-                        .take_if(|pooled| pooled.conn.metrics().try_retire_idle(now, max_idle))
-                    else {
+                    let Some(pooled) = slot.take_shared_if(*id, |pooled| {
+                        pooled.conn.metrics().try_retire_idle(now, max_idle)
+                    }) else {
                         return false;
                     };
                     self.inner
@@ -201,7 +207,7 @@ where
         // The removed slot (if any) is dropped here, after the lock: it holds no connection and no
         // permit any more (`retire` closed the one and dropped the other under the lock).
         self.inner.map.remove_if_mut(addr, |_, slot| {
-            if slot.conn.as_ref().is_some_and(|p| p.conn.id() == id) {
+            if slot.holds_shared(id) {
                 evicted = evict(slot);
             }
             evicted && slot.is_vacant(vacant_at, policy)
@@ -234,9 +240,13 @@ where
             .inner
             .map
             .iter()
-            .filter_map(|e| {
-                let conn = &e.value().conn.as_ref()?.conn;
-                (!self.usable(conn)).then(|| (e.key().clone(), conn.id()))
+            .flat_map(|e| {
+                let addr = e.key();
+                e.value()
+                    .shared()
+                    .filter(|p| !self.usable(&p.conn))
+                    .map(|p| (addr.clone(), p.conn.id()))
+                    .collect::<Vec<_>>()
             })
             .collect();
         by_id(candidates)
@@ -253,7 +263,9 @@ where
         candidates
             .iter()
             .filter(|(addr, id)| {
-                self.evict_candidate(addr, *id, vacant_at, |slot| self.evict_if_unfit(slot, now))
+                self.evict_candidate(addr, *id, vacant_at, |slot| {
+                    self.evict_unfit(slot, Some(*id), now) > 0
+                })
             })
             .count()
     }
@@ -275,18 +287,20 @@ where
             if let Some((id, at)) = slot.exclusive().and_then(|ex| ex.least_recently_used()) {
                 candidates.push((false, self.inner.instant_at(at), e.key().clone(), id, true));
             }
-            let Some(pooled) = slot.conn.as_ref().filter(|_| shared_too) else {
+            if !shared_too {
                 continue;
-            };
-            let m = pooled.conn.metrics();
-            if m.in_flight() == 0 && !pooled.in_handoff() {
-                candidates.push((
-                    m.pending_use(),
-                    m.last_used(),
-                    e.key().clone(),
-                    pooled.conn.id(),
-                    false,
-                ));
+            }
+            for pooled in slot.shared() {
+                let m = pooled.conn.metrics();
+                if m.in_flight() == 0 && !pooled.in_handoff() {
+                    candidates.push((
+                        m.pending_use(),
+                        m.last_used(),
+                        e.key().clone(),
+                        pooled.conn.id(),
+                        false,
+                    ));
+                }
             }
         }
         if candidates.is_empty() {
@@ -306,15 +320,9 @@ where
                 if exclusive {
                     return self.take_idle_exclusive_for_room(slot, id);
                 }
-                let still = slot.conn.as_ref().is_some_and(|pooled| {
-                    pooled.conn.id() == id
-                        && !pooled.in_handoff()
-                        && pooled.conn.metrics().try_retire_unused()
-                });
-                if !still {
-                    return None;
-                }
-                let pooled = slot.conn.take()?;
+                let pooled = slot.take_shared_if(id, |pooled| {
+                    !pooled.in_handoff() && pooled.conn.metrics().try_retire_unused()
+                })?;
                 Some(self.inner.retire_for_room(pooled))
             });
             if let Some(Some(permit)) = taken {
@@ -351,9 +359,8 @@ where
                         vacant.push(e.key().clone());
                     } else if slot.needs_tidy(now, &policy)
                         || slot
-                            .conn
-                            .as_ref()
-                            .is_some_and(|p| p.handoff.is_some() && !p.in_handoff())
+                            .shared()
+                            .any(|p| p.handoff.is_some() && !p.in_handoff())
                     {
                         to_tidy.push(e.key().clone());
                     }
@@ -367,11 +374,11 @@ where
             for addr in chunk {
                 if let Some(mut slot) = self.inner.map.get_mut(addr) {
                     slot.tidy(now, &policy);
-                    if let Some(pooled) = slot.conn.as_mut()
-                        && !pooled.in_handoff()
-                    {
-                        pooled.handoff = None;
-                    }
+                    slot.for_each_shared_mut(|pooled| {
+                        if !pooled.in_handoff() {
+                            pooled.handoff = None;
+                        }
+                    });
                 }
             }
             0
