@@ -982,7 +982,7 @@ where
         now: Instant,
     ) -> Option<(EvictionReason, Option<UnhealthyReason>)> {
         if broken {
-            return Some((EvictionReason::Manual, None));
+            return Some((EvictionReason::Broken, None));
         }
         let metrics = held.meta.metrics();
         let why = metrics.unusable_reason().or_else(|| {
@@ -997,7 +997,7 @@ where
         }
         let lifetime = self.inner.config.max_lifetime?;
         (now.saturating_duration_since(metrics.created_at()) >= lifetime)
-            .then_some((EvictionReason::Manual, None))
+            .then_some((EvictionReason::Lifetime, None))
     }
 
     /// A checked-out connection comes back (a [`Checkout`] dropped, or a cancelled waiter's): to

@@ -210,6 +210,8 @@ where
             (EvictionReason::Replaced, e.replaced),
             (EvictionReason::Manual, e.manual),
             (EvictionReason::MakeRoom, e.make_room),
+            (EvictionReason::Broken, e.broken),
+            (EvictionReason::Lifetime, e.lifetime),
         ] {
             counter!(EVICTIONS, with("reason", reason.as_str())).absolute(n);
         }

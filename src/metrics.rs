@@ -765,6 +765,12 @@ pub enum EvictionReason {
     /// Closed to make room for another address under
     /// [`WhenFull::EvictLeastRecentlyUsed`](crate::WhenFull::EvictLeastRecentlyUsed).
     MakeRoom,
+    /// Marked broken by the caller that had it checked out
+    /// ([`Checkout::mark_broken`](crate::Checkout::mark_broken)), and closed when it came back.
+    Broken,
+    /// Older than [`max_lifetime`](crate::PoolConfig::max_lifetime): closed when it came back,
+    /// or instead of being handed out.
+    Lifetime,
 }
 
 impl EvictionReason {
@@ -777,6 +783,8 @@ impl EvictionReason {
             Self::Replaced => "replaced",
             Self::Manual => "manual",
             Self::MakeRoom => "make_room",
+            Self::Broken => "broken",
+            Self::Lifetime => "lifetime",
         }
     }
 }
@@ -790,6 +798,8 @@ pub(crate) struct PoolCounters {
     pub evicted_replaced: AtomicU64,
     pub evicted_manual: AtomicU64,
     pub evicted_make_room: AtomicU64,
+    pub evicted_broken: AtomicU64,
+    pub evicted_lifetime: AtomicU64,
     pub rejected_capacity: AtomicU64,
     pub connects_attempted: AtomicU64,
     pub connects_succeeded: AtomicU64,
@@ -808,6 +818,8 @@ impl PoolCounters {
             EvictionReason::Replaced => &self.evicted_replaced,
             EvictionReason::Manual => &self.evicted_manual,
             EvictionReason::MakeRoom => &self.evicted_make_room,
+            EvictionReason::Broken => &self.evicted_broken,
+            EvictionReason::Lifetime => &self.evicted_lifetime,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -832,12 +844,23 @@ pub struct EvictionStats {
     pub manual: u64,
     /// See [`EvictionReason::MakeRoom`].
     pub make_room: u64,
+    /// See [`EvictionReason::Broken`].
+    pub broken: u64,
+    /// See [`EvictionReason::Lifetime`].
+    pub lifetime: u64,
 }
 
 impl EvictionStats {
     /// All evictions.
     pub fn total(&self) -> u64 {
-        self.idle + self.unhealthy + self.closed + self.replaced + self.manual + self.make_room
+        self.idle
+            + self.unhealthy
+            + self.closed
+            + self.replaced
+            + self.manual
+            + self.make_room
+            + self.broken
+            + self.lifetime
     }
 }
 

@@ -1186,6 +1186,8 @@ where
             replaced: load(&c.evicted_replaced),
             manual: load(&c.evicted_manual),
             make_room: load(&c.evicted_make_room),
+            broken: load(&c.evicted_broken),
+            lifetime: load(&c.evicted_lifetime),
         };
         stats.rejected_capacity = load(&c.rejected_capacity);
         stats.connects = ConnectStats {

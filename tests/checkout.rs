@@ -517,7 +517,7 @@ async fn broken_unhealthy_closed_and_old_connections_are_closed_on_return() {
     let mut conn = pool.checkout(addr(0)).await.unwrap();
     conn.mark_broken();
     drop(conn);
-    assert_eq!((script.closes(), evictions(&pool).manual), (1, 1), "broken");
+    assert_eq!((script.closes(), evictions(&pool).broken), (1, 1), "broken");
     assert_eq!(
         pool.ejection_count(addr(0)),
         0,
@@ -552,7 +552,11 @@ async fn broken_unhealthy_closed_and_old_connections_are_closed_on_return() {
     let conn = pool.checkout(addr(0)).await.unwrap();
     advance(11 * SEC).await;
     drop(conn);
-    assert_eq!(script.closes(), 4, "past max_lifetime");
+    assert_eq!(
+        (script.closes(), evictions(&pool).lifetime),
+        (4, 1),
+        "past max_lifetime"
+    );
 
     // An idle one past its lifetime is closed instead of handed out.
     let conn = pool.checkout(addr(0)).await.unwrap();
@@ -560,7 +564,7 @@ async fn broken_unhealthy_closed_and_old_connections_are_closed_on_return() {
     drop(conn);
     advance(11 * SEC).await;
     assert_ne!(pool.checkout(addr(0)).await.unwrap().id(), old);
-    assert_eq!(script.closes(), 5);
+    assert_eq!((script.closes(), evictions(&pool).lifetime), (5, 2));
     assert_settled(&pool, &script, "after the discards");
 }
 
