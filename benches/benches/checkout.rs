@@ -19,12 +19,15 @@
 //! its own per thread (bb8 and deadpool's `get` are async too; none of them waits here). The figure
 //! is the time per checkout + return of one thread while all threads run (see `run_threads`). At
 //! the end the ratios to our checkout are printed from criterion's estimates, then (on a full run)
-//! an interleaved check of the same ratios, robust to load that drifts over seconds.
+//! an interleaved check of the same ratios, robust to load that drifts over seconds, in wall time
+//! and in each thread's CPU time (which leaves out the time a thread waited for a core: on a
+//! shared machine the steadier figure).
 //!
 //! Run: `cargo bench -p keyed-pool-benches --bench checkout -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::HashMap;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -60,18 +63,44 @@ fn runtime() -> Runtime {
         .expect("runtime")
 }
 
+/// The time per `iters` operations of one thread (mean over the threads): wall time, and the
+/// thread's CPU time, which leaves out the time it waited for a core on a loaded machine (but also
+/// the time it was blocked: none of these loops blocks, since no checkout waits).
+#[derive(Clone, Copy, Debug)]
+struct Times {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// The CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// Runs `work` on `threads` threads, each in a current-thread runtime built before the timed region.
-fn run_async<W, F>(threads: usize, iters: u64, work: W) -> Duration
+fn run_async<W, F>(threads: usize, iters: u64, work: W) -> Times
 where
     W: Fn(usize, u64) -> F + Sync,
     F: Future<Output = ()>,
 {
-    run_threads_with(
+    let cpu_ns = AtomicU64::new(0);
+    let wall = run_threads_with(
         threads,
         iters,
         |_| runtime(),
-        |rt, tid, iters| rt.block_on(work(tid, iters)),
-    )
+        |rt, tid, iters| {
+            let start = thread_cpu();
+            rt.block_on(work(tid, iters));
+            let spent = u64::try_from((thread_cpu() - start).as_nanos()).unwrap_or(u64::MAX);
+            cpu_ns.fetch_add(spent, Ordering::Relaxed);
+        },
+    );
+    let threads = u64::try_from(threads).expect("a few threads");
+    Times {
+        wall,
+        cpu: Duration::from_nanos(cpu_ns.into_inner() / threads),
+    }
 }
 
 /// Our pool, with `per_key` idle connections on each of `keys` (made by holding that many
@@ -125,7 +154,7 @@ fn ours_loop<K: Connector<Conn = u64>>(
     keys: &[CheetahString],
     threads: usize,
     iters: u64,
-) -> Duration {
+) -> Times {
     run_async(threads, iters, |tid, iters| async move {
         let mut walk = Scatter::new(keys.len(), tid, threads);
         for _ in 0..iters {
@@ -141,7 +170,7 @@ fn deadpool_map_loop(
     keys: &[CheetahString],
     threads: usize,
     iters: u64,
-) -> Duration {
+) -> Times {
     run_async(threads, iters, |tid, iters| async move {
         let mut walk = Scatter::new(keys.len(), tid, threads);
         for _ in 0..iters {
@@ -151,7 +180,7 @@ fn deadpool_map_loop(
     })
 }
 
-fn deadpool_managed_loop(pool: &DeadManaged, threads: usize, iters: u64) -> Duration {
+fn deadpool_managed_loop(pool: &DeadManaged, threads: usize, iters: u64) -> Times {
     run_async(threads, iters, |_, iters| async move {
         for _ in 0..iters {
             black_box(*pool.get().await.expect("warm"));
@@ -163,7 +192,7 @@ fn deadpool_unmanaged_loop(
     pool: &deadpool::unmanaged::Pool<u64>,
     threads: usize,
     iters: u64,
-) -> Duration {
+) -> Times {
     run_async(threads, iters, |_, iters| async move {
         for _ in 0..iters {
             black_box(*pool.get().await.expect("one per thread"));
@@ -171,7 +200,7 @@ fn deadpool_unmanaged_loop(
     })
 }
 
-fn bb8_loop(pool: &bb8::Pool<NumberManager>, threads: usize, iters: u64) -> Duration {
+fn bb8_loop(pool: &bb8::Pool<NumberManager>, threads: usize, iters: u64) -> Times {
     run_async(threads, iters, |_, iters| async move {
         for _ in 0..iters {
             black_box(*pool.get().await.expect("one per thread"));
@@ -196,27 +225,27 @@ fn one_key(c: &mut Criterion) {
         let id = format!("t{t}");
         let ours: Ours = warm_ours(DefaultConnector::default(), &keys, t);
         group.bench_function(BenchmarkId::new("keyed_pool", &id), |b| {
-            b.iter_custom(|iters| ours_loop(&ours, &keys, t, iters))
+            b.iter_custom(|iters| ours_loop(&ours, &keys, t, iters).wall)
         });
         drop(ours);
         let plain = warm_ours(NoValidate, &keys, t);
         group.bench_function(BenchmarkId::new("keyed_pool_novalidate", &id), |b| {
-            b.iter_custom(|iters| ours_loop(&plain, &keys, t, iters))
+            b.iter_custom(|iters| ours_loop(&plain, &keys, t, iters).wall)
         });
         drop(plain);
         let managed = warm_deadpool(&rt, &keys[0], t);
         group.bench_function(BenchmarkId::new("deadpool_managed", &id), |b| {
-            b.iter_custom(|iters| deadpool_managed_loop(&managed, t, iters))
+            b.iter_custom(|iters| deadpool_managed_loop(&managed, t, iters).wall)
         });
         drop(managed);
         let unmanaged = unmanaged_pool(t);
         group.bench_function(BenchmarkId::new("deadpool_unmanaged", &id), |b| {
-            b.iter_custom(|iters| deadpool_unmanaged_loop(&unmanaged, t, iters))
+            b.iter_custom(|iters| deadpool_unmanaged_loop(&unmanaged, t, iters).wall)
         });
         drop(unmanaged);
         let bb = bb8_pool(&rt, t);
         group.bench_function(BenchmarkId::new("bb8", &id), |b| {
-            b.iter_custom(|iters| bb8_loop(&bb, t, iters))
+            b.iter_custom(|iters| bb8_loop(&bb, t, iters).wall)
         });
         drop(bb);
     }
@@ -267,12 +296,12 @@ fn keys1000(c: &mut Criterion) {
         let id = format!("t{t}");
         let ours: Ours = warm_ours(DefaultConnector::default(), &keys, t);
         group.bench_function(BenchmarkId::new("keyed_pool", &id), |b| {
-            b.iter_custom(|iters| ours_loop(&ours, &keys, t, iters))
+            b.iter_custom(|iters| ours_loop(&ours, &keys, t, iters).wall)
         });
         drop(ours);
         let map = deadpool_map(&rt, &keys, t);
         group.bench_function(BenchmarkId::new("hashmap_of_deadpool", &id), |b| {
-            b.iter_custom(|iters| deadpool_map_loop(&map, &keys, t, iters))
+            b.iter_custom(|iters| deadpool_map_loop(&map, &keys, t, iters).wall)
         });
     }
     group.finish();
@@ -342,29 +371,56 @@ fn print_ratios() {
 }
 
 /// Runs the variants in alternation, `ROUNDS` times, each for about `SLICE`, and returns for each
-/// variant the median over rounds of its time divided by variant 0's time in the same round. Load
-/// from other processes that drifts over seconds hits both sides of each ratio alike. A variant
-/// runs `iters` checkouts per thread and returns the time per thread.
-fn interleaved(variants: &[&dyn Fn(u64) -> Duration]) -> Vec<f64> {
+/// variant the median over rounds of its time divided by variant 0's time in the same round, in
+/// wall time and in CPU time, with variant 0's median time per operation. Load from other
+/// processes that drifts over seconds hits both sides of each ratio alike; CPU time leaves out the
+/// waits for a core. A variant runs `iters` checkouts per thread.
+fn interleaved(variants: &[&dyn Fn(u64) -> Times]) -> (Vec<f64>, Vec<f64>, Times) {
     const ROUNDS: usize = 15;
     const SLICE: Duration = Duration::from_millis(15);
-    let probe = variants[0](10_000);
+    let probe = variants[0](10_000).wall;
     let iters =
         (10_000.0 * SLICE.as_secs_f64() / probe.as_secs_f64().max(1e-9)).max(1_000.0) as u64;
-    let mut ratios = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    let mut wall = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    let mut cpu = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    let (mut base_wall, mut base_cpu) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let times: Vec<f64> = variants.iter().map(|v| v(iters).as_secs_f64()).collect();
+        let times: Vec<Times> = variants.iter().map(|v| v(iters)).collect();
         for (i, t) in times.iter().enumerate() {
-            ratios[i].push(t / times[0]);
+            wall[i].push(t.wall.as_secs_f64() / times[0].wall.as_secs_f64());
+            cpu[i].push(t.cpu.as_secs_f64() / times[0].cpu.as_secs_f64());
         }
+        base_wall.push(times[0].wall.as_secs_f64() / iters as f64);
+        base_cpu.push(times[0].cpu.as_secs_f64() / iters as f64);
     }
-    ratios.into_iter().map(median).collect()
+    let wall: Vec<f64> = wall.into_iter().map(median).collect();
+    let cpu: Vec<f64> = cpu.into_iter().map(median).collect();
+    let base = Times {
+        wall: Duration::from_secs_f64(median(base_wall)),
+        cpu: Duration::from_secs_f64(median(base_cpu)),
+    };
+    (wall, cpu, base)
+}
+
+/// One line of ratios: each peer's wall-time ratio, then its CPU-time ratio.
+fn ratio_line(what: &str, names: &[&str], (wall, cpu, base): (Vec<f64>, Vec<f64>, Times)) {
+    let cells: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n} {:.2}x / {:.2}x", wall[i + 1], cpu[i + 1]))
+        .collect();
+    println!(
+        "  {what}: keyed_pool {:.0} / {:.0} ns   {}",
+        base.wall.as_secs_f64() * 1e9,
+        base.cpu.as_secs_f64() * 1e9,
+        cells.join("   ")
+    );
 }
 
 /// The same comparisons as the criterion groups, interleaved (see [`interleaved`]).
 fn interleaved_ratios() {
     println!(
-        "\n== interleaved ratios, peer / ours (median over 15 alternating rounds of ~15 ms each; robust to drifting load) =="
+        "\n== interleaved, peer / ours, wall time / thread CPU time (median over 15 alternating rounds of ~15 ms each; ours in ns per checkout + return) =="
     );
     let rt = runtime();
     let keys = addrs(1);
@@ -381,9 +437,15 @@ fn interleaved_ratios() {
             &|iters| deadpool_unmanaged_loop(&unmanaged, t, iters),
             &|iters| bb8_loop(&bb, t, iters),
         ]);
-        println!(
-            "  one key, threads={t}: keyed_pool_novalidate {:.2}x   deadpool_managed {:.2}x   deadpool_unmanaged {:.2}x   bb8 {:.2}x",
-            r[1], r[2], r[3], r[4]
+        ratio_line(
+            &format!("one key, threads={t}"),
+            &[
+                "keyed_pool_novalidate",
+                "deadpool_managed",
+                "deadpool_unmanaged",
+                "bb8",
+            ],
+            r,
         );
     }
     let keys = addrs(KEYS);
@@ -393,9 +455,10 @@ fn interleaved_ratios() {
         let r = interleaved(&[&|iters| ours_loop(&ours, &keys, t, iters), &|iters| {
             deadpool_map_loop(&map, &keys, t, iters)
         }]);
-        println!(
-            "  {KEYS} keys, threads={t}: hashmap_of_deadpool {:.2}x",
-            r[1]
+        ratio_line(
+            &format!("{KEYS} keys, threads={t}"),
+            &["hashmap_of_deadpool"],
+            r,
         );
     }
 }
