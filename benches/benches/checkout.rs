@@ -1,7 +1,7 @@
 //! Exclusive checkout (issue 13): checkout + return, side by side with the single-target pools and
 //! with a keyed pool built from deadpool, in one process.
 //!
-//! - `checkout/one_key/{keyed_pool,deadpool_managed,deadpool_unmanaged,bb8}/t{threads}`: one
+//! - `checkout/one_key/{keyed_pool,keyed_pool_novalidate,deadpool_managed,deadpool_unmanaged,bb8}/t{threads}`: one
 //!   address; each pool warmed with one connection per thread, so a checkout never waits. Ours
 //!   with a connector that validates addresses as the TCP connector does (`DefaultConnector`);
 //!   `keyed_pool_novalidate` is the same pool with a connector that validates nothing, to show
