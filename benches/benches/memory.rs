@@ -6,9 +6,16 @@
 //! growth of the resident set (which includes malloc's per-chunk overhead the counter cannot see),
 //! and the same count for the keyed peer, hyper-util's `Map` of `Singleton`s.
 //!
+//! Then the same for exclusive connections (issue 13: [`ConnectionPool::checkout`]), with the
+//! 24-byte payload: N idle connections, one per address (as the shared figure) and 100 per
+//! address (N / 100 addresses, so the address's own state is shared by many connections), against
+//! the keyed pool built from deadpool today: a `HashMap` of one managed deadpool pool per address,
+//! holding the same connections.
+//!
 //! Run: `cargo bench -p keyed-pool-benches --bench memory`
 
 use std::alloc::System;
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::RandomState;
 use std::mem::size_of;
@@ -22,7 +29,7 @@ use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::core::{HealthPolicy, HealthWindow};
 use keyed_pool::{ConnectionMetrics, ConnectionPool, PooledConnection};
-use keyed_pool_benches::{MakeConn, addrs};
+use keyed_pool_benches::{DefaultConnector, FixedManager, MakeConn, addrs};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower_service::Service;
 
@@ -154,5 +161,76 @@ fn main() {
             hyper_bytes as f64 / floor as f64
         );
         drop(hyper);
+    }
+    exclusive();
+}
+
+/// The issue's payload, 24 bytes.
+type Payload = [u64; 3];
+
+/// Memory per idle exclusive connection, ours against a `HashMap` of deadpool pools.
+fn exclusive() {
+    println!(
+        "memory per idle exclusive connection (checkout, issue 13), 24-byte payload (net heap bytes)"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    for n in SIZES {
+        for per_key in [1, 100] {
+            let keys = addrs(n / per_key);
+            // (No RSS growth here: the earlier measurements freed memory that these reuse.)
+            let (ours, _, pool) = measure(|| {
+                let pool = ConnectionPool::builder()
+                    .connector(DefaultConnector::<Payload>::default())
+                    .max_per_address(per_key)
+                    .build()
+                    .expect("valid config");
+                rt.block_on(async {
+                    for k in &keys {
+                        // Held at once, so the address makes `per_key` connections.
+                        let mut held = Vec::with_capacity(per_key);
+                        for _ in 0..per_key {
+                            held.push(pool.checkout(k).await.expect("an instant connect"));
+                        }
+                    }
+                });
+                pool
+            });
+            let stats = pool.stats();
+            assert_eq!((stats.total, stats.idle), (n, n), "all idle, none lost");
+            drop(pool);
+            let (dead, _, map) = measure(|| {
+                let map: HashMap<CheetahString, deadpool::managed::Pool<FixedManager<Payload>>> =
+                    keys.iter()
+                        .map(|k| {
+                            let pool =
+                                deadpool::managed::Pool::builder(FixedManager::new(k.clone()))
+                                    .max_size(per_key)
+                                    .build()
+                                    .expect("no runtime needed without timeouts");
+                            rt.block_on(async {
+                                let mut held = Vec::with_capacity(per_key);
+                                for _ in 0..per_key {
+                                    held.push(pool.get().await.expect("an instant create"));
+                                }
+                            });
+                            (k.clone(), pool)
+                        })
+                        .collect();
+                map
+            });
+            let idle: usize = map.values().map(|p| p.status().available).sum();
+            assert_eq!(idle, n, "all idle");
+            drop(map);
+            let per = |b: i64| b as f64 / n as f64;
+            println!(
+                "  {n:>7} connections, {per_key:>3} per address: pool {:6.1} B/conn   HashMap of deadpool managed pools {:6.1} B/conn   ratio ours / deadpool {:.2}x",
+                per(ours),
+                per(dead),
+                ours as f64 / dead as f64,
+            );
+        }
     }
 }

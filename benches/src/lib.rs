@@ -232,3 +232,66 @@ impl keyed_pool::Connector for ValidatingConnector {
         keyed_pool::tcp::validate_addr(addr)
     }
 }
+
+/// deadpool's connection maker for one address, as a keyed deadpool (one pool per address) needs:
+/// it holds its address, makes a `T::default()` at once and recycles without a check (so a
+/// checkout costs the pool's own work, as the pool's connectors in these benches do). Shared by the
+/// `checkout` and `memory` benches.
+#[derive(Debug)]
+pub struct FixedManager<T> {
+    /// The address the pool's connections are to.
+    pub addr: cheetah_string::CheetahString,
+    _conn: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> FixedManager<T> {
+    /// A manager for `addr`.
+    pub fn new(addr: cheetah_string::CheetahString) -> Self {
+        Self {
+            addr,
+            _conn: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Default + Send> deadpool::managed::Manager for FixedManager<T> {
+    type Type = T;
+    type Error = std::convert::Infallible;
+
+    async fn create(&self) -> Result<T, Self::Error> {
+        Ok(T::default())
+    }
+
+    async fn recycle(
+        &self,
+        _conn: &mut T,
+        _metrics: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Self::Error> {
+        Ok(())
+    }
+}
+
+/// A connector whose connections are `T::default()`, made at once, and which validates addresses
+/// as the crate's TCP and remoting connectors do: what a checkout on a real connector's pool pays,
+/// without the network. (`ValidatingConnector` is this for `u64`, for the shared-mode benches.)
+#[derive(Debug)]
+pub struct DefaultConnector<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Default for DefaultConnector<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T: Default + Send + Sync + 'static> keyed_pool::Connector for DefaultConnector<T> {
+    type Conn = T;
+    type Error = std::convert::Infallible;
+
+    async fn connect(&self, _addr: &str) -> Result<T, Self::Error> {
+        Ok(T::default())
+    }
+
+    fn validate(&self, addr: &str) -> Result<(), String> {
+        keyed_pool::tcp::validate_addr(addr)
+    }
+}
