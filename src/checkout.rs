@@ -541,17 +541,18 @@ where
         if self.is_closed() {
             return Err(PoolError::Closed.into());
         }
+        // Validated in `arrive`, on the way to a connect only: an address with an idle connection
+        // was validated when it was connected, and a hit must not pay for it again.
         let addr = crate::pool::key(addr);
-        if let Err(reason) = self.inner.connector.validate(&addr) {
-            return Err(PoolError::InvalidAddress { addr, reason }.into());
-        }
         let timeout = self.inner.config.effective_checkout_timeout();
-        let now = Instant::now();
+        let mut now = Instant::now();
         let deadline = now
             .checked_add(timeout)
             .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
         loop {
-            let held = self.wait_for_connection(&addr, deadline, timeout).await?;
+            let held = self
+                .wait_for_connection(&addr, now, deadline, timeout)
+                .await?;
             let checkout = Checkout {
                 held: Some(held),
                 broken: false,
@@ -571,6 +572,7 @@ where
             // checkout closes the connection (and backs the address off, as for a shared one).
             // Then the caller goes back in line.
             drop(checkout);
+            now = Instant::now();
         }
     }
 
@@ -578,6 +580,7 @@ where
     async fn wait_for_connection(
         &self,
         addr: &CheetahString,
+        now: Instant,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Held<C>, CheckoutError> {
@@ -589,7 +592,7 @@ where
             id: None,
             rx: None,
         };
-        let (id, rx, start) = match self.arrive(addr, deadline)? {
+        let (id, rx, start) = match self.arrive(addr, now, deadline)? {
             Arrival::Ready(held) => return Ok(held),
             Arrival::Wait(id, rx, start) => (id, rx, start),
         };
@@ -639,14 +642,19 @@ where
 
     /// The arrival, under the address's lock: an idle connection (the unfit ones closed on the
     /// way), or a place in line, with a connect started for it if one is wanted and allowed.
-    fn arrive(&self, addr: &CheetahString, deadline: Instant) -> Result<Arrival<C>, CheckoutError> {
-        let now = Instant::now();
+    /// Validates the address (I/O-free, the connector's `validate`) only when the caller must wait.
+    fn arrive(
+        &self,
+        addr: &CheetahString,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Arrival<C>, CheckoutError> {
         let limits = self.limits();
         let deadline_at = self.inner.offset(deadline);
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
-        self.with_slot(addr, |slot| {
+        let arrival = self.slot_entry_at(addr, true, now, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed.into());
@@ -665,6 +673,17 @@ where
                         }
                     },
                     Acquired::Queued { waiter, connect } => {
+                        if let Err(reason) = self.inner.connector.validate(addr) {
+                            if connect {
+                                ex.queue.connect_not_started();
+                            }
+                            ex.queue.cancel(waiter);
+                            return Err(PoolError::InvalidAddress {
+                                addr: addr.clone(),
+                                reason,
+                            }
+                            .into());
+                        }
                         let (tx, rx) = oneshot::channel();
                         ex.senders.push_back((waiter, tx));
                         if connect {
@@ -690,7 +709,8 @@ where
                     }
                 }
             }
-        })
+        });
+        arrival.expect("a slot is created when there is none")
     }
 
     /// Starts a connect for the address's line if it wants one: the queue's limits (I19, I4),
@@ -1008,7 +1028,7 @@ where
         let verdict = self.judge(&held, broken, now);
         let addr = held.meta.addr().clone();
         let mut held = Some(held);
-        self.with_existing_slot(&addr, |slot| {
+        self.slot_entry_at(&addr, false, now, |slot| {
             let closed = self.inner.closed.load(Ordering::SeqCst);
             let Some(ex) = slot.exclusive_mut() else {
                 return;

@@ -723,7 +723,20 @@ where
         create: bool,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> Option<R> {
-        let now = self.inner.offset(Instant::now());
+        self.slot_entry_at(addr, create, Instant::now(), f)
+    }
+
+    /// [`with_slot`](Self::with_slot) (`create`) or [`with_existing_slot`](Self::with_existing_slot)
+    /// for a caller that has just read the clock: `now` judges the slot's vacancy (a clock read
+    /// fewer on a checkout's path).
+    pub(crate) fn slot_entry_at<R>(
+        &self,
+        addr: &CheetahString,
+        create: bool,
+        now: Instant,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> Option<R> {
+        let now = self.inner.offset(now);
         let policy = &self.inner.config.ejection;
         match self.inner.map.entry(addr.clone()) {
             Entry::Occupied(mut occupied) => {
