@@ -30,7 +30,7 @@ use crate::connector::{Connector, ManagesConnections};
 use crate::core::{
     Acquired, CheckoutLimits, CheckoutQueue, Permit, Placed, UnhealthyReason, WaiterId,
 };
-use crate::error::{Cause, PoolError, count, human};
+use crate::error::{PoolError, count, human};
 use crate::metrics::{ConnectionMetrics, EvictionReason, PoolCounters};
 use crate::pool::Inner;
 use crate::slot::Slot;
@@ -872,7 +872,6 @@ where
         let Some(mut permit) = guard.permit.take() else {
             unreachable!("the guard holds the permit until the connect ends")
         };
-        let counters = &self.inner.counters;
         let (cause, err) = match outcome {
             // Closing: `close` fails the line; the guard gives the counted connect back.
             None => {
@@ -888,25 +887,8 @@ where
                 };
                 return self.adopt_exclusive(&addr, held);
             }
-            Some(Ok(Err(err))) => {
-                PoolCounters::bump(&counters.connects_failed);
-                let cause: Cause = Arc::new(err);
-                tracing::warn!(addr = %addr, error = %cause, "connect failed");
-                let err = PoolError::Connect {
-                    addr: addr.clone(),
-                    cause: Arc::clone(&cause),
-                };
-                (cause, err)
-            }
-            Some(Err(_elapsed)) => {
-                PoolCounters::bump(&counters.connects_timed_out);
-                let err = PoolError::ConnectTimeout {
-                    addr: addr.clone(),
-                    timeout,
-                };
-                tracing::warn!(addr = %addr, ?timeout, "connect timed out");
-                (Arc::new(err.clone()) as Cause, err)
-            }
+            Some(Ok(Err(err))) => self.connect_failure(&addr, Some(err)),
+            Some(Err(_elapsed)) => self.connect_failure(&addr, None),
         };
         let now = Instant::now();
         self.with_existing_slot(&addr, |slot| {

@@ -370,7 +370,6 @@ where
             flight,
             permit: Some(permit),
         };
-        let timeout = self.inner.config.connect_timeout;
         tracing::debug!(addr = %addr, "connecting");
         let remaining = deadline.saturating_duration_since(Instant::now());
         let mut closing = self.inner.closing.subscribe();
@@ -380,7 +379,6 @@ where
             _ = closing.wait_for(|closing| *closing) => None,
             outcome = tokio::time::timeout(remaining, self.inner.connector.connect(&addr)) => Some(outcome),
         };
-        let counters = &self.inner.counters;
         let permit = guard.permit.take();
         let result = match outcome {
             None => {
@@ -397,24 +395,13 @@ where
                 }
             },
             Some(Ok(Err(err))) => {
-                PoolCounters::bump(&counters.connects_failed);
-                let cause: Cause = Arc::new(err);
-                tracing::warn!(addr = %addr, error = %cause, "connect failed");
-                let err = PoolError::Connect {
-                    addr: addr.clone(),
-                    cause: Arc::clone(&cause),
-                };
+                let (cause, err) = self.connect_failure(&addr, Some(err));
                 self.fail_flight(&addr, flight, cause, &err, permit);
                 Err(err)
             }
             Some(Err(_elapsed)) => {
-                PoolCounters::bump(&counters.connects_timed_out);
-                let err = PoolError::ConnectTimeout {
-                    addr: addr.clone(),
-                    timeout,
-                };
-                tracing::warn!(addr = %addr, ?timeout, "connect timed out");
-                self.fail_flight(&addr, flight, Arc::new(err.clone()), &err, permit);
+                let (cause, err) = self.connect_failure(&addr, None);
+                self.fail_flight(&addr, flight, cause, &err, permit);
                 Err(err)
             }
         };
@@ -423,6 +410,39 @@ where
         // recorded), not join this finished flight; and it must find the slot free (I3).
         drop(guard);
         tx.send_replace(Some(result));
+    }
+
+    /// A connect that made no connection, counted and logged once, shared and exclusive alike:
+    /// `failed` is the connector's error, `None` a timeout. Returns the cause the address's
+    /// backoff remembers (I12) and the error its callers get.
+    pub(crate) fn connect_failure(
+        &self,
+        addr: &CheetahString,
+        failed: Option<K::Error>,
+    ) -> (Cause, PoolError) {
+        let counters = &self.inner.counters;
+        match failed {
+            Some(err) => {
+                PoolCounters::bump(&counters.connects_failed);
+                let cause: Cause = Arc::new(err);
+                tracing::warn!(addr = %addr, error = %cause, "connect failed");
+                let err = PoolError::Connect {
+                    addr: addr.clone(),
+                    cause: Arc::clone(&cause),
+                };
+                (cause, err)
+            }
+            None => {
+                PoolCounters::bump(&counters.connects_timed_out);
+                let timeout = self.inner.config.connect_timeout;
+                let err = PoolError::ConnectTimeout {
+                    addr: addr.clone(),
+                    timeout,
+                };
+                tracing::warn!(addr = %addr, ?timeout, "connect timed out");
+                (Arc::new(err.clone()), err)
+            }
+        }
     }
 
     /// A failed connect (`err`, for the user's hook): under the entry lock, the flight is retired,
