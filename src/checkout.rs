@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -97,7 +97,7 @@ pub(crate) struct Wake {
     notify: Notify,
     /// Set by the pool's first checkout: until then the sweeps skip their pass over the
     /// exclusive connections (a pool used only shared pays no second pass over its map).
-    pub(crate) used: std::sync::atomic::AtomicBool,
+    pub(crate) used: AtomicBool,
 }
 
 impl Wake {
@@ -105,7 +105,7 @@ impl Wake {
         Self {
             waiting: AtomicUsize::new(0),
             notify: Notify::new(),
-            used: std::sync::atomic::AtomicBool::new(false),
+            used: AtomicBool::new(false),
         }
     }
 
