@@ -18,6 +18,9 @@
 //!   the pool's own API (its `get_or_connect`, the guard, the outcome).
 //! - `get_or_connect_hit`: `get_or_connect` on a hit, with a connector that validates addresses as
 //!   the TCP and remoting connectors do.
+//! - `checkout_hit`: `checkout` + return (issue 13) on an address with an idle exclusive
+//!   connection, same connector; at 1 and 1,000 addresses only (its setup connects each address
+//!   on a runtime, slow under valgrind at 100,000).
 //!
 //! Each at 1, 1,000 and 100,000 addresses (the floor too, so the ratio comes from one run).
 //!
@@ -108,6 +111,42 @@ fn connecting_pool(n: usize) -> Fixture<ConnectingPool> {
     Fixture { map: pool, walk }
 }
 
+/// A pool with one idle exclusive connection per address, and the runtime that connected them
+/// (kept alive: the pool's connect tasks ran on it; a hit spawns nothing).
+struct CheckoutFixture {
+    pool: ConnectingPool,
+    walk: Vec<CheetahString>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn checkout_pool(n: usize) -> CheckoutFixture {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let keys = addrs(n);
+    let pool = rt.block_on(async {
+        let pool = ConnectionPool::builder()
+            .connector(ValidatingConnector)
+            .build::<u64>()
+            .expect("valid config");
+        for k in &keys {
+            // Connected and returned: idle, its first call recorded (see `warm_pool`).
+            pool.checkout(k).await.expect("connects").begin().success();
+        }
+        pool
+    });
+    let walk = walk(&keys);
+    for k in &walk {
+        drop(ready_now(pool.checkout(k)).expect("warm"));
+    }
+    CheckoutFixture {
+        pool,
+        walk,
+        _rt: rt,
+    }
+}
+
 /// Polls a future once; a pool hit never waits.
 fn ready_now<F: Future>(fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
@@ -185,6 +224,16 @@ fn get_or_connect_hit(f: Fixture<ConnectingPool>) -> Fixture<ConnectingPool> {
     f
 }
 
+#[library_benchmark]
+#[bench::a1(args = (1), setup = checkout_pool)]
+#[bench::a1000(args = (1_000), setup = checkout_pool)]
+fn checkout_hit(f: CheckoutFixture) -> CheckoutFixture {
+    for k in &f.walk {
+        drop(black_box(ready_now(f.pool.checkout(k)).expect("hit")));
+    }
+    f
+}
+
 library_benchmark_group!(
     name = hot_path,
     benchmarks = [
@@ -192,7 +241,8 @@ library_benchmark_group!(
         get_hit,
         call_by_hand,
         pool_call,
-        get_or_connect_hit
+        get_or_connect_hit,
+        checkout_hit
     ]
 );
 
