@@ -86,7 +86,9 @@ pub struct Http1Conn {
     /// `&mut` already proves nobody else holds it).
     io: Mutex<Io>,
     /// Set once the connection must not be used again: the server said `Connection: close` or
-    /// closed the socket, a request failed on it, or an exchange was cut short.
+    /// closed the socket, a request failed on it, or an exchange was found cut short. Never set
+    /// for an exchange merely in flight: in shared mode the pool asks `is_open` of a connection
+    /// other callers are using.
     closed: AtomicBool,
     /// The connector's books for its address; counts the connection open until it is dropped.
     books: OpenConn,
@@ -97,6 +99,10 @@ struct Io {
     stream: TcpStream,
     /// Bytes read past the last response (none with a well-behaved server: it does not pipeline).
     buf: Vec<u8>,
+    /// An exchange started and has not completed: if the lock is free (or the caller holds
+    /// `&mut`) meanwhile, the exchange was cut short (its future dropped) and the socket may be
+    /// mid-response.
+    mid_exchange: bool,
 }
 
 impl Http1Conn {
@@ -124,9 +130,9 @@ impl Http1Conn {
     /// marked closed ([`is_open`](Self::is_open) is `false`).
     ///
     /// # Cancel safety
-    /// Not cancel safe on the wire: a dropped request may leave a response half read, so the
-    /// connection is marked closed first and reopened for use only once the exchange completes
-    /// (the pool then discards it on return; [`checkout_get`] also marks the checkout broken).
+    /// Not cancel safe on the wire: a dropped request may leave a response half read. The
+    /// connection notes an exchange in flight, and one found cut short reports not open, so the
+    /// pool discards it on return ([`checkout_get`] also marks the checkout broken).
     pub async fn get(&mut self, path: &str) -> Result<Response, Http1Error> {
         let io = self.io.get_mut();
         run(io, &self.host, &self.closed, &self.books.0, path).await
@@ -192,7 +198,7 @@ impl Http1Conn {
         let Ok(io) = self.io.try_lock() else {
             return Ok(());
         };
-        let verdict = idle_check(&io.stream);
+        let verdict = usable(&io);
         if let Err(err) = &verdict {
             close_on(&self.closed, &self.books.0, err);
         }
@@ -200,8 +206,9 @@ impl Http1Conn {
     }
 }
 
-/// One exchange on a connection's socket, with its flags kept: closed until the response is read
-/// (a cut exchange leaves the socket mid-response), closed after it if the server said so.
+/// One exchange on a connection's socket, with its flags kept: mid-exchange until the response is
+/// read (a cut exchange leaves the socket mid-response), closed after it if the server said so or
+/// it failed.
 async fn run(
     io: &mut Io,
     host: &str,
@@ -214,21 +221,22 @@ async fn run(
     }
     // The pool looked (`is_open`) before handing the connection out; a FIN that came since is
     // still found here for the price of a flag read, and the request never leaves.
-    if let Err(err) = idle_check(&io.stream) {
+    if let Err(err) = usable(io) {
         close_on(closed, books, &err);
         return Err(err);
     }
-    closed.store(true, Ordering::Release);
+    io.mid_exchange = true;
     match exchange(io, host, path).await {
         Ok((response, keep_alive)) => {
-            if keep_alive {
-                closed.store(false, Ordering::Release);
-            } else {
+            io.mid_exchange = false;
+            if !keep_alive {
+                closed.store(true, Ordering::Release);
                 books.server_closes.fetch_add(1, Ordering::Relaxed);
             }
             Ok(response)
         }
         Err(err) => {
+            closed.store(true, Ordering::Release);
             if matches!(err, Http1Error::Closed) {
                 books.stale.fetch_add(1, Ordering::Relaxed);
             }
@@ -242,6 +250,16 @@ fn close_on(closed: &AtomicBool, books: &AddrBooks, err: &Http1Error) {
     if !closed.swap(true, Ordering::AcqRel) && matches!(err, Http1Error::Closed) {
         books.found_closed.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// A connection between exchanges: the last one completed, and its socket has nothing to say.
+fn usable(io: &Io) -> Result<(), Http1Error> {
+    if io.mid_exchange {
+        return Err(Http1Error::Malformed(
+            "an exchange was cut short: the socket may be mid-response".into(),
+        ));
+    }
+    idle_check(&io.stream)
 }
 
 /// An idle connection's socket, between exchanges: nothing to read (`Ok`), or the server's FIN
@@ -530,6 +548,7 @@ impl Connector for Http1Connector {
             io: Mutex::new(Io {
                 stream,
                 buf: Vec::new(),
+                mid_exchange: false,
             }),
             closed: AtomicBool::new(false),
             books: OpenConn::new(self.books.of(addr)),
@@ -664,6 +683,8 @@ mod tests {
         HangUp,
         /// Answers one request keep-alive, then closes (a FIN), as a keep-alive timeout does.
         AnswerThenClose,
+        /// Reads requests and never answers (nor closes).
+        Silent,
     }
 
     /// A server on loopback that handles the connections it accepts by `plans`, in order (and
@@ -693,6 +714,7 @@ mod tests {
                         buf.drain(..end + 4);
                         match plan {
                             Plan::HangUp => return,
+                            Plan::Silent => {}
                             Plan::AnswerThenClose => {
                                 let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
                                 let _ = socket.write_all(answer.as_bytes()).await;
@@ -817,6 +839,38 @@ mod tests {
         ));
         drop(conn);
         assert_eq!(books.tally(&addr).open, 0);
+    }
+
+    #[tokio::test]
+    async fn an_exchange_in_flight_is_open_and_one_cut_short_is_not() {
+        let addr = fake_server(vec![Plan::Silent]).await;
+        let conn = Arc::new(Http1Connector::new().connect(&addr).await.unwrap());
+        let in_flight = tokio::spawn({
+            let conn = Arc::clone(&conn);
+            async move { conn.get_shared("/").await }
+        });
+        // Bounded: until the exchange holds the connection's lock.
+        let mut polls = 0;
+        while conn.io.try_lock().is_ok() {
+            polls += 1;
+            assert!(polls < 2000, "the exchange never started");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Shared mode asks this of a connection other callers are using: in use is not closed.
+        assert!(
+            conn.is_open(),
+            "I8: an exchange in flight is not a closed connection"
+        );
+        in_flight.abort();
+        assert!(in_flight.await.unwrap_err().is_cancelled());
+        assert!(
+            !conn.is_open(),
+            "an exchange cut short leaves the socket mid-response"
+        );
+        assert!(matches!(
+            conn.get_shared("/").await,
+            Err(Http1Error::Closed)
+        ));
     }
 
     #[test]
