@@ -1,8 +1,8 @@
 //! Interop: the pool with HTTP/1.1 keep-alive connections ([`Http1Connector`]) against a real nginx
 //! on loopback (Debian's `nginx-light`; `scripts/install-nginx.sh` installs it), which closes
 //! connections the two ways real servers do: silently after its keep-alive timeout, and with
-//! `Connection: close` after its keep-alive request limit. The baseline for issue 13 (several
-//! connections per address): today one shared connection per address.
+//! `Connection: close` after its keep-alive request limit: in shared mode (one connection per
+//! address) and through exclusive checkout with 1 and 8 connections per address (issue 13).
 //!
 //! The binary is `KEYED_POOL_NGINX_BIN`, else `nginx` on `PATH` or in `/usr/sbin`. Without it (as
 //! the build script finds it) the tests are reported as ignored, with the command that installs it;
