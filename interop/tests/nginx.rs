@@ -345,12 +345,15 @@ async fn checkout_with_1_and_8_connections_per_host_fails_no_request_on_server_c
                 "{addr}: nginx never said `Connection: close` (keepalive_requests \
                  {CLOSE_AFTER}): {t:?}"
             );
-            assert!(
-                t.found_closed > 0,
-                "{addr}: no idle connection was found closed by the server after the {GAP:?} \
-                 gaps (keepalive_timeout {KEEPALIVE_TIMEOUT:?}): {t:?}"
-            );
         }
+        // Over both hosts: a host whose rounds each ended exactly on its connection's last
+        // request (a multiple of CLOSE_AFTER, with 1 per host) keeps nothing idle over a gap.
+        assert!(
+            phase.during.iter().any(|t| t.found_closed > 0),
+            "no idle connection was found closed by the server after the {GAP:?} gaps \
+             (keepalive_timeout {KEEPALIVE_TIMEOUT:?}): {:?}",
+            phase.during
+        );
         for (addr, t) in addrs.iter().zip(&phase.after_close) {
             assert_eq!(
                 t.open, 0,
