@@ -8,7 +8,8 @@
 //! `tests/redis.rs` for it against real `redis-server`s, one of them killed and restarted.
 //!
 //! [`http1`] holds the other kind of protocol, one request at a time per connection: HTTP/1.1
-//! keep-alive, tested against nginx in `tests/nginx.rs`.
+//! keep-alive through exclusive checkout ([`ConnectionPool::checkout`], several connections per
+//! address), tested against nginx in `tests/nginx.rs` and measured in `examples/http1.rs`.
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() {

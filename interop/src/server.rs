@@ -302,7 +302,9 @@ impl NginxServer {
                     self.log_tail()
                 )));
             }
-            if let Ok(conn) = crate::http1::Http1Connector.connect(&self.addr()).await
+            if let Ok(mut conn) = crate::http1::Http1Connector::new()
+                .connect(&self.addr())
+                .await
                 && let Ok(Ok(response)) =
                     tokio::time::timeout(Duration::from_secs(1), conn.get("/")).await
                 && response.status == 200
