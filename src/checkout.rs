@@ -1018,6 +1018,7 @@ where
             let Some(h) = held.take() else { return };
             match verdict {
                 None if !closed => {
+                    h.meta.metrics().mark_served();
                     let placed = ex
                         .queue
                         .release(h, true, self.inner.offset(now))
@@ -1171,7 +1172,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
             meta.addr(),
             meta.id(),
             &conn,
-            meta.metrics().created_at(),
+            meta.metrics(),
             reason,
             why,
             now,

@@ -26,6 +26,9 @@ const FLAG_USED: u8 = 4;
 /// Set by the first call guard dropped unfinished, which alone is logged at `warn`. Kept here, in
 /// a spare bit, rather than in a byte of its own padded to 8 in every connection (issue 16).
 const FLAG_WARNED_UNFINISHED: u8 = 8;
+/// An exclusive connection came back from a checkout fit for use: it served its holder, whether or
+/// not the holder recorded calls (I12: it no longer counts as dying young without serving).
+const FLAG_SERVED: u8 = 16;
 /// The flags that make a connection unfit for use.
 const FLAGS_UNFIT: u8 = FLAG_UNHEALTHY | FLAG_CLOSED;
 
@@ -279,6 +282,19 @@ impl ConnectionMetrics {
         // the line exclusive (a `get` on another core keeps reading it).
         self.flags.load(Ordering::Relaxed) & FLAG_USED != 0
             && self.flags.fetch_and(!FLAG_USED, Ordering::AcqRel) & FLAG_USED != 0
+    }
+
+    /// Notes that the connection served a caller (an exclusive connection returned fit).
+    pub(crate) fn mark_served(&self) {
+        if self.flags.load(Ordering::Relaxed) & FLAG_SERVED == 0 {
+            self.flags.fetch_or(FLAG_SERVED, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the connection ever served: a successful call recorded, or returned fit from a
+    /// checkout. A connection found closed young counts against its address only if not (I12).
+    pub(crate) fn has_served(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & FLAG_SERVED != 0 || self.success_count() > 0
     }
 
     /// Records a successful call that took `latency`, finished at `now`.

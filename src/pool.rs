@@ -189,13 +189,12 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         now: Instant,
     ) {
         let conn = &pooled.conn;
-        let created_at = conn.metrics().created_at();
         self.close_evicted(
             slot,
             conn.addr(),
             conn.id(),
             conn.client(),
-            created_at,
+            conn.metrics(),
             reason,
             why,
             now,
@@ -206,7 +205,13 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
 
     /// The part of retiring a connection, shared or exclusive, before its permit goes: counted,
     /// closed through the connector, and judged (a connection that leaves unhealthy, or closed
-    /// younger than `ejection.short_lived`, counts as a failure of its address, I12).
+    /// younger than `ejection.short_lived` before it served a call, counts as a failure of its
+    /// address, I12).
+    ///
+    /// "Before it served a call": a server that closes a connection after answering on it (an
+    /// HTTP/1.1 keep-alive timeout or request limit, often under 5 s) closes it gracefully; only
+    /// one that closes without ever answering (accept-then-close) is failing. Found with nginx
+    /// (issue 13): every graceful close of an idle keep-alive backed the address off.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn close_evicted(
         &self,
@@ -214,7 +219,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         addr: &CheetahString,
         id: ConnId,
         client: &C,
-        created_at: Instant,
+        metrics: &ConnectionMetrics,
         reason: EvictionReason,
         why: Option<UnhealthyReason>,
         now: Instant,
@@ -224,10 +229,12 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         self.connector.close_conn(client);
         // The age matters only for a closed connection (and its log line): idle sweeps of many
         // connections skip the clock arithmetic.
-        let age = || now.saturating_duration_since(created_at);
+        let age = || now.saturating_duration_since(metrics.created_at());
         let failed = match reason {
             EvictionReason::Unhealthy => true,
-            EvictionReason::Closed => age() < self.config.ejection.short_lived,
+            EvictionReason::Closed => {
+                age() < self.config.ejection.short_lived && !metrics.has_served()
+            }
             _ => false,
         };
         if failed {

@@ -755,3 +755,35 @@ async fn every_caller_of_a_starved_line_is_served_as_room_appears() {
     assert_eq!(pool.stats().evictions.make_room, 2);
     assert!(script.open_now() <= 2, "I1 violated");
 }
+
+/// I12 for exclusive connections: one returned fit from a checkout has served its holder, even if
+/// the holder recorded no call, so the server closing it young afterwards (a keep-alive's end) is
+/// no failure of the address; one whose transport is found closed when it comes back never served
+/// (accept-then-close) and backs the address off.
+#[tokio::test(start_paused = true)]
+async fn i12_an_exclusive_connection_closed_after_serving_does_not_back_off() {
+    let script = Script::always(Outcome::Ok(Duration::ZERO));
+    let pool = pool(&script, 0, 1);
+    let conn = pool.checkout(addr(0)).await.unwrap();
+    let open = Arc::clone(&conn.open);
+    drop(conn); // returned fit: served
+    advance(SEC).await;
+    open.store(false, Ordering::SeqCst); // the server ends the keep-alive, 1 s into its life
+    let next = pool.checkout(addr(0)).await;
+    assert!(next.is_ok(), "I12 violated: {:?}", next.err());
+    assert_eq!(
+        pool.ejection_count(addr(0)),
+        0,
+        "I12 violated: a graceful close counted"
+    );
+    // This one is closed before it ever comes back fit: accept-then-close.
+    let conn = next.unwrap();
+    conn.open.store(false, Ordering::SeqCst);
+    drop(conn);
+    assert_eq!(
+        pool.ejection_count(addr(0)),
+        1,
+        "I12 violated: a connection that never served died young unnoticed"
+    );
+    assert_eq!(script.closes(), 2);
+}

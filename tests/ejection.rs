@@ -67,6 +67,42 @@ async fn i12_accept_then_fail_every_request_backs_off_more_each_time() {
     );
 }
 
+/// I12: a connection found closed younger than `short_lived` is a failure of its address only if
+/// it never served a call (accept-then-close); one the server closed after answering on it (an
+/// HTTP/1.1 keep-alive timeout or request limit) is a graceful close: the next caller reconnects
+/// at once. Found with nginx (issue 13): every graceful close of a keep-alive backed off.
+#[tokio::test(start_paused = true)]
+async fn i12_a_young_close_backs_off_only_if_the_connection_never_served() {
+    let script = Script::always(Outcome::Ok(Duration::ZERO));
+    let pool = pool_with(&script, 0);
+    // Served a call, then the server closed it, 1 s into its life (short_lived is 5 s).
+    let conn = pool.get_or_connect(&addr(0)).await.unwrap();
+    conn.begin().success();
+    advance(SEC).await;
+    conn.client().open.store(false, Ordering::SeqCst);
+    assert_eq!(pool.evict_unhealthy().await, 1);
+    assert_eq!(
+        pool.ejection_count(addr(0)),
+        0,
+        "I12 violated: a graceful close counted as a failure"
+    );
+    let next = pool.get_or_connect(&addr(0)).await;
+    assert!(next.is_ok(), "I12 violated: {next:?}");
+    // Closed 1 s into its life without serving: accept-then-close, a failure.
+    next.unwrap().client().open.store(false, Ordering::SeqCst);
+    advance(SEC).await;
+    assert_eq!(pool.evict_unhealthy().await, 1);
+    assert_eq!(
+        pool.ejection_count(addr(0)),
+        1,
+        "I12 violated: died young unnoticed"
+    );
+    assert!(matches!(
+        pool.get_or_connect(&addr(0)).await,
+        Err(PoolError::Backoff { failures: 1, .. })
+    ));
+}
+
 /// I12: a healthy connection lets the count decay, one step per quiet `decay_interval`, and a
 /// new failure continues from the decayed count.
 #[tokio::test(start_paused = true)]

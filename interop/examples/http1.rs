@@ -12,13 +12,14 @@
 //! runs the same load through each pool: 32 callers share the GETs, in 4 rounds with a 300 ms pause
 //! between them, so every connection kept over a pause has been closed by nginx when the next
 //! round starts, and every 90th response on a connection says `Connection: close`. Each mode runs
-//! 5 times, interleaved (the three modes back to back, five times over); the table gives each
+//! 5 times, interleaved (the four modes back to back, five times over); the table gives each
 //! mode's median throughput over the rounds (pauses excluded) and the median over the five
 //! repeats of its ratio to the shared baseline run just before it, so that load which drifts over
 //! seconds (a shared machine) hits both sides of a ratio alike.
 //!
-//! - **shared, 1**: today's shared mode, one connection per address; every caller takes its turn on
-//!   the connection's lock ([`Http1Conn::get_shared`] through [`ConnectionPool::call`]). When nginx
+//! - **shared, 1** and **shared, 8**: the shared mode with `max_per_address` 1 and 8 (I23: each
+//!   caller gets the least-loaded connection, and another is opened while every one is busy);
+//!   every caller takes its turn on a connection's lock ([`Http1Conn::get_shared`] through [`ConnectionPool::call`]). When nginx
 //!   closes the connection, every caller queued on its lock meets the close (`Http1Error::Closed`,
 //!   without sending), and a retry may queue behind the next close: a GET is tried up to
 //!   `SHARED_ATTEMPTS` times.
@@ -31,7 +32,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keyed_pool::core::EjectionPolicy;
 use keyed_pool::{CallError, CheetahString, ConnectionPool};
 use keyed_pool_interop::http1::{
     GetError, Http1Conn, Http1Connector, Http1Error, Response, Tally, checkout_get,
@@ -53,21 +53,21 @@ const KEEP_ALIVE: KeepAlive = KeepAlive {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
-    Shared,
+    Shared(usize),
     Checkout(usize),
 }
 
 impl Mode {
     fn name(self) -> String {
         match self {
-            Mode::Shared => "shared, 1".into(),
+            Mode::Shared(n) => format!("shared, {n}"),
             Mode::Checkout(n) => format!("checkout, {n}"),
         }
     }
 
     fn per_host(self) -> usize {
         match self {
-            Mode::Shared => 1,
+            Mode::Shared(n) => n,
             Mode::Checkout(n) => n,
         }
     }
@@ -118,12 +118,9 @@ async fn run(mode: Mode, addr: &CheetahString, requests: usize) -> Run {
         .max_per_address(mode.per_host())
         .connect_timeout(Duration::from_secs(2))
         .checkout_timeout(Duration::from_secs(5))
-        // nginx closes connections young on purpose (`keepalive_requests`): a connection the pool
-        // finds closed by the server must not count against the address (I12).
-        .ejection(EjectionPolicy {
-            short_lived: Duration::ZERO,
-            ..EjectionPolicy::default()
-        })
+        // Shared mode: a connection with a caller on its lock is busy, so up to `per_host`
+        // connections are opened under load (I23).
+        .busy_in_flight(1)
         .connector(connector)
         .build()
         .expect("a valid config");
@@ -143,7 +140,7 @@ async fn run(mode: Mode, addr: &CheetahString, requests: usize) -> Run {
                     let mut errors: Vec<String> = Vec::new();
                     while tickets.fetch_add(1, Ordering::Relaxed) < per_round {
                         let answer = match mode {
-                            Mode::Shared => shared_get(&pool, &addr, &retries)
+                            Mode::Shared(_) => shared_get(&pool, &addr, &retries)
                                 .await
                                 .map_err(|e| e.to_string()),
                             Mode::Checkout(_) => checkout_get(&pool, &addr, "/")
@@ -181,7 +178,7 @@ async fn run(mode: Mode, addr: &CheetahString, requests: usize) -> Run {
         tally,
         // `checkout_get` retries each stale request once (the books count them).
         retries: match mode {
-            Mode::Shared => retries.load(Ordering::Relaxed),
+            Mode::Shared(_) => retries.load(Ordering::Relaxed),
             Mode::Checkout(_) => tally.stale,
         },
         open_after_close: books.tally(addr).open,
@@ -217,7 +214,12 @@ async fn main() {
         }
     };
     let addr = server.addr();
-    let modes = [Mode::Shared, Mode::Checkout(1), Mode::Checkout(8)];
+    let modes = [
+        Mode::Shared(1),
+        Mode::Shared(8),
+        Mode::Checkout(1),
+        Mode::Checkout(8),
+    ];
     println!(
         "nginx at {addr} (keepalive_requests {}, keepalive_timeout {:?}); {CALLERS} callers, \
          {requests} GETs per run in {ROUNDS} rounds, {GAP:?} pauses; {REPEATS} runs per mode, \

@@ -29,11 +29,13 @@
 //!   move is to mark the checkout broken and retry once on a fresh checkout, which
 //!   [`checkout_get`] does.
 //!
-//! Why [`Checkout::mark_broken`](keyed_pool::Checkout::mark_broken) and not only `is_open`: a
-//! connection returned with its transport closed is evicted as `Closed`, and one that dies younger
-//! than [`EjectionPolicy::short_lived`](keyed_pool::core::EjectionPolicy::short_lived) (5 s by
-//! default) backs its address off (I12), because the pool cannot tell a server's graceful close
-//! from an accept-then-close server. A connection marked broken is closed without backoff.
+//! Why [`Checkout::mark_broken`](keyed_pool::Checkout::mark_broken) as well as `is_open`: it
+//! says what happened (evicted as `Broken`, closed on return, no backoff) instead of leaving the
+//! pool to find the closed transport. Either way no backoff follows a server's close after an
+//! answer: a connection that dies younger than
+//! [`EjectionPolicy::short_lived`](keyed_pool::core::EjectionPolicy::short_lived) counts against
+//! its address only if it never served a call (I12), which tells a keep-alive's end from an
+//! accept-then-close server.
 
 use std::collections::HashMap;
 use std::io;
@@ -839,6 +841,42 @@ mod tests {
         ));
         drop(conn);
         assert_eq!(books.tally(&addr).open, 0);
+    }
+
+    /// I12 with the default ejection policy: a connection the server closed while idle, after
+    /// answering on it (a keep-alive timeout), is found closed on hand-out and replaced, and the
+    /// address does not back off. Before the pool told this apart from accept-then-close, the
+    /// second checkout failed with `Backoff` (found by this crate's nginx tests, issue 13).
+    #[tokio::test]
+    async fn a_keep_alive_the_server_ended_while_idle_does_not_back_the_address_off_i12() {
+        let addr = fake_server(vec![Plan::AnswerThenClose]).await;
+        let connector = Http1Connector::new();
+        let books = connector.books();
+        let pool = pool(connector);
+        {
+            let mut conn = pool.checkout(&addr).await.unwrap();
+            let call = conn.begin();
+            assert_eq!(conn.get("/").await.unwrap().status, 200);
+            call.success();
+        }
+        // The server's FIN reaches the idle connection (bounded: loopback takes microseconds); a
+        // health sweep (ours, or the cleanup task's) finds it closed and evicts it, as a hand-out
+        // would.
+        for _ in 0..2000 {
+            if pool.evict_unhealthy().await > 0 || pool.stats().evictions.closed > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            pool.stats().evictions.closed,
+            1,
+            "I8: the server's FIN was never seen"
+        );
+        let next = pool.checkout(&addr).await;
+        assert!(next.is_ok(), "I12 violated: {:?}", next.err());
+        assert_eq!(pool.ejection_count(&addr), 0, "I12 violated");
+        assert_eq!(books.tally(&addr).made, 2);
     }
 
     #[tokio::test]

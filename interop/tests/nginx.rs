@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keyed_pool::core::EjectionPolicy;
 use keyed_pool::{CallError, CheetahString, ConnId, ConnectionPool};
 use keyed_pool_interop::http1::{
     Books, Http1Conn, Http1Connector, Http1Error, Response, Tally, checkout_get,
@@ -45,21 +44,14 @@ fn nginx_or_skip(test: &str) -> Option<PathBuf> {
     found
 }
 
-/// A pool for one nginx. A server closing a keep-alive connection is no fault of the address, but the
-/// pool cannot tell such a close from an accept-then-close server, and on loopback ten requests fit
-/// in well under a millisecond: `short_lived` is zero, so no connection counts as dying young (I12).
-/// [`checkout_get`] marks the connections it sees closed as broken (no backoff whatever the
-/// policy), but a connection the pool itself finds closed (the server's FIN, on hand-out or on a
-/// shared `get`) is evicted as `Closed`, which counts against a young connection's address.
+/// A pool for one nginx, with the default ejection policy: a server closing a keep-alive
+/// connection after answering on it is no fault of the address (I12: only a connection that dies
+/// young without ever serving counts), so nothing here backs off.
 fn pool(connector: Http1Connector) -> Pool {
     ConnectionPool::builder()
         .max_connections(4)
         .connect_timeout(Duration::from_secs(2))
         .call_timeout(Duration::from_secs(2))
-        .ejection(EjectionPolicy {
-            short_lived: Duration::ZERO,
-            ..EjectionPolicy::default()
-        })
         .connector(connector)
         .build()
         .expect("a valid config")
@@ -235,12 +227,8 @@ async fn exclusive_phase(addrs: &[CheetahString], per_host: usize) -> Phase {
         .max_per_address(per_host)
         .checkout_timeout(Duration::from_secs(5))
         .connect_timeout(Duration::from_secs(2))
-        // See `pool`: the servers close connections young on purpose; here no connection the
-        // server closed counts against its address (I12), and `checkout_get` marks them broken.
-        .ejection(EjectionPolicy {
-            short_lived: Duration::ZERO,
-            ..EjectionPolicy::default()
-        })
+        // The default ejection policy (see `pool`): nginx closes connections young, after
+        // answering on them, which is no failure of the address (I12).
         .connector(connector)
         .build()
         .expect("a valid config");

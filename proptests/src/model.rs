@@ -576,7 +576,12 @@ impl Model {
     fn evict_unfit(&mut self, i: usize, why: HealthEviction) -> bool {
         self.retire(i);
         let c = &self.conns[i];
-        let (addr, young) = (c.addr, self.now - c.created < self.s.short_lived);
+        // Young and never served a call: accept-then-close. A connection that answered before it
+        // closed was closed gracefully (an HTTP/1.1 keep-alive's end), no failure.
+        let (addr, young) = (
+            c.addr,
+            self.now - c.created < self.s.short_lived && c.successes == 0,
+        );
         let cause = match why {
             HealthEviction::Closed => {
                 self.counters.closed += 1;

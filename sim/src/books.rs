@@ -59,11 +59,20 @@ pub struct ConnBook {
     pub condemned_ns: AtomicU64,
     /// Liveness probes the broker answered (the pool records each as a successful call).
     pub probes_ok: AtomicU64,
+    /// Calls started on it (any of them may have succeeded, as far as the books know).
+    pub calls_started: AtomicU64,
     /// Liveness probes that failed or timed out (the pool records each as a failed call).
     pub probes_failed: AtomicU64,
 }
 
 impl ConnBook {
+    /// `true` if the connection may have served a call: the pool does not count a connection
+    /// that dies young as an ejection once it has (a graceful close, I12), so the books prove a
+    /// short-lived death only for one that certainly never did.
+    pub fn may_have_served(&self) -> bool {
+        self.calls_started.load(Ordering::SeqCst) > 0 || self.probes_ok.load(Ordering::SeqCst) > 0
+    }
+
     /// `true` once a call's verdict said unhealthy.
     pub fn condemned(&self) -> bool {
         self.condemned_ns.load(Ordering::SeqCst) != 0
@@ -550,6 +559,7 @@ impl Registry {
             condemned_ns: AtomicU64::new(0),
             probes_ok: AtomicU64::new(0),
             probes_failed: AtomicU64::new(0),
+            calls_started: AtomicU64::new(0),
         });
         self.live.fetch_add(1, Ordering::SeqCst);
         self.open
@@ -620,8 +630,10 @@ impl Registry {
         // Used within max_idle, so not an idle eviction (I5); not replaced by a connect landing
         // at this instant.
         let not_idle = self.max_idle.is_none_or(|max| since_use <= max) && log.last_ok != Some(now);
-        let short_lived =
-            not_idle && !transport_open && now.duration_since(book.made_at) < short_lived();
+        let short_lived = not_idle
+            && !transport_open
+            && !book.may_have_served()
+            && now.duration_since(book.made_at) < short_lived();
         let unhealthy = not_idle && transport_open && book.condemned();
         if short_lived || unhealthy {
             Self::eject(log, now, Some(book.serial));

@@ -92,6 +92,7 @@ impl SimConn {
     /// A call is starting (the client's own in-flight count).
     pub fn call_started(&self) {
         self.touch();
+        self.book.calls_started.fetch_add(1, Ordering::SeqCst);
         self.book.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
