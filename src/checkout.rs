@@ -604,6 +604,12 @@ where
         };
         // Once at first: a release between the arrival and the registration below woke nobody.
         let mut pump = true;
+        // One timer for the whole wait (I16): a timer made afresh on every pass fires up to a
+        // timer tick late each time, and a waiter woken again and again in its last millisecond
+        // (every waiter that leaves wakes the rest) kept pushing its deadline out (found by the
+        // simulation's checkout-storm: 542 ms against a 539 ms timeout).
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         loop {
             let notified = self.inner.wake.notify.notified();
             tokio::pin!(notified);
@@ -625,7 +631,7 @@ where
                 // arrived wins over the deadline.
                 biased;
                 delivered = rx => Event::Delivered(delivered),
-                () = tokio::time::sleep_until(deadline) => Event::Deadline,
+                () = expiry.as_mut() => Event::Deadline,
                 () = notified.as_mut() => Event::Retry,
                 () = tokio::time::sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => Event::Retry,
             };
