@@ -172,6 +172,10 @@ pub struct BooksConfig {
     pub cap: Option<usize>,
     /// The addresses the tier uses (connects in flight are counted per address).
     pub addrs: Vec<CheetahString>,
+    /// The bound on connections open per address, checked at every increment as the cap is (I19,
+    /// for histories that use only `checkout`: `max_per_address` bounds exclusive connections
+    /// only). `None`: not checked.
+    pub per_address: Option<usize>,
     /// Weights of [`ConnectPlan::Ok`], [`ConnectPlan::Slow`], [`ConnectPlan::Fail`].
     pub plan_weights: [u32; 3],
     /// Seed of the connect plans (drawn in connect order, so which connect gets which plan is the
@@ -210,6 +214,9 @@ pub struct Violation {
 pub const TAG_I1: &str = "I1: more connections open at the connector than the cap (a slot freed before its connection was closed: issue 11 #6)";
 /// Tag of an I4 violation at the connector.
 pub const TAG_I4: &str = "I4: two connects in flight for one address";
+/// Tag of an I19 violation at the connector.
+pub const TAG_I19: &str =
+    "I19: more connections open to one address at the connector than max_per_address";
 /// Tag of a second close.
 pub const TAG_DOUBLE_CLOSE: &str = "I17: a connection closed twice";
 /// Tag of a close of a connection the pool refused.
@@ -310,6 +317,25 @@ impl BooksConnector {
     fn count_open(&self, entries: &HashMap<u64, Entry>, serial: u64) {
         let now = self.open.fetch_add(1, SeqCst) + 1;
         self.peak.fetch_max(now, SeqCst);
+        if let Some(max) = self.cfg.per_address {
+            let me = &entries[&serial];
+            let open: BTreeSet<u64> = entries
+                .values()
+                .filter(|e| e.addr == me.addr && e.standing == Standing::Accepted && !e.close_ended)
+                .map(|e| e.serial)
+                .collect();
+            if open.len() > max {
+                self.violation(
+                    TAG_I19,
+                    format!(
+                        "I19 violated: {} connections open to {} at the connector as #{serial} \
+                         opened, max_per_address = {max}; open (or still closing): {open:?}",
+                        open.len(),
+                        me.addr
+                    ),
+                );
+            }
+        }
         let Some(cap) = self.cfg.cap else { return };
         if now <= cap as i64 {
             return;

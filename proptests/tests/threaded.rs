@@ -21,7 +21,8 @@
 //! The tests: `i1_open_at_the_connector_never_exceeds_the_cap`,
 //! `i2_insert_racing_remove_of_its_address_never_fails_for_capacity`,
 //! `i4_one_connect_in_flight_per_address_and_its_waiters_get_its_result`,
-//! `i17_nothing_open_or_handed_out_after_close`, `linearizable_insert_get_remove_close`.
+//! `i17_nothing_open_or_handed_out_after_close`, `linearizable_insert_get_remove_close`,
+//! `i1_i19_i20_i22_checkout_from_threads_under_the_cap` (exclusive checkout, issue 13).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -169,6 +170,7 @@ fn books_config(cap: Option<usize>, addrs: u8, plan_weights: [u32; 3], seed: u64
     BooksConfig {
         cap,
         addrs: (0..addrs).map(addr).collect(),
+        per_address: None,
         plan_weights,
         plan_seed: seed,
         slow: Duration::from_millis(1),
@@ -1253,5 +1255,362 @@ fn linearizable_insert_get_remove_close() {
         failures.extend(linearizability_failures(spec, &played.events));
         failures.extend(books_failures(&played));
         (round.describe(), played.events, failures)
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exclusive checkout from threads (issue 13).
+
+/// One step of a checkout thread's program.
+#[derive(Debug, Clone, Copy)]
+enum CoStep {
+    /// `checkout(addr)`, kept on success (a thread holds at most two; beyond that it returns the
+    /// oldest first).
+    Checkout(u8),
+    /// `checkout(addr)` dropped after this many microseconds if still waiting (I22).
+    Cancel(u8, u64),
+    /// Return a held connection (picked modulo the held ones).
+    Return(u8),
+    /// Mark a held connection broken, then return it: it must be closed.
+    Broken(u8),
+    /// Kill a held connection's transport (its server went away), then return it: it must be
+    /// closed (I8).
+    Kill(u8),
+}
+
+/// The callers' own books: which caller holds which connection (I20), and a log of what each
+/// thread did on the books' clock, for the failure's history.
+#[derive(Default)]
+struct CoBooks {
+    held: std::sync::Mutex<BTreeMap<u64, usize>>,
+    log: std::sync::Mutex<Vec<(u64, String)>>,
+    failures: std::sync::Mutex<Vec<Failure>>,
+}
+
+impl CoBooks {
+    fn note(&self, clock: &AtomicU64, t: usize, what: String) {
+        let at = clock.fetch_add(1, SeqCst);
+        self.log.lock().unwrap().push((at, format!("t{t}: {what}")));
+    }
+
+    fn fail(&self, tag: &str, message: String) {
+        self.failures
+            .lock()
+            .unwrap()
+            .push(Failure::new(tag, message));
+    }
+
+    /// The last `n` entries of the log, in clock order.
+    fn history(&self, n: usize) -> (String, usize) {
+        let mut log = self.log.lock().unwrap().clone();
+        log.sort_by_key(|(at, _)| *at);
+        let tail = &log[log.len().saturating_sub(n)..];
+        let text = tail
+            .iter()
+            .map(|(at, line)| format!("    {at:>6} {line}\n"))
+            .collect::<String>();
+        (text, tail.len())
+    }
+}
+
+type Held = keyed_pool::Checkout<BookConn>;
+
+/// A connection handed to thread `t`: no other caller holds it (I20), and it was neither closed
+/// nor dead when handed out (I20: only idle ones or ones made or returned for the caller; I8).
+fn took(books: &CoBooks, clock: &AtomicU64, t: usize, co: &Held) {
+    let serial = co.serial();
+    books.note(clock, t, format!("checkout {} -> #{serial}", co.addr()));
+    if let Some(other) = books.held.lock().unwrap().insert(serial, t) {
+        books.fail(
+            "I20: one connection checked out to two callers",
+            format!(
+                "I20 violated: #{serial} ({}) handed to thread {t} while thread {other} holds it",
+                co.addr()
+            ),
+        );
+    }
+    if !co.is_transport_open() {
+        books.fail(
+            "I20: a closed or dead connection handed out",
+            format!(
+                "I20 violated: #{serial} ({}) handed to thread {t} with its transport closed (closed by the pool, or killed and returned before)",
+                co.addr()
+            ),
+        );
+    }
+}
+
+/// Thread `t` gives `co` back: off the callers' books first (the pool may hand it to another
+/// caller the moment it is dropped), then dropped; one that must be discarded (marked broken,
+/// transport killed) is closed at the connector by the time the drop returns (I22, I8).
+fn give_back(
+    books: &CoBooks,
+    pool: &CoPool,
+    clock: &AtomicU64,
+    t: usize,
+    mut co: Held,
+    how: CoStep,
+) {
+    let serial = co.serial();
+    let conn_was_open = co.is_transport_open();
+    if books.held.lock().unwrap().remove(&serial) != Some(t) {
+        books.fail(
+            "I20: one connection checked out to two callers",
+            format!("I20 violated: thread {t} returns #{serial}, which the callers' books say it did not hold"),
+        );
+    }
+    let discard = match how {
+        CoStep::Broken(_) => {
+            co.mark_broken();
+            true
+        }
+        CoStep::Kill(_) => {
+            pool.connector().kill(&co);
+            true
+        }
+        _ => false,
+    };
+    books.note(clock, t, format!("return #{serial} {how:?}"));
+    drop(co);
+    if discard {
+        let closes = pool
+            .connector()
+            .entries()
+            .into_iter()
+            .find(|e| e.serial == serial)
+            .map_or(0, |e| e.closes);
+        if closes == 0 && conn_was_open {
+            books.fail(
+                "I22: a discarded checkout was not closed",
+                format!(
+                    "I22 violated: #{serial} came back {how:?} and is not closed at the connector"
+                ),
+            );
+        }
+    }
+}
+
+type CoPool = ConnectionPool<BookConn, BooksConnector>;
+
+fn run_checkout_thread(
+    pool: &CoPool,
+    books: &CoBooks,
+    clock: &AtomicU64,
+    rt: &Handle,
+    t: usize,
+    steps: &[CoStep],
+) {
+    let mut held: Vec<Held> = Vec::new();
+    for &step in steps {
+        match step {
+            CoStep::Checkout(a) | CoStep::Cancel(a, _) => {
+                if held.len() >= 2 {
+                    let co = held.remove(0);
+                    give_back(books, pool, clock, t, co, CoStep::Return(0));
+                }
+                let addr = addr(a);
+                let result = match step {
+                    CoStep::Cancel(_, us) => rt.block_on(async {
+                        tokio::time::timeout(Duration::from_micros(us), pool.checkout(&addr))
+                            .await
+                            .ok()
+                    }),
+                    _ => Some(rt.block_on(pool.checkout(&addr))),
+                };
+                match result {
+                    Some(Ok(co)) => {
+                        took(books, clock, t, &co);
+                        held.push(co);
+                    }
+                    Some(Err(e)) => books.note(clock, t, format!("checkout {addr} -> {e}")),
+                    None => books.note(clock, t, format!("checkout {addr} cancelled")),
+                }
+            }
+            CoStep::Return(i) | CoStep::Broken(i) | CoStep::Kill(i) => {
+                if !held.is_empty() {
+                    let co = held.remove(usize::from(i) % held.len());
+                    give_back(books, pool, clock, t, co, step);
+                }
+            }
+        }
+    }
+    for co in held {
+        give_back(books, pool, clock, t, co, CoStep::Return(0));
+    }
+}
+
+/// I1, I19, I20, I22 under exclusive checkout from real threads: 2–4 OS threads check out,
+/// return, mark broken, kill and cancel waiters at random on 2–4 addresses, with
+/// `max_per_address` 1–3 and a global cap below the addresses' sum (connects succeed, are slow
+/// or fail, as the books' plans say). Judged from outside: the connector's books hold the cap
+/// and `max_per_address` at every connection opened (I1, I19) and see one connect per address at
+/// a time (I4) and every close once (I17); the callers' books see no connection held by two
+/// callers, none handed out closed or dead (I20) and every discarded one closed on return (I22).
+/// Once every thread has returned everything: nothing counted (checked out, waiting), the slots
+/// equal the connections open at the connector, every address can hold `max_per_address`
+/// connections at once again (a waiter cancelled at any point leaked nothing, I22), and after
+/// `close()` every connection the connector opened is closed, exactly once.
+#[test]
+fn i1_i19_i20_i22_checkout_from_threads_under_the_cap() {
+    let rt = runtime();
+    let name = "i1_i19_i20_i22_checkout_from_threads_under_the_cap";
+    drive(name, 120, |seed| {
+        let mut rng = XorShift::new(seed);
+        let addrs = rng.range(2, 4) as u8;
+        let per_address = rng.range(1, 3) as usize;
+        let cap = rng
+            .range(
+                per_address as u64,
+                u64::from(addrs) * per_address as u64 - 1,
+            )
+            .max(1) as usize;
+        let threads = rng.range(2, 4) as usize;
+        let weights = [5u32, 2, 3, 1, 1];
+        let programs: Vec<Vec<CoStep>> = (0..threads)
+            .map(|_| {
+                (0..rng.range(30, 60))
+                    .map(|_| {
+                        let a = rng.below(u64::from(addrs)) as u8;
+                        let i = rng.below(4) as u8;
+                        match rng.weighted(&weights) {
+                            0 => CoStep::Checkout(a),
+                            1 => CoStep::Cancel(a, rng.range(1, 3000)),
+                            2 => CoStep::Return(i),
+                            3 => CoStep::Broken(i),
+                            _ => CoStep::Kill(i),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let plan_weights = [6, 2, 1];
+        let config = format!(
+            "max_connections = {cap}, max_per_address = {per_address}, {addrs} addresses, \
+             {threads} threads × {:?} steps, connect plans (ok, slow, fail) = {plan_weights:?}",
+            programs.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        let clock = Arc::new(AtomicU64::new(0));
+        let connector = BooksConnector::new(
+            BooksConfig {
+                per_address: Some(per_address),
+                ..books_config(Some(cap), addrs, plan_weights, seed)
+            },
+            Arc::clone(&clock),
+        );
+        let pool: CoPool = ConnectionPool::builder()
+            .max_connections(cap)
+            .max_per_address(per_address)
+            .checkout_timeout(Duration::from_millis(5))
+            .backoff(Duration::from_millis(1), Duration::from_millis(2), 0.0)
+            .connect_timeout(Duration::from_secs(1))
+            .connector(connector)
+            .build::<BookConn>()
+            .expect("valid config");
+        let books = CoBooks::default();
+        let barrier = Barrier::new(threads);
+        let handle = rt.handle();
+        std::thread::scope(|s| {
+            for (t, steps) in programs.iter().enumerate() {
+                let (pool, books, clock, barrier) = (&pool, &books, &*clock, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    run_checkout_thread(pool, books, clock, handle, t, steps);
+                });
+            }
+        });
+        let mut failures: Vec<Failure> = std::mem::take(&mut *books.failures.lock().unwrap());
+        // Connect tasks of cancelled callers end on their own (bounded by the connect timeout).
+        let start = Instant::now();
+        while pool.connector().connects_in_flight() > 0 || pool.stats().reserved > 0 {
+            if start.elapsed() > SETTLE {
+                failures.push(Failure::new(
+                    "I16: a connect outlived its callers",
+                    format!("I16 violated: a connect is still in flight {SETTLE:?} after every caller returned"),
+                ));
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let stats = pool.stats();
+        if stats.checked_out != 0 || stats.waiting != 0 {
+            failures.push(Failure::new(
+                "I22: something stayed counted",
+                format!(
+                    "I22 violated: with every caller gone the pool counts {} checked out and {} waiting",
+                    stats.checked_out, stats.waiting
+                ),
+            ));
+        }
+        // Pool-side on purpose: a permit leaked by a cancelled caller shows outside only when
+        // the cap is reached with a slot held by nothing.
+        let open = pool.connector().open();
+        if pool.used_slots() as i64 != open || pool.len() as i64 != open {
+            failures.push(Failure::new(
+                "I22: slots held by nothing",
+                format!(
+                    "I22 violated: at rest {} slots used and {} connections pooled, {open} open at the connector",
+                    pool.used_slots(),
+                    pool.len()
+                ),
+            ));
+        }
+        // Every address can hold max_per_address connections at once again, one after the
+        // other (the cap is at least that, and idle ones elsewhere are closed for room).
+        for a in 0..addrs {
+            let addr = addr(a);
+            let mut held: Vec<Held> = Vec::new();
+            let until = Instant::now() + Duration::from_secs(2);
+            let mut last = String::new();
+            while held.len() < per_address && Instant::now() < until {
+                match rt.block_on(pool.checkout(&addr)) {
+                    Ok(co) => {
+                        took(&books, &clock, 0, &co);
+                        held.push(co);
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if held.len() < per_address {
+                failures.push(Failure::new(
+                    "I22: an address cannot fill up to max_per_address again",
+                    format!(
+                        "I22 violated: {addr} got only {} of its {per_address} connections at once after the threads ended (last error: {last}): a count leaked",
+                        held.len()
+                    ),
+                ));
+            }
+            for co in held {
+                give_back(&books, &pool, &clock, 0, co, CoStep::Return(0));
+            }
+        }
+        failures.extend(std::mem::take(&mut *books.failures.lock().unwrap()));
+        let connector = pool.connector();
+        connector.closing_on_this_thread(true);
+        rt.block_on(pool.close());
+        connector.closing_on_this_thread(false);
+        let entries = connector.entries();
+        let opened = entries.len();
+        let closed = entries.iter().filter(|e| e.closes > 0).count();
+        if connector.open() != 0 || closed != opened {
+            failures.push(Failure::new(
+                "I22: connections left open after close()",
+                format!(
+                    "I22 violated: after close() with nothing checked out the connector opened {opened} and closed {closed} ({} still open)",
+                    connector.open()
+                ),
+            ));
+        }
+        failures.extend(
+            connector
+                .violations()
+                .into_iter()
+                .map(|v| Failure::new(&v.tag, v.message)),
+        );
+        let (history, size) = books.history(60);
+        for f in &mut failures {
+            f.history = history.clone();
+            f.size = size;
+        }
+        (config, Vec::new(), failures)
     });
 }

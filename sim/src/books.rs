@@ -102,6 +102,8 @@ struct AddrLog {
     calls: u32,
     /// The last successful connect.
     last_ok: Option<Instant>,
+    /// The last connect that ended, either way.
+    last_end: Option<Instant>,
     /// Lower bound on the pool's ejection count (I12): ejections proven from outside, decayed as
     /// fast as the schedule could possibly decay them, reset by `mark_up`.
     last: Option<Ejection>,
@@ -207,6 +209,10 @@ pub struct Registry {
     pub handshake: AtomicBool,
     /// The cleanup task's interval while it runs (I6, I9, I18 apply only then), in ns (0 = none).
     sweep_ns: AtomicU64,
+    /// I19 for a scenario that uses only `checkout`: connections open plus connects in progress per
+    /// address never exceed this (0 = not checked: `max_per_address` bounds exclusive connections
+    /// only, so a scenario mixing in the shared mode cannot judge it from the connector).
+    per_address: AtomicU64,
     brokers: BTreeMap<String, Arc<BrokerState>>,
     next_serial: AtomicU64,
     /// Connections that exist on the client side (not yet dropped).
@@ -239,6 +245,7 @@ impl Registry {
             probe_timeout: config.probe_timeout.unwrap_or(config.connect_timeout),
             handshake: AtomicBool::new(true),
             sweep_ns: AtomicU64::new(0),
+            per_address: AtomicU64::new(0),
             brokers,
             next_serial: AtomicU64::new(1),
             live: AtomicI64::new(0),
@@ -265,6 +272,52 @@ impl Registry {
         match self.sweep_ns.load(Ordering::SeqCst) {
             0 => None,
             ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// From now on every address is held to `max` connections open plus connects in progress at
+    /// the connector (I19), checked where that count grows (a connect starts) and at every sample.
+    pub fn set_per_address(&self, max: usize) {
+        self.per_address.store(max as u64, Ordering::SeqCst);
+    }
+
+    /// Connects to `addr` in progress at the connector.
+    pub fn connecting_to(&self, addr: &str) -> u32 {
+        self.addrs
+            .lock()
+            .expect("books lock")
+            .get(addr)
+            .map_or(0, |l| l.in_progress)
+    }
+
+    /// When the last connect to `addr` ended (succeeded or failed), if one did.
+    pub fn last_connect_end(&self, addr: &str) -> Option<Instant> {
+        self.addrs
+            .lock()
+            .expect("books lock")
+            .get(addr)
+            .and_then(|l| l.last_end)
+    }
+
+    /// I19 at the connector, for every address (see [`set_per_address`](Self::set_per_address)).
+    pub fn check_per_address(&self, what: &str) {
+        let max = self.per_address.load(Ordering::SeqCst);
+        if max == 0 {
+            return;
+        }
+        let addrs = self.addrs.lock().expect("books lock");
+        for (addr, log) in addrs.iter() {
+            let n = u64::from(log.open) + u64::from(log.in_progress);
+            if n > max {
+                self.rec.fail(
+                    "I19",
+                    format!(
+                        "{what}: {} connection(s) open and {} connect(s) in progress to {addr} at \
+                         the connector; max_per_address {max}",
+                        log.open, log.in_progress
+                    ),
+                );
+            }
         }
     }
 
@@ -517,6 +570,7 @@ impl Registry {
             (log.attempts, gap)
         });
         self.check_cap(&format!("connect to {addr}"));
+        self.check_per_address(&format!("connect to {addr}"));
         trace!(self.rec, "connect {addr} #{attempt_no}");
         ConnectAttempt {
             reg: Arc::clone(self),
@@ -530,6 +584,7 @@ impl Registry {
         self.connecting.fetch_sub(1, Ordering::SeqCst);
         self.with_addr(addr, |log, now| {
             log.in_progress = log.in_progress.saturating_sub(1);
+            log.last_end = Some(now);
             if ok {
                 log.last_ok = Some(now);
             } else {

@@ -11,6 +11,8 @@ pub mod books;
 #[cfg(madsim)]
 pub mod broker;
 #[cfg(madsim)]
+pub mod checkout;
+#[cfg(madsim)]
 pub mod client;
 #[cfg(madsim)]
 pub mod record;

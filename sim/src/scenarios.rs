@@ -163,6 +163,18 @@ pub const ALL: &[Scenario] = &[
         seed_cap: 0,
     },
     Scenario {
+        name: "checkout-storm",
+        about: "many tasks check out from three brokers, one slow; max_per_address > 1, the cap below their sum; callers cancelled at random (I1, I19-I22, fairness)",
+        run: || Box::pin(crate::checkout::checkout_storm()),
+        seed_cap: 0,
+    },
+    Scenario {
+        name: "checkout-broker-killed",
+        about: "the broker with the most checkouts outstanding killed, restarted later; sometimes close() with checkouts outstanding (I17, I19-I22)",
+        run: || Box::pin(crate::checkout::checkout_broker_killed()),
+        seed_cap: 0,
+    },
+    Scenario {
         name: "churning-addresses",
         about: "100,000 addresses that each fail once, never used again, cleanup running: bounded per-address state (I18)",
         run: || Box::pin(churning_addresses()),
@@ -174,13 +186,13 @@ pub const ALL: &[Scenario] = &[
 pub fn static_inv(name: &str) -> &'static str {
     const NAMES: &[&str] = &[
         "I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9", "I10", "I11", "I12", "I13", "I14",
-        "I15", "I16", "I17", "I18", "ACC", "SIM",
+        "I15", "I16", "I17", "I18", "I19", "I20", "I21", "I22", "FAIR", "ACC", "SIM",
     ];
     NAMES.iter().find(|n| **n == name).copied().unwrap_or("SIM")
 }
 
 /// Runs `body` on the client node of a world built from `setup`, and collects the outcome.
-async fn world<F, Fut>(setup: Setup, info: String, body: F) -> Outcome
+pub(crate) async fn world<F, Fut>(setup: Setup, info: String, body: F) -> Outcome
 where
     F: FnOnce(Arc<Ctx>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,

@@ -343,6 +343,8 @@ impl Ctx {
         let rec = &self.rec;
         // I1: open + connecting at the connector (also checked at every connect, where it grows).
         self.reg.check_cap("sample");
+        // I19: open + connecting per address at the connector (scenarios that use only checkout).
+        self.reg.check_per_address("sample");
         // ACC: the pool's own count against the connector's (a check of what `len()` reports).
         let len = pool.len();
         let open = self.reg.open();
