@@ -472,14 +472,7 @@ fn main() {
     keys1000(&mut c);
     c.final_summary();
     print_ratios();
-    // Only on a full `cargo bench` run: not with a filter, `--list` or in criterion's test mode.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let full = args.iter().any(|a| a == "--bench")
-        && args
-            .iter()
-            .all(|a| a.starts_with("--") || a.parse::<f64>().is_ok())
-        && !args.iter().any(|a| a == "--list" || a == "--test");
-    if full {
+    if keyed_pool_benches::is_full_bench_run() {
         interleaved_ratios();
     }
 }

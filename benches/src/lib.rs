@@ -110,6 +110,17 @@ pub fn run_by_cargo_bench(name: &str) -> bool {
     yes
 }
 
+/// `true` on a full `cargo bench` run of a criterion bench: not with a filter, `--list` or in
+/// criterion's test mode (for the extra, slower passes such as the interleaved ratios).
+pub fn is_full_bench_run() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    args.iter().any(|a| a == "--bench")
+        && args
+            .iter()
+            .all(|a| a.starts_with("--") || a.parse::<f64>().is_ok())
+        && !args.iter().any(|a| a == "--list" || a == "--test")
+}
+
 /// Latency percentiles of a set of samples in nanoseconds.
 #[derive(Clone, Copy, Debug)]
 pub struct Percentiles {

@@ -26,6 +26,35 @@ use std::time::Duration;
 
 use keyed_pool::{CheetahString, Connector};
 
+/// A number from the environment, if set (a typo panics with its name rather than being ignored).
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+/// The seeds a threaded test runs: `THREADED_SEED` alone, `THREADED_REPEAT` times (default 100),
+/// to replay one; else `1..=THREADED_ROUNDS`, or `default_rounds` scaled by `THREADED_SCALE`.
+pub fn threaded_seeds(default_rounds: u64) -> Vec<u64> {
+    if let Some(seed) = env_u64("THREADED_SEED") {
+        return vec![seed; env_u64("THREADED_REPEAT").unwrap_or(100) as usize];
+    }
+    let scaled = std::env::var("THREADED_SCALE").ok().map(|v| {
+        let x: f64 = v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("THREADED_SCALE={v:?} is not a number"));
+        (default_rounds as f64 * x).round() as u64
+    });
+    let rounds = env_u64("THREADED_ROUNDS")
+        .or(scaled)
+        .unwrap_or(default_rounds);
+    (1..=rounds).collect()
+}
+
 /// A small deterministic generator (xorshift64): every random choice of the tier comes from one,
 /// seeded from the round's seed, so a seed names the same programs on every run.
 #[derive(Debug, Clone)]
@@ -172,9 +201,9 @@ pub struct BooksConfig {
     pub cap: Option<usize>,
     /// The addresses the tier uses (connects in flight are counted per address).
     pub addrs: Vec<CheetahString>,
-    /// The bound on connections open per address, checked at every increment as the cap is (I19,
-    /// for histories that use only `checkout`: `max_per_address` bounds exclusive connections
-    /// only). `None`: not checked.
+    /// The bound on connections open per address, checked at every increment as the cap is (I19
+    /// for histories that use only `checkout`, I23 for those that use only the shared mode:
+    /// `max_per_address` bounds each mode on its own). `None`: not checked.
     pub per_address: Option<usize>,
     /// Weights of [`ConnectPlan::Ok`], [`ConnectPlan::Slow`], [`ConnectPlan::Fail`].
     pub plan_weights: [u32; 3],

@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use keyed_pool::{CheetahString, ConnectionPool, PoolError, PooledConnection, WhenFull};
 use keyed_pool_proptests::books::{
-    BookConn, BooksConfig, BooksConnector, BooksError, Entry, Origin, Standing, XorShift,
+    BookConn, BooksConfig, BooksConnector, BooksError, Entry, Origin, Standing, XorShift, env_u64,
+    threaded_seeds,
 };
 use keyed_pool_proptests::linearize::{self, Event, Op, Res, Spec};
 use tokio::runtime::{Handle, Runtime};
@@ -55,15 +56,6 @@ fn runtime() -> Runtime {
         .enable_all()
         .build()
         .expect("multi-thread runtime")
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,22 +489,7 @@ fn drive(
     mut round: impl FnMut(u64) -> (String, Vec<Event>, Vec<Failure>),
 ) {
     let replay = env_u64("THREADED_SEED");
-    let seeds: Vec<u64> = match replay {
-        Some(seed) => vec![seed; env_u64("THREADED_REPEAT").unwrap_or(100) as usize],
-        None => {
-            let scaled = std::env::var("THREADED_SCALE").ok().map(|v| {
-                let x: f64 = v
-                    .trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("THREADED_SCALE={v:?} is not a number"));
-                (default_rounds as f64 * x).round() as u64
-            });
-            let rounds = env_u64("THREADED_ROUNDS")
-                .or(scaled)
-                .unwrap_or(default_rounds);
-            (1..=rounds).collect()
-        }
-    };
+    let seeds = threaded_seeds(default_rounds);
     let start = Instant::now();
     let mut caught: BTreeMap<String, Caught> = BTreeMap::new();
     let mut failed_rounds = 0u64;

@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyed_pool::{CallGuard, CheetahString, ConnectionPool, PooledConnection};
-use keyed_pool_proptests::books::{BookConn, BooksConfig, BooksConnector, Standing, XorShift};
+use keyed_pool_proptests::books::{
+    BookConn, BooksConfig, BooksConnector, Standing, XorShift, threaded_seeds,
+};
 use tokio::runtime::Runtime;
 
 type Pool = ConnectionPool<BookConn, BooksConnector>;
@@ -35,32 +37,6 @@ const DEFAULT_ROUNDS: u64 = 400;
 
 fn addr(i: u8) -> CheetahString {
     format!("10.0.1.{i}:7000").into()
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-    )
-}
-
-fn seeds() -> Vec<u64> {
-    if let Some(seed) = env_u64("THREADED_SEED") {
-        return vec![seed; env_u64("THREADED_REPEAT").unwrap_or(100) as usize];
-    }
-    let scaled = std::env::var("THREADED_SCALE").ok().map(|v| {
-        let x: f64 = v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("THREADED_SCALE={v:?} is not a number"));
-        (DEFAULT_ROUNDS as f64 * x).round() as u64
-    });
-    let rounds = env_u64("THREADED_ROUNDS")
-        .or(scaled)
-        .unwrap_or(DEFAULT_ROUNDS);
-    (1..=rounds).collect()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -253,6 +229,7 @@ fn play(rt: &Runtime, seed: u64, r: &Round) -> (u64, Vec<String>) {
         BooksConfig {
             cap: Some(r.cap),
             addrs: (0..r.addrs).map(addr).collect(),
+            per_address: Some(r.per_address),
             plan_weights: [6, 2, 1],
             plan_seed: seed,
             slow: Duration::from_millis(2),
@@ -308,7 +285,7 @@ fn play(rt: &Runtime, seed: u64, r: &Round) -> (u64, Vec<String>) {
 #[test]
 fn i1_i4_i23_several_shared_connections_under_real_threads() {
     let rt = runtime();
-    let seeds = seeds();
+    let seeds = threaded_seeds(DEFAULT_ROUNDS);
     let start = Instant::now();
     let mut failed: Vec<(u64, Round, Vec<String>)> = Vec::new();
     let mut grew = 0;

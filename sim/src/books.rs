@@ -209,9 +209,9 @@ pub struct Registry {
     pub handshake: AtomicBool,
     /// The cleanup task's interval while it runs (I6, I9, I18 apply only then), in ns (0 = none).
     sweep_ns: AtomicU64,
-    /// I19 for a scenario that uses only `checkout`: connections open plus connects in progress per
-    /// address never exceed this (0 = not checked: `max_per_address` bounds exclusive connections
-    /// only, so a scenario mixing in the shared mode cannot judge it from the connector).
+    /// I19 (a scenario that uses only `checkout`) or I23 (only the shared mode): connections open
+    /// plus connects in progress per address never exceed this (0 = not checked: `max_per_address`
+    /// bounds each mode on its own, so a scenario mixing them cannot judge it from the connector).
     per_address: AtomicU64,
     brokers: BTreeMap<String, Arc<BrokerState>>,
     next_serial: AtomicU64,

@@ -1353,17 +1353,27 @@ struct CallBook {
 /// what its calls returned, as classified (a timeout is a failure, a dropped call cancelled, a
 /// call that got no connection nothing: I13); a connection the calls judged unhealthy is closed
 /// by the next sweep (I9, from the books); the usual liveness and quiescence.
+///
+/// Shared mode with several connections per address (issue 13): `max_per_address` is 1–3 and
+/// `busy_in_flight` 1–2, so slow brokers make the pool open more connections to them; the
+/// connector's books hold every address to `max_per_address` connections open plus connecting at
+/// every connect (I23), and the per-connection books above judge each of them.
 async fn call_api() -> Outcome {
     let mut setup = Setup::new(3);
     let timeout_ms = draw(50..300);
     let call_timeout = ms(timeout_ms);
     setup.config.call_timeout = Some(call_timeout);
     setup.config.health.consecutive_failures = draw(2..6) as u32;
+    let per_address = draw(1..4) as usize;
+    setup.config.max_per_address = per_address;
+    setup.config.busy_in_flight = draw(1..3);
     let info = format!(
-        "call_timeout={call_timeout:?} consecutive_failures={}",
-        setup.config.health.consecutive_failures
+        "call_timeout={call_timeout:?} consecutive_failures={} max_per_address={per_address} \
+         busy_in_flight={}",
+        setup.config.health.consecutive_failures, setup.config.busy_in_flight
     );
     world(setup, info, move |ctx| async move {
+        ctx.reg.set_per_address(per_address);
         // No standard workers: the calls here go through the call API only, so the world's
         // model of `ctx.call` never meets these connections.
         let traffic = Traffic {
