@@ -8,13 +8,13 @@
 //! `ejection_count`, `tracked_addresses`) against the outside books, or a fact nothing outside can
 //! see.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, ConnectionPool, PoolConfig, PoolError, PooledConnection};
+use keyed_pool::{CheetahString, ConnId, ConnectionPool, PoolConfig, PoolError, PooledConnection};
 use tokio::madsim::net::NetSim;
 use tokio::madsim::rand::{Rng, thread_rng};
 use tokio::madsim::runtime::Handle;
@@ -658,22 +658,30 @@ impl Ctx {
     /// Judged from the connector: the stale connection is closed, a successor stays open. (The
     /// pool's answer and what it holds after are checked too: that is the API under test.)
     pub fn remove_stale(&self, pool: &Pool, conn: &PooledConnection<SimConn>) {
+        // Every shared connection of the address (several with `max_per_address` > 1, I23): the
+        // removal takes `conn` alone, if it is one of them, and leaves the rest.
+        let shared_ids = |pool: &Pool| -> BTreeSet<ConnId> {
+            pool.address(conn.addr()).map_or_else(BTreeSet::new, |s| {
+                s.connection
+                    .iter()
+                    .chain(&s.more_connections)
+                    .map(|c| c.id)
+                    .collect()
+            })
+        };
         let before = pool.peek(conn.addr());
-        let before_id = before.as_ref().map(|c| c.id());
+        let before_ids = shared_ids(pool);
         self.reg.manual.store(true, Ordering::SeqCst);
         let removed = pool.remove_connection(conn);
         self.reg.manual.store(false, Ordering::SeqCst);
-        let after = pool.peek(conn.addr()).map(|c| c.id());
-        let expected = if before_id == Some(conn.id()) {
-            (true, None)
-        } else {
-            (false, before_id)
-        };
-        if (removed, after) != expected {
+        let after = shared_ids(pool);
+        let mut expected_after = before_ids.clone();
+        let expected = (expected_after.remove(&conn.id()), expected_after);
+        if (removed, &after) != (expected.0, &expected.1) {
             self.rec.fail(
                 "I14",
                 format!(
-                    "remove_connection({}, {}) with {before_id:?} pooled: removed={removed}, now {after:?}",
+                    "remove_connection({}, {}) with {before_ids:?} pooled: removed={removed}, now {after:?}",
                     conn.addr(),
                     conn.id()
                 ),
