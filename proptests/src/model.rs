@@ -486,6 +486,9 @@ pub struct MLine {
     /// Its callers last tried to start a connect and could not (the pool full with no room to
     /// make, or the address backing off): they sleep until something wakes every waiting
     /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
+    /// Restated as the pool does it: a shared connection that becomes closable for room under
+    /// LRU (its last call ends, or it is made) wakes nobody, so a line can sleep to its deadline
+    /// (`AtCapacity`) while such a connection exists; a new caller would make room at once.
     pub asleep: bool,
     /// The retry timer its callers armed when they last met the address's backoff (its end
     /// then; `mark_up` does not move it).
