@@ -1234,9 +1234,12 @@ impl Model {
         self.waiters.insert(w, MWaiter { addr, deadline });
         let e = self.ejection(addr);
         if wants && e.backing_off(self.now) && live == 0 {
-            // Nothing could serve it before the backoff ends: `Backoff` at once.
+            // Nothing could serve it before the backoff ends: `Backoff` at once (it leaves the
+            // line under the same lock, waking nobody).
             self.counters.backoff_rejections += 1;
-            self.leave_line(addr, w);
+            if let Some(line) = self.lines.get_mut(&addr) {
+                line.line.retain(|&x| x != w);
+            }
             let how = Ended::Backoff {
                 retry_after: e.until - self.now,
                 failures: e.count_at(self.s.decay, self.now),

@@ -69,6 +69,18 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(cases(32))]
+
+    /// Fewer, longer checkout sequences: long lines, many hand-overs, backoffs and sweeps.
+    #[test]
+    fn checkouts_match_model_on_long_runs(scenario in ops::checkout_scenario(600)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
 /// Hand-written sequences at the edges, so they are covered on every run whatever the random draw.
 #[test]
 fn edges_of_idle_health_and_backoff() {
