@@ -1,16 +1,21 @@
 //! The executor: applies a [`Scenario`] to a real pool and to the [`Model`] side by side, on paused
 //! virtual time, and checks the invariants by number after every op.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyed_pool::core::UnhealthyReason;
-use keyed_pool::{CallGuard, ConnectionPool, Connector, PoolError, PooledConnection};
+use keyed_pool::{
+    CallGuard, Checkout, CheckoutError, ConnectionPool, Connector, PoolError, PooledConnection,
+};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::model::{ConnectPlan, HealthEviction, InsertPlan, MCause, Model, Settings, Tripped};
+use crate::model::{
+    ConnectPlan, Ended, HealthEviction, InsertPlan, MCause, Model, Settings, Tripped,
+};
 use crate::ops::{ADDRS, ConnectScript, Finish, Op, Scenario, Step, addr};
 
 /// Sequences longer than this are cut (fuzz inputs can be long; the checks are O(n) per op).
@@ -65,10 +70,29 @@ impl std::error::Error for ScriptedError {}
 pub struct ScriptedConnector {
     next: Mutex<Option<ConnectScript>>,
     every: Mutex<Option<ConnectScript>>,
+    /// Addresses whose server refuses the connects nobody scripted (the others accept them).
+    down: Mutex<HashSet<String>>,
+    /// The books: the address of every connect, in the order they began; and the closes of
+    /// every connection by serial (a checkout's connection is owned by value, so its own count
+    /// goes with it).
+    log: Mutex<Vec<String>>,
+    closed: Closes,
     connects: AtomicU64,
     running: AtomicU64,
     serial: AtomicU64,
     slow: Duration,
+}
+
+/// Closes per connection serial, shared with whoever reads the books.
+pub type Closes = Arc<Mutex<HashMap<u64, u32>>>;
+
+/// How many times the connection with `serial` was closed, by these books.
+pub fn closes(book: &Closes, serial: u64) -> u32 {
+    book.lock()
+        .expect("books lock")
+        .get(&serial)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Counts a connect as running from its first poll until its future completes or is dropped.
@@ -93,6 +117,9 @@ impl ScriptedConnector {
         Self {
             next: Mutex::new(None),
             every: Mutex::new(None),
+            down: Mutex::new(HashSet::new()),
+            log: Mutex::new(Vec::new()),
+            closed: Closes::default(),
             connects: AtomicU64::new(0),
             running: AtomicU64::new(0),
             serial: AtomicU64::new(1 << 32),
@@ -111,6 +138,31 @@ impl ScriptedConnector {
         *self.every.lock().expect("script lock") = script;
     }
 
+    /// Whether the server at `addr` accepts the connects nobody scripted (all do at first).
+    pub fn server(&self, addr: &str, up: bool) {
+        let mut down = self.down.lock().expect("server lock");
+        if up {
+            down.remove(addr);
+        } else {
+            down.insert(addr.to_owned());
+        }
+    }
+
+    /// The addresses connected to so far, in the order the connects began.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// How many times the pool closed the connection with this serial.
+    pub fn closes(&self, serial: u64) -> u32 {
+        closes(&self.closed, serial)
+    }
+
+    /// The books of closes, to read after the pool (and this connector) are gone.
+    pub fn closes_book(&self) -> Closes {
+        Arc::clone(&self.closed)
+    }
+
     /// Connects made so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::SeqCst)
@@ -126,11 +178,23 @@ impl Connector for ScriptedConnector {
     type Conn = FakeConn;
     type Error = ScriptedError;
 
-    async fn connect(&self, _addr: &str) -> Result<FakeConn, ScriptedError> {
+    async fn connect(&self, addr: &str) -> Result<FakeConn, ScriptedError> {
         self.connects.fetch_add(1, Ordering::SeqCst);
+        self.log.lock().expect("log lock").push(addr.to_owned());
         let _running = Running::new(&self.running);
         let next = self.next.lock().expect("script lock").take();
-        let script = next.or(*self.every.lock().expect("script lock"));
+        // Nobody scripted it (a checkout's connect, made in the pool's own task): the server's
+        // state says.
+        let server = || {
+            if self.down.lock().expect("server lock").contains(addr) {
+                ConnectScript::Fail
+            } else {
+                ConnectScript::Ok
+            }
+        };
+        let script = next
+            .or(*self.every.lock().expect("script lock"))
+            .or_else(|| Some(server()));
         let conn = FakeConn::new(self.serial.fetch_add(1, Ordering::Relaxed));
         match script {
             Some(ConnectScript::Ok) => Ok(conn),
@@ -152,6 +216,12 @@ impl Connector for ScriptedConnector {
 
     fn close(&self, conn: &FakeConn) {
         conn.closes.fetch_add(1, Ordering::SeqCst);
+        *self
+            .closed
+            .lock()
+            .expect("books lock")
+            .entry(conn.serial)
+            .or_default() += 1;
     }
 }
 
@@ -171,7 +241,7 @@ pub fn run(scenario: &Scenario) -> Result<(), String> {
     rt.block_on(async {
         let mut h = Harness::new(Settings::from(scenario.knobs))?;
         for (n, op) in scenario.ops.iter().take(MAX_OPS).enumerate() {
-            h.apply(*op)
+            h.step_op(*op)
                 .await
                 .and_then(|()| h.check())
                 .map_err(|e| format!("{e}\n  at op #{n}: {op:?}\n  settings: {:?}", h.m.s))?;
@@ -191,7 +261,18 @@ struct Harness {
     calls: Vec<(CallGuard, usize, Duration)>,
     start: Instant,
     serial: u64,
+    /// Checkouts in their own tasks, not yet ended: the model's waiter id and the task.
+    waiting: Vec<(usize, CheckoutTask)>,
+    /// Checkouts held, in the model's order ([`Model::held`]).
+    held: Vec<Checkout<FakeConn>>,
+    /// The connector's serial of every exclusive connection, index = the model's (each is handed
+    /// to a caller as it is made, when the harness learns it).
+    xserials: Vec<u64>,
+    /// How much of the connector's log of connects the model has accounted for.
+    log_seen: usize,
 }
+
+type CheckoutTask = JoinHandle<Result<Checkout<FakeConn>, CheckoutError>>;
 
 fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
     if ok { Ok(()) } else { Err(msg()) }
@@ -213,6 +294,10 @@ impl Harness {
             calls: Vec::new(),
             start: Instant::now(),
             serial: 0,
+            waiting: Vec::new(),
+            held: Vec::new(),
+            xserials: Vec::new(),
+            log_seen: 0,
         })
     }
 
@@ -309,9 +394,10 @@ impl Harness {
             self.pool.used_slots(),
             self.pool.tracked_addresses(),
         );
-        ensure(len == 0 && used == 0 && tracked == 0, || {
+        let out = self.held.len();
+        ensure(len == 0 && used == out && tracked == 0, || {
             format!(
-                "I17 violated: after close() the pool holds {len} connection(s), {used} slot(s), {tracked} address(es)"
+                "I17 violated: after close() the pool holds {len} connection(s), {used} slot(s) ({out} checked out), {tracked} address(es)"
             )
         })
     }
@@ -477,11 +563,22 @@ impl Harness {
             }
             Op::Advance(step) => {
                 let d = self.step(step);
-                self.m.now += d;
-                tokio::time::advance(d).await;
+                let target = self.m.now + d;
+                // Stopping at every timer of a waiting checkout (deadlines, backoffs ending), so
+                // the model plays each at its instant.
+                while let Some(t) = self.m.next_timer(target) {
+                    tokio::time::advance(t - self.m.now).await;
+                    self.m.now = t;
+                    self.m.expire();
+                    self.m.retry();
+                    self.round().await?;
+                }
+                tokio::time::advance(target - self.m.now).await;
+                self.m.now = target;
             }
             Op::EvictIdle => {
                 let want = self.m.evict_idle();
+                let exclusive = self.m.evict_idle_exclusive();
                 let got = self.pool.evict_idle().await;
                 for &i in &want {
                     let c = &self.m.conns[i];
@@ -529,9 +626,9 @@ impl Harness {
                         )
                     }
                 })?;
-                ensure(got == want.len(), || {
+                ensure(got == want.len() + exclusive, || {
                     format!(
-                        "I6 violated: evict_idle reported {got}, model evicted {}",
+                        "I6 violated: evict_idle reported {got}, model evicted {} shared and {exclusive} exclusive",
                         want.len()
                     )
                 })?;
@@ -569,13 +666,10 @@ impl Harness {
                 let plan = self.m.get_or_connect(a, script, false);
                 self.pool.connector().script(Some(script));
                 let got = self.pool.get_or_connect(&addr(a)).await;
-                self.settle().await?;
+                // Unscripted before settling: a checkout's connect woken meanwhile must not take it.
                 self.pool.connector().script(None);
+                self.settle().await?;
                 self.compare_connect(a, plan, got)?;
-                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
-                ensure(want == made, || {
-                    format!("I4 violated: {made} connects made, model expects {want}")
-                })?;
             }
             Op::GetOrConnectTwice { addr: a, script } => {
                 let a = a % ADDRS;
@@ -585,8 +679,8 @@ impl Harness {
                     self.pool.get_or_connect(&key),
                     self.pool.get_or_connect(&key)
                 );
-                self.settle().await?;
                 self.pool.connector().script(None);
+                self.settle().await?;
                 // The model, in the order the two calls ran: the first to its first await, then
                 // the second, which joins the first's flight if it started one.
                 let plan = self.m.get_or_connect(a, script, false);
@@ -607,10 +701,6 @@ impl Harness {
                     let plan = self.m.get_or_connect(a, script, false);
                     self.compare_connect(a, plan, second)?;
                 }
-                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
-                ensure(want == made, || {
-                    format!("I4 violated: {made} connects made, model expects {want}")
-                })?;
             }
             Op::WarmUp {
                 addrs: given,
@@ -651,10 +741,6 @@ impl Harness {
                     self.compare_connect(a, plan, got)?;
                     self.check_rises()?;
                 }
-                let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
-                ensure(want == made, || {
-                    format!("I4 violated: {made} connects made by a warm-up, model expects {want}")
-                })?;
             }
             Op::Clear => {
                 self.m.clear();
@@ -686,8 +772,284 @@ impl Harness {
             Op::CloseWhileConnecting { addr: a, script } => {
                 self.close_while_connecting(a % ADDRS, script).await?;
             }
+            Op::Checkout { addr: a } => {
+                let a = a % ADDRS;
+                let w = self.m.checkout(a);
+                let (pool, key) = (self.pool.clone(), addr(a));
+                let task = tokio::spawn(async move { pool.checkout(key).await });
+                self.waiting.push((w, task));
+            }
+            Op::Return {
+                held,
+                broken,
+                cancel_first,
+            } => {
+                if self.held.is_empty() {
+                    return Ok(());
+                }
+                let h = usize::from(held) % self.held.len();
+                let a = self.m.xconns[self.m.held[h]].addr;
+                let first = cancel_first.then(|| self.m.first_waiter(a)).flatten();
+                // The model: the first caller gone, then the connection placed; the pool: the
+                // connection handed to that caller, who is dropped before it could take it (I22).
+                match first {
+                    // Handed the connection: it comes back as the caller's, waking nobody.
+                    Some(w) if !broken => self.m.drop_handed(w),
+                    // Nothing handed: the caller leaves the line.
+                    Some(w) => self.m.drop_waiter(w),
+                    None => {}
+                }
+                self.m.give_back(h, broken);
+                let mut checkout = self.held.remove(h);
+                if broken {
+                    checkout.mark_broken();
+                }
+                drop(checkout);
+                if let Some(w) = first {
+                    self.abort(w).await?;
+                }
+            }
+            Op::DropWaiter { waiter } => {
+                let waiting = self.m.waiting();
+                if waiting.is_empty() {
+                    return Ok(());
+                }
+                let w = waiting[usize::from(waiter) % waiting.len()];
+                self.m.drop_waiter(w);
+                self.abort(w).await?;
+            }
+            Op::Server { addr: a, up } => {
+                let a = a % ADDRS;
+                if up {
+                    self.m.down.remove(&a);
+                } else {
+                    self.m.down.insert(a);
+                }
+                self.pool.connector().server(&addr(a), up);
+            }
         }
         self.check_rises()
+    }
+
+    /// One op, then the checkouts it woke: the model plays the connects the pool made for the
+    /// lines (in the pool's order) and every checkout that ended is compared.
+    async fn step_op(&mut self, op: Op) -> Result<(), String> {
+        let op = self.coerce(op);
+        let Some(op) = op else {
+            return Ok(());
+        };
+        let before = self.m.counters.attempted;
+        self.m.hidden = None;
+        let shared = !matches!(
+            op,
+            Op::Advance(_)
+                | Op::Checkout { .. }
+                | Op::Return { .. }
+                | Op::DropWaiter { .. }
+                | Op::Server { .. }
+        );
+        self.apply(op).await?;
+        if shared {
+            // The op's own connects come first in the connector's log: a checkout woken by the
+            // op dials from its own task, which runs after the op's connect began.
+            self.log_seen += usize::try_from(self.m.counters.attempted - before).unwrap_or(0);
+        }
+        self.round().await
+    }
+
+    /// While checkouts wait, ops whose connects take time would move the clock under them (and a
+    /// warm-up's scripts would reach their connects): such connects are played as their instant
+    /// outcome, a warm-up is skipped, a close racing a connect is a plain close.
+    fn coerce(&self, op: Op) -> Option<Op> {
+        if self.m.waiters.is_empty() {
+            return Some(op);
+        }
+        let instant = |script| match script {
+            ConnectScript::Ok | ConnectScript::Slow => ConnectScript::Ok,
+            ConnectScript::Fail | ConnectScript::Hang => ConnectScript::Fail,
+        };
+        Some(match op {
+            Op::GetOrConnect { addr, script } => Op::GetOrConnect {
+                addr,
+                script: instant(script),
+            },
+            Op::GetOrConnectTwice { addr, script } => Op::GetOrConnectTwice {
+                addr,
+                script: instant(script),
+            },
+            Op::WarmUp { .. } => return None,
+            Op::CloseWhileConnecting { .. } => Op::Close,
+            op => op,
+        })
+    }
+
+    /// Lets every task that can run do so: checkouts, their connects, the hand-overs.
+    async fn drain(&self) -> Result<(), String> {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        self.settle().await?;
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// The checkouts' side of an op: the connects the lines made, in the connector's order, played
+    /// by the model; then every checkout that ended compared with the model's.
+    async fn round(&mut self) -> Result<(), String> {
+        self.drain().await?;
+        let log = self.pool.connector().log();
+        let mut made: VecDeque<u8> = log
+            .get(self.log_seen..)
+            .unwrap_or_default()
+            .iter()
+            .map(|key| {
+                (0..ADDRS)
+                    .find(|&a| addr(a).as_str() == key)
+                    .unwrap_or(u8::MAX)
+            })
+            .collect();
+        self.log_seen = self.log_seen.max(log.len());
+        self.m.settle(&mut made)?;
+        ensure(made.is_empty(), || {
+            format!(
+                "I19 violated: connects to {made:?} the model does not expect (no line wants them)"
+            )
+        })?;
+        self.collect().await?;
+        self.check_rises()
+    }
+
+    /// Drops the future of waiting checkout `w` (its task aborted): it must end as cancelled,
+    /// never with a result (the model has it in line).
+    async fn abort(&mut self, w: usize) -> Result<(), String> {
+        let Some(at) = self.waiting.iter().position(|(id, _)| *id == w) else {
+            return Err(format!(
+                "I21 violated: checkout #{w} ended; model: still in line"
+            ));
+        };
+        let (_, task) = self.waiting.remove(at);
+        task.abort();
+        match task.await {
+            Err(e) if e.is_cancelled() => Ok(()),
+            got => Err(format!(
+                "I21 violated: checkout #{w} ended with {got:?} before it was dropped; model: still in line"
+            )),
+        }
+    }
+
+    /// Compares the checkouts that ended with the model's, in waiter order; the connections
+    /// handed out join `held` in the model's order.
+    async fn collect(&mut self) -> Result<(), String> {
+        let ended = self.m.take_ended();
+        let (mut finished, mut still) = (Vec::new(), Vec::new());
+        for (w, task) in self.waiting.drain(..) {
+            if task.is_finished() {
+                finished.push((w, task));
+            } else {
+                still.push((w, task));
+            }
+        }
+        self.waiting = still;
+        for (w, _) in &self.waiting {
+            if let Some((_, how)) = ended.iter().find(|(id, _)| id == w) {
+                return Err(format!(
+                    "I21 violated: checkout #{w} still waits; model: it ended with {how:?}"
+                ));
+            }
+        }
+        for (w, task) in finished {
+            let got = task
+                .await
+                .map_err(|e| format!("checkout #{w} panicked: {e}"))?;
+            let Some(&(_, how)) = ended.iter().find(|(id, _)| *id == w) else {
+                return Err(format!(
+                    "I21 violated: checkout #{w} ended with {got:?}; model: still in line"
+                ));
+            };
+            self.compare_checkout(w, how, got)?;
+        }
+        Ok(())
+    }
+
+    fn compare_checkout(
+        &mut self,
+        w: usize,
+        how: Ended,
+        got: Result<Checkout<FakeConn>, CheckoutError>,
+    ) -> Result<(), String> {
+        let s = self.m.s;
+        let ok = match (&how, &got) {
+            (Ended::Conn(x), Ok(c)) => {
+                let (x, id) = (*x, c.id().get());
+                let want = self.m.xconns[x].id;
+                if want == 0 {
+                    let seen =
+                        self.by_id.contains_key(&id) || self.m.xconns.iter().any(|mx| mx.id == id);
+                    ensure(!seen, || {
+                        format!("I20 violated: checkout #{w} got #{id}, an id handed out before")
+                    })?;
+                    self.m.xconns[x].id = id;
+                    if self.xserials.len() <= x {
+                        self.xserials.resize(x + 1, 0);
+                    }
+                    self.xserials[x] = c.serial;
+                } else {
+                    ensure(id == want, || {
+                        format!(
+                            "I21 violated: checkout #{w} got #{id}; model: #{want} (returned to the oldest caller, or the most recently returned idle one)"
+                        )
+                    })?;
+                }
+                true
+            }
+            (Ended::Closed, Err(CheckoutError::Pool(PoolError::Closed))) => true,
+            (
+                Ended::Backoff {
+                    retry_after,
+                    failures,
+                    cause,
+                },
+                Err(CheckoutError::Pool(PoolError::Backoff {
+                    retry_after: r,
+                    failures: f,
+                    cause: c,
+                    ..
+                })),
+            ) => r == retry_after && f == failures && same_cause(c, *cause),
+            (Ended::Refused, Err(CheckoutError::Pool(PoolError::Connect { cause, .. }))) => {
+                cause.downcast_ref::<ScriptedError>() == Some(&ScriptedError::Refused)
+            }
+            (
+                Ended::TimedOut(n),
+                Err(CheckoutError::TimedOut {
+                    timeout,
+                    checked_out,
+                    ..
+                }),
+            ) => *timeout == s.checkout_timeout && checked_out == n,
+            (Ended::AtCapacity, Err(CheckoutError::AtCapacity { timeout, max, .. })) => {
+                *timeout == s.checkout_timeout && *max == s.max
+            }
+            _ => false,
+        };
+        if !ok {
+            let n = match how {
+                Ended::Conn(_) | Ended::Refused => 21,
+                Ended::Closed => 17,
+                Ended::Backoff { .. } => 12,
+                Ended::TimedOut(_) => 16,
+                Ended::AtCapacity => 1,
+            };
+            return Err(format!(
+                "I{n} violated: checkout #{w} ended with {got:?}; model: {how:?}"
+            ));
+        }
+        if let Ok(c) = got {
+            self.held.push(c);
+        }
+        Ok(())
     }
 
     /// `get_or_connect(a)` runs until it returns or its connect is under way at the connector;
@@ -738,10 +1100,7 @@ impl Harness {
                 )
             })?;
         }
-        let (want, made) = (self.m.counters.attempted, self.pool.connector().connects());
-        ensure(want == made, || {
-            format!("I4 violated: {made} connects made, model expects {want}")
-        })
+        Ok(())
     }
 
     fn step(&self, step: Step) -> Duration {
@@ -1010,19 +1369,27 @@ impl Harness {
                 format!("I1 violated: {len} live, {used} slots used, max {}", s.max)
             })?;
         }
-        ensure(len == m.live.len(), || {
+        let ex_idle: usize = m.lines.values().map(|l| l.idle.len()).sum();
+        let ex_out: usize = m.lines.values().map(|l| l.out).sum();
+        ensure(len == m.live.len() + ex_idle + ex_out, || {
             format!(
-                "I1 violated: {len} live connections, model {} (I2: a replacement keeps the count)",
+                "I1 violated: {len} live connections, model {} shared, {ex_idle} idle and {ex_out} checked out exclusive (I2: a replacement keeps the count)",
                 m.live.len()
             )
         })?;
         let stats = self.pool.stats();
-        ensure(used == len && stats.reserved == 0, || {
+        let out_closed = m.out_closed();
+        ensure(used == len + out_closed && stats.reserved == 0, || {
             format!(
-                "I3 violated: {used} slots used ({} reserved) for {len} live connections and no connect in flight",
+                "I3 violated: {used} slots used ({} reserved) for {len} live connections, {out_closed} checked out past close() and no connect in flight",
                 stats.reserved
             )
         })?;
+        let (want, made) = (m.counters.attempted, self.pool.connector().connects());
+        ensure(want == made, || {
+            format!("I4 violated: {made} connects made, model expects {want}")
+        })?;
+        self.check_exclusive(&stats)?;
         for a in 0..ADDRS {
             let got = self.pool.peek(addr(a)).map(|c| c.id().get());
             let want = m.live.get(&a).map(|&i| m.conns[i].id);
@@ -1151,8 +1518,8 @@ impl Harness {
             })?;
         }
         let live = || m.live.values().map(|&i| &m.conns[i]);
-        let idle = live().filter(|c| c.idle(s, m.now)).count();
-        let healthy = live().filter(|c| c.healthy()).count();
+        let idle = live().filter(|c| c.idle(s, m.now)).count() + ex_idle;
+        let healthy = live().filter(|c| c.healthy()).count() + ex_idle + ex_out;
         let in_flight: u64 = live().map(|c| c.in_flight).sum();
         ensure(
             (stats.total, stats.idle, stats.healthy, stats.in_flight)
@@ -1215,13 +1582,106 @@ impl Harness {
         Ok(())
     }
 
+    /// The exclusive side after every op: each address's line and connections (I19, I21), the
+    /// checkouts held (I20), the connector's books of every exclusive connection (I22), and the
+    /// gauges.
+    fn check_exclusive(&self, stats: &keyed_pool::PoolStats) -> Result<(), String> {
+        let m = &self.m;
+        for a in 0..ADDRS {
+            // `address()` folds a pending `get` of the shared connection into its idle clock (it
+            // reports `idle_for`): not looked at then, so that looking does not move the clock.
+            if m.live.get(&a).is_some_and(|&i| m.conns[i].used) {
+                continue;
+            }
+            let got = self.pool.address(addr(a)).map(|st| {
+                let e = st.exclusive;
+                (e.idle, e.checked_out, e.connecting, e.waiting)
+            });
+            let want = m
+                .lines
+                .get(&a)
+                .map(|l| (l.idle.len(), l.out, 0, l.line.len()));
+            let got = got.filter(|&g| g != (0, 0, 0, 0));
+            let want = want.filter(|&w| w != (0, 0, 0, 0));
+            ensure(got == want, || {
+                format!(
+                    "I21 violated: {} has exclusive (idle, checked out, connecting, waiting) = {got:?}, model {want:?}",
+                    addr(a)
+                )
+            })?;
+            if let Some((idle, out, connecting, waiting)) = got {
+                ensure(idle + out + connecting <= m.s.per_address, || {
+                    format!(
+                        "I19 violated: {} has {} exclusive connections, max_per_address {}",
+                        addr(a),
+                        idle + out + connecting,
+                        m.s.per_address
+                    )
+                })?;
+                ensure(idle == 0 || waiting == 0, || {
+                    format!(
+                        "I21 violated: {} has {idle} idle connection(s) while {waiting} caller(s) wait",
+                        addr(a)
+                    )
+                })?;
+            }
+        }
+        let ex_idle: usize = m.lines.values().map(|l| l.idle.len()).sum();
+        let ex_out: usize = m.lines.values().map(|l| l.out).sum();
+        let waiting: usize = m.lines.values().map(|l| l.line.len()).sum();
+        ensure(
+            (stats.checked_out, stats.waiting) == (ex_out, waiting),
+            || {
+                format!(
+                    "I13 violated: stats (checked out, waiting) = {:?}, model {:?}",
+                    (stats.checked_out, stats.waiting),
+                    (ex_out, waiting)
+                )
+            },
+        )?;
+        let _ = ex_idle;
+        for (h, c) in self.held.iter().enumerate() {
+            let x = m.held[h];
+            let (id, want) = (c.id().get(), m.xconns[x].id);
+            ensure(id == want, || {
+                format!("I20 violated: held checkout {h} is #{id}, model #{want}")
+            })?;
+            ensure(
+                self.held[..h].iter().all(|other| other.id() != c.id()),
+                || format!("I20 violated: #{id} is checked out to two callers"),
+            )?;
+        }
+        let connector = self.pool.connector();
+        for (x, &serial) in self.xserials.iter().enumerate() {
+            let mx = &m.xconns[x];
+            let closes = connector.closes(serial);
+            ensure(closes == u32::from(mx.closed_by_pool), || {
+                format!(
+                    "I22 violated: exclusive #{} closed {closes} time(s) at the connector, model {} (every connection made is idle, checked out, or closed once)",
+                    mx.id,
+                    u32::from(mx.closed_by_pool)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// End of the run: dropping the last handle of the pool ends its cleanup task and closes every
     /// connection it held (I17).
     async fn finish(mut self) -> Result<(), String> {
         self.settle().await?;
         self.calls.clear();
+        // Checkouts: the waiting ones dropped, the held ones given back (they idle, or are
+        // closed if the pool closed); then the pool's drop closes what idles.
+        for (_, task) in std::mem::take(&mut self.waiting) {
+            task.abort();
+            let _ = task.await;
+        }
+        self.held.clear();
+        self.drain().await?;
         let task = self.pool.start_cleanup_task(Duration::from_secs(1));
         let held: Vec<usize> = self.m.live.values().copied().collect();
+        let book = self.pool.connector().closes_book();
         drop(self.pool);
         for _ in 0..100 {
             if task.is_finished() {
@@ -1238,6 +1698,15 @@ impl Harness {
                 format!(
                     "I17 violated: dropping the pool closed #{} {closes} time(s)",
                     self.conns[i].id()
+                )
+            })?;
+        }
+        for (x, &serial) in self.xserials.iter().enumerate() {
+            let n = closes(&book, serial);
+            ensure(n == 1, || {
+                format!(
+                    "I22 violated: exclusive #{} closed {n} time(s) once every checkout was given back and the pool dropped",
+                    self.m.xconns[x].id
                 )
             })?;
         }

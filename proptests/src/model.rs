@@ -3,7 +3,7 @@
 //! window, the idle predicate, the backoff schedule, the ejection count that learns and decays,
 //! and the rule for which addresses the pool keeps are restated here (docs/DESIGN.md).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use keyed_pool::{PoolConfig, WhenFull};
@@ -59,6 +59,12 @@ pub struct Settings {
     pub short_lived: Duration,
     /// Quiet time that takes one step off an ejection count.
     pub decay: Duration,
+    /// `max_per_address` (I19).
+    pub per_address: usize,
+    /// How long a checkout waits: `checkout_timeout`, or else the connect timeout (I16).
+    pub checkout_timeout: Duration,
+    /// Whether `checkout_timeout` is set (else the connect timeout stands in).
+    pub checkout_timeout_set: bool,
 }
 
 fn pick<T: Copy>(values: &[T], i: u8) -> T {
@@ -69,6 +75,8 @@ impl From<Knobs> for Settings {
     fn from(k: Knobs) -> Self {
         let ms = Duration::from_millis;
         let base = pick(&[ms(1_000), ms(1), ms(100)], k.base);
+        let timeout = pick(&[ms(3_000), ms(1), ms(50)], k.timeout);
+        let checkout_timeout = pick(&[None, Some(ms(100)), Some(ms(1_000))], k.checkout_timeout);
         Self {
             max: usize::from(k.max % 5),
             max_idle: pick(
@@ -83,10 +91,13 @@ impl From<Knobs> for Settings {
             jitter: pick(&[0.0, 0.2], k.jitter),
             base,
             cap: base * pick(&[120, 1, 4], k.cap),
-            timeout: pick(&[ms(3_000), ms(1), ms(50)], k.timeout),
+            timeout,
             multiplier: pick(&[1.6, 2.0, 1.0, 16.0], k.multiplier),
             short_lived: pick(&[ms(5_000), ms(0), ms(100)], k.short_lived),
             decay: pick(&[ms(30_000), ms(1_000), ms(50), ms(1)], k.decay),
+            per_address: pick(&[1, 2, 3], k.per_address),
+            checkout_timeout: checkout_timeout.unwrap_or(timeout),
+            checkout_timeout_set: checkout_timeout.is_some(),
         }
     }
 }
@@ -108,6 +119,10 @@ impl Settings {
         c.ejection.short_lived = self.short_lived;
         c.ejection.decay_interval = self.decay;
         c.connect_timeout = self.timeout;
+        c.max_per_address = self.per_address;
+        if self.checkout_timeout_set {
+            c.checkout_timeout = Some(self.checkout_timeout);
+        }
         c.when_full = if self.lru {
             WhenFull::EvictLeastRecentlyUsed
         } else {
@@ -426,6 +441,112 @@ pub struct Model {
     pub rises: Vec<Rise>,
     /// Expected counters.
     pub counters: Counters,
+    /// Every exclusive connection the run has made, by creation order.
+    pub xconns: Vec<MX>,
+    /// Address index → its line of checkouts (absent: no exclusive state).
+    pub lines: BTreeMap<u8, MLine>,
+    /// Checkouts still waiting, by arrival: waiter id → its address and deadline.
+    pub waiters: BTreeMap<usize, MWaiter>,
+    /// Exclusive connections checked out, in the order the harness holds them.
+    pub held: Vec<usize>,
+    /// How the checkouts that ended in the current op ended, for the harness to compare.
+    pub ended: Vec<(usize, Ended)>,
+    /// Addresses whose server refuses the connects nobody scripted.
+    pub down: BTreeSet<u8>,
+    /// Waiter ids handed out so far.
+    pub next_waiter: usize,
+    /// The address whose shared connection the current op evicted as unfit before connecting
+    /// anew: the checkouts that eviction woke tried while the connect ran, when the address had
+    /// no connection to close for room, and the new one wakes nobody. Cleared before every op.
+    pub hidden: Option<u8>,
+}
+
+/// An exclusive connection, as the model knows it.
+#[derive(Clone, Debug)]
+pub struct MX {
+    /// Address index.
+    pub addr: u8,
+    /// The pool's id for it; 0 until the harness sees the checkout it was handed in.
+    pub id: u64,
+    /// The pool must have closed it (broken, evicted, closed with the pool).
+    pub closed_by_pool: bool,
+}
+
+/// The exclusive state of one address (I19–I22).
+#[derive(Clone, Debug, Default)]
+pub struct MLine {
+    /// Idle connections, least recently returned first, with the instant each came back.
+    pub idle: VecDeque<(usize, Duration)>,
+    /// Connections checked out.
+    pub out: usize,
+    /// Connects in flight (only while the model settles).
+    pub connecting: usize,
+    /// Callers in line, oldest first.
+    pub line: VecDeque<usize>,
+    /// Its callers last tried to start a connect and could not (the pool full with no room to
+    /// make, or the address backing off): they sleep until something wakes every waiting
+    /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
+    /// Restated as the pool does it: a shared connection that becomes closable for room under
+    /// LRU (its last call ends, or it is made) wakes nobody, so a line can sleep to its deadline
+    /// (`AtCapacity`) while such a connection exists; a new caller would make room at once.
+    pub asleep: bool,
+    /// The retry timer its callers armed when they last met the address's backoff (its end
+    /// then; `mark_up` does not move it).
+    pub retry_at: Option<Duration>,
+    /// A caller arrived behind others while the line slept: it tries to start a connect, but
+    /// only the first caller makes room, so it starts one only into a free slot.
+    pub nudged: bool,
+}
+
+impl MLine {
+    /// Connections of the address (I19): idle and checked out (connects finish within the op).
+    pub fn live(&self) -> usize {
+        self.idle.len() + self.out + self.connecting
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live() == 0 && self.line.is_empty()
+    }
+}
+
+/// A checkout waiting in line.
+#[derive(Clone, Copy, Debug)]
+pub struct MWaiter {
+    /// Address index.
+    pub addr: u8,
+    /// When it gives up.
+    pub deadline: Duration,
+}
+
+/// How a checkout ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Ended {
+    /// Handed exclusive connection `i` (an idle one, one returned, or one made for it).
+    Conn(usize),
+    /// `PoolError::Closed`.
+    Closed,
+    /// `PoolError::Backoff` with these fields.
+    Backoff {
+        /// Time left.
+        retry_after: Duration,
+        /// The ejection count now.
+        failures: u32,
+        /// The cause of the last rise.
+        cause: MCause,
+    },
+    /// `PoolError::Connect`: the connect made for it failed.
+    Refused,
+    /// `CheckoutError::TimedOut` with this many of the address's connections checked out.
+    TimedOut(usize),
+    /// `CheckoutError::AtCapacity`.
+    AtCapacity,
+}
+
+/// A victim of making room: the least recently used connection of another address nobody holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Victim {
+    Shared(usize),
+    Exclusive(u8),
 }
 
 impl Model {
@@ -442,6 +563,14 @@ impl Model {
             slots: BTreeSet::new(),
             rises: Vec::new(),
             counters: Counters::default(),
+            xconns: Vec::new(),
+            lines: BTreeMap::new(),
+            waiters: BTreeMap::new(),
+            held: Vec::new(),
+            ended: Vec::new(),
+            down: BTreeSet::new(),
+            next_waiter: 0,
+            hidden: None,
         }
     }
 
@@ -471,7 +600,19 @@ impl Model {
     }
 
     fn full(&self) -> bool {
-        self.s.max > 0 && self.live.len() >= self.s.max
+        self.s.max > 0 && self.used() >= self.s.max
+    }
+
+    /// Capacity in use (I1): shared connections, exclusive ones idle or checked out, and those
+    /// checked out when the pool closed (their permits go when they come back).
+    pub fn used(&self) -> usize {
+        self.live.len() + self.lines.values().map(MLine::live).sum::<usize>() + self.out_closed()
+    }
+
+    /// Exclusive connections checked out that no line counts any more (the pool closed).
+    pub fn out_closed(&self) -> usize {
+        let counted: usize = self.lines.values().map(|l| l.out).sum();
+        self.held.len().saturating_sub(counted)
     }
 
     /// The ejection state of `addr`.
@@ -487,12 +628,17 @@ impl Model {
     /// Whether `addr` holds anything worth a slot now (I18): a connection, or an ejection state
     /// not settled.
     pub fn holds(&self, addr: u8) -> bool {
-        self.live.contains_key(&addr) || !self.ejection(addr).settled(self.s.decay, self.now)
+        self.live.contains_key(&addr)
+            || !self.ejection(addr).settled(self.s.decay, self.now)
+            || self.lines.get(&addr).is_some_and(|l| !l.is_empty())
     }
 
     /// The pool looked at the slot of `addr` (under its entry lock) and left it as the model's
     /// state now says: kept if it holds something, gone (state and all) otherwise.
     fn looked_at(&mut self, addr: u8) {
+        if self.lines.get(&addr).is_some_and(MLine::is_empty) {
+            self.lines.remove(&addr);
+        }
         if self.holds(addr) {
             self.slots.insert(addr);
         } else {
@@ -504,18 +650,20 @@ impl Model {
 
     /// One more failure of `addr` now (I12): the decay due is applied, the count rises by one, and
     /// a backoff of `delay(count)` starts; the pool's draw of it is set with
-    /// [`set_backoff_until`](Self::set_backoff_until) (the placeholder deadline is now).
+    /// [`set_backoff_until`](Self::set_backoff_until) (the placeholder deadline is the earliest
+    /// allowed).
     fn rise(&mut self, addr: u8, cause: MCause) -> Rise {
         let count = self.count(addr).saturating_add(1);
+        let (lo, hi) = self.s.backoff_bounds(count);
         self.ejection.insert(
             addr,
             MEjection {
                 count,
-                until: self.now,
+                // Backing off from now on; where exactly, the harness reads from the pool's draw.
+                until: self.now + lo,
             },
         );
         self.causes.insert(addr, cause);
-        let (lo, hi) = self.s.backoff_bounds(count);
         let rise = Rise {
             addr,
             count,
@@ -563,6 +711,7 @@ impl Model {
     }
 
     fn retire(&mut self, i: usize) {
+        self.wake_all();
         let addr = self.conns[i].addr;
         if self.live.get(&addr) == Some(&i) {
             self.live.remove(&addr);
@@ -614,23 +763,69 @@ impl Model {
         }
     }
 
-    /// `WhenFull::EvictLeastRecentlyUsed`: evict the least recently used connection of another
-    /// address with nothing in flight (ties by address, then id). Returns whether one went.
-    fn evict_lru_except(&mut self, addr: u8) -> bool {
-        let victim = self
+    /// The least recently used connection of another address than `addr` that nobody holds: an
+    /// idle exclusive one (by the instant it came back), or if `shared_too` a shared one with
+    /// nothing in flight (a pending `get` sorts as newer than any clock); ties by address, then
+    /// id, then shared before exclusive.
+    fn victim(&self, addr: u8, shared_too: bool) -> Option<Victim> {
+        self.victim_for(addr, shared_too, None)
+    }
+
+    /// [`victim`](Self::victim), the shared connection of `hidden` left out.
+    fn victim_for(&self, addr: u8, shared_too: bool, hidden: Option<u8>) -> Option<Victim> {
+        let shared = self
             .live
             .iter()
-            .filter(|&(&a, &i)| a != addr && self.conns[i].in_flight == 0)
+            .filter(|&(&a, &i)| {
+                shared_too && a != addr && hidden != Some(a) && self.conns[i].in_flight == 0
+            })
             .map(|(&a, &i)| {
                 let c = &self.conns[i];
-                (c.used, c.last_used, a, c.id, i)
-            })
-            .min();
-        match victim {
-            Some((_, _, a, _, i)) => {
-                self.retire(i);
-                self.counters.make_room += 1;
-                self.looked_at(a);
+                (c.used, c.last_used, a, c.id, false, Victim::Shared(i))
+            });
+        let exclusive = self
+            .lines
+            .iter()
+            .filter(|&(&a, _)| a != addr)
+            .filter_map(|(&a, l)| {
+                let &(x, at) = l.idle.front()?;
+                Some((false, at, a, self.xconns[x].id, true, Victim::Exclusive(a)))
+            });
+        shared
+            .chain(exclusive)
+            .min_by_key(|&(used, at, a, id, kind, _)| (used, at, a, id, kind))
+            .map(|v| v.5)
+    }
+
+    /// Closes a victim to make room for another address; its slot goes to the room-maker.
+    fn evict_victim(&mut self, victim: Victim) {
+        let a = match victim {
+            Victim::Shared(i) => {
+                let a = self.conns[i].addr;
+                let addr = self.conns[i].addr;
+                if self.live.get(&addr) == Some(&i) {
+                    self.live.remove(&addr);
+                }
+                self.conns[i].closed_by_pool = true;
+                a
+            }
+            Victim::Exclusive(a) => {
+                let line = self.lines.get_mut(&a).expect("a victim's line");
+                let (x, _) = line.idle.pop_front().expect("a victim is idle");
+                self.xconns[x].closed_by_pool = true;
+                a
+            }
+        };
+        self.counters.make_room += 1;
+        self.looked_at(a);
+    }
+
+    /// `WhenFull::EvictLeastRecentlyUsed` for a shared caller: evict the least recently used
+    /// connection of another address nobody holds. Returns whether one went.
+    fn evict_lru_except(&mut self, addr: u8) -> bool {
+        match self.victim(addr, true) {
+            Some(v) => {
+                self.evict_victim(v);
                 true
             }
             None => false,
@@ -644,8 +839,12 @@ impl Model {
             return InsertPlan::Closed;
         }
         if let Some(&old) = self.live.get(&addr) {
-            // I2: a present address keeps its slot.
+            // I2: a present address keeps its slot (no capacity freed, nobody woken).
+            let asleep: Vec<bool> = self.lines.values().map(|l| l.asleep).collect();
             self.retire(old);
+            for (line, asleep) in self.lines.values_mut().zip(asleep) {
+                line.asleep = asleep;
+            }
             self.counters.replaced += 1;
             return InsertPlan::Placed;
         }
@@ -688,6 +887,7 @@ impl Model {
         let i = self.live.remove(&addr);
         if i.is_some() {
             self.counters.manual += 1;
+            self.wake_all();
         }
         self.looked_at(addr);
         i
@@ -788,6 +988,40 @@ impl Model {
         gone
     }
 
+    /// The exclusive half of `evict_idle()`: the idle exclusive connections that came back more
+    /// than `max_idle` ago (I5, I6). Returns how many.
+    pub fn evict_idle_exclusive(&mut self) -> usize {
+        let Some(max) = self.s.max_idle else {
+            return 0;
+        };
+        let now = self.now;
+        let mut gone = 0;
+        let addrs: Vec<u8> = self.lines.keys().copied().collect();
+        for a in addrs {
+            let line = self.lines.get_mut(&a).expect("listed");
+            let before = line.idle.len();
+            let mut closed = Vec::new();
+            line.idle.retain(|&(x, at)| {
+                let keep = now - at <= max;
+                if !keep {
+                    closed.push(x);
+                }
+                keep
+            });
+            let n = before - line.idle.len();
+            for x in closed {
+                self.xconns[x].closed_by_pool = true;
+            }
+            if n > 0 {
+                gone += n;
+                self.counters.idle += n as u64;
+                self.wake_all();
+                self.looked_at(a);
+            }
+        }
+        gone
+    }
+
     /// `evict_unhealthy()`: the connections it must evict, and why (I8, I9); the address of each
     /// unhealthy one, and of each closed one younger than `short_lived`, rises (I12).
     pub fn evict_unhealthy(&mut self) -> Vec<(usize, HealthEviction)> {
@@ -857,6 +1091,9 @@ impl Model {
         // A connection still pooled is unfit: it is evicted as a health sweep would, before any
         // dialling, so its failure backs the address off first (I12).
         if let Some(&stale) = self.live.get(&addr) {
+            // Its slot freed wakes the waiting checkouts, which try while this call's connect
+            // runs: the connection it makes is no room for them (see `hidden`).
+            self.hidden = Some(addr);
             let why = self.unfit(stale).unwrap_or(HealthEviction::Closed);
             if self.evict_unfit(stale, why) {
                 let e = self.ejection(addr);
@@ -905,12 +1142,14 @@ impl Model {
             }
             ConnectScript::Fail => {
                 self.counters.failed += 1;
+                self.wake_all();
                 self.rise(addr, MCause::Refused);
                 ConnectPlan::Failed
             }
             ConnectScript::Hang => {
                 self.now = after_timer(self.now, self.s.timeout);
                 self.counters.timed_out += 1;
+                self.wake_all();
                 self.rise(addr, MCause::TimedOut);
                 ConnectPlan::TimedOut
             }
@@ -934,8 +1173,390 @@ impl Model {
             self.retire(i);
             self.counters.manual += 1;
         }
+        // Callers in line get `Closed`; idle exclusive connections are closed; those checked out
+        // are closed when they come back (I17).
+        for (w, _) in std::mem::take(&mut self.waiters) {
+            self.ended.push((w, Ended::Closed));
+        }
+        for line in std::mem::take(&mut self.lines).into_values() {
+            for (x, _) in line.idle {
+                self.xconns[x].closed_by_pool = true;
+                self.counters.manual += 1;
+            }
+        }
         self.slots.clear();
         self.ejection.clear();
         self.causes.clear();
+    }
+}
+
+/// Exclusive checkout (issue 13; docs/DESIGN.md "Exclusive checkout", I19–I22).
+impl Model {
+    /// Something woke every waiting checkout (capacity freed, a connection idled, a caller left
+    /// a line others still wait in): every line tries again.
+    fn wake_all(&mut self) {
+        for line in self.lines.values_mut() {
+            line.asleep = false;
+        }
+    }
+
+    fn end(&mut self, w: usize, how: Ended) {
+        self.waiters.remove(&w);
+        self.ended.push((w, how));
+    }
+
+    /// `checkout(addr)` arrives: returns its waiter id; how it ended, if it did at once, is in
+    /// [`ended`](Self::ended). The caller runs [`settle`](Self::settle) after.
+    pub fn checkout(&mut self, addr: u8) -> usize {
+        let w = self.next_waiter;
+        self.next_waiter += 1;
+        if self.closed {
+            self.ended.push((w, Ended::Closed));
+            return w;
+        }
+        let line = self.lines.entry(addr).or_default();
+        // I21: an idle connection goes only to a caller that finds nobody in line; the most
+        // recently returned first.
+        if line.line.is_empty()
+            && let Some((x, _)) = line.idle.pop_back()
+        {
+            line.out += 1;
+            self.ended.push((w, Ended::Conn(x)));
+            self.looked_at(addr);
+            return w;
+        }
+        // Its arrival tries to start a connect for the line; only the first caller in line makes
+        // room, and a later one finds the line as the first left it (asleep or not).
+        if line.line.is_empty() {
+            line.asleep = false;
+        } else {
+            line.nudged = true;
+        }
+        line.line.push_back(w);
+        let live = line.live();
+        let wants = live < self.s.per_address;
+        let deadline = self.now + self.s.checkout_timeout;
+        self.waiters.insert(w, MWaiter { addr, deadline });
+        let e = self.ejection(addr);
+        if wants && e.backing_off(self.now) && live == 0 {
+            // Nothing could serve it before the backoff ends: `Backoff` at once (it leaves the
+            // line under the same lock, waking nobody).
+            self.counters.backoff_rejections += 1;
+            if let Some(line) = self.lines.get_mut(&addr) {
+                line.line.retain(|&x| x != w);
+            }
+            let how = Ended::Backoff {
+                retry_after: e.until - self.now,
+                failures: e.count_at(self.s.decay, self.now),
+                cause: self.causes[&addr],
+            };
+            self.end(w, how);
+        }
+        self.looked_at(addr);
+        w
+    }
+
+    fn leave_line(&mut self, addr: u8, w: usize) {
+        if let Some(line) = self.lines.get_mut(&addr) {
+            line.line.retain(|&x| x != w);
+            if !line.line.is_empty() {
+                self.wake_all();
+            }
+        }
+    }
+
+    /// The waiting checkouts, oldest first.
+    pub fn waiting(&self) -> Vec<usize> {
+        self.waiters.keys().copied().collect()
+    }
+
+    /// The oldest caller in line for `addr`.
+    pub fn first_waiter(&self, addr: u8) -> Option<usize> {
+        self.lines.get(&addr)?.line.front().copied()
+    }
+
+    /// The oldest caller in line, handed a connection, is dropped before it took it: it gives
+    /// the connection back as its own (the caller runs [`give_back`](Self::give_back) for it),
+    /// and wakes nobody.
+    pub fn drop_handed(&mut self, w: usize) {
+        if let Some(waiter) = self.waiters.remove(&w)
+            && let Some(line) = self.lines.get_mut(&waiter.addr)
+        {
+            line.line.retain(|&x| x != w);
+        }
+    }
+
+    /// A waiting checkout's future is dropped: it leaves the line, nothing counted (I22).
+    pub fn drop_waiter(&mut self, w: usize) {
+        if let Some(waiter) = self.waiters.remove(&w) {
+            self.leave_line(waiter.addr, w);
+            self.looked_at(waiter.addr);
+        }
+    }
+
+    /// Checkout `h` (an index into [`held`](Self::held)) is dropped, `broken` or not: the
+    /// connection goes to the oldest caller in line, or idles; closed if broken or the pool
+    /// closed.
+    pub fn give_back(&mut self, h: usize, broken: bool) {
+        let x = self.held.remove(h);
+        let addr = self.xconns[x].addr;
+        let counted = !self.closed && self.lines.get(&addr).is_some_and(|l| l.out > 0);
+        if !counted {
+            // No line any more: the pool closed while it was out (I17).
+            self.xconns[x].closed_by_pool = true;
+            self.counters.manual += 1;
+            return;
+        }
+        let now = self.now;
+        let line = self.lines.get_mut(&addr).expect("counted");
+        line.out -= 1;
+        if broken {
+            self.xconns[x].closed_by_pool = true;
+            self.counters.manual += 1;
+            self.wake_all();
+        } else if let Some(w) = line.line.pop_front() {
+            // I21: to the oldest caller in line.
+            line.out += 1;
+            self.end(w, Ended::Conn(x));
+        } else {
+            line.idle.push_back((x, now));
+            self.wake_all();
+        }
+        self.looked_at(addr);
+    }
+
+    /// The checkouts that ended since the last call, by waiter id; the connections handed out
+    /// join [`held`](Self::held) in that order.
+    pub fn take_ended(&mut self) -> Vec<(usize, Ended)> {
+        let mut ended = std::mem::take(&mut self.ended);
+        ended.sort_by_key(|&(w, _)| w);
+        for &(_, how) in &ended {
+            if let Ended::Conn(x) = how {
+                self.held.push(x);
+            }
+        }
+        ended
+    }
+
+    /// Whether the line of `addr` wants a connect (I19: fewer connections than
+    /// `max_per_address`; connects finish within the op, so none is in flight).
+    fn wants_connect(&self, addr: u8) -> bool {
+        self.lines
+            .get(&addr)
+            .is_some_and(|l| !l.line.is_empty() && l.live() < self.s.per_address)
+    }
+
+    /// Whether the line of `addr` can start a connect now: it wants one, has none in flight, does
+    /// not back off, and there is room: a free slot, or an idle connection of another address
+    /// its first caller may close (an exclusive one always, a shared one under LRU).
+    fn can_start(&self, a: u8) -> bool {
+        let l = &self.lines[&a];
+        let room =
+            !self.full() || (!l.asleep && self.victim_for(a, self.s.lru, self.hidden).is_some());
+        !self.closed
+            && self.wants_connect(a)
+            && l.connecting == 0
+            && !self.ejection(a).backing_off(self.now)
+            && room
+    }
+
+    /// Runs the lines until no caller can do anything more, as the pool's tasks do: every line
+    /// woken tries to start a connect (its first caller making room at the cap), the lines that
+    /// cannot sleep; then the connects run, in the order they began (instant: each makes a
+    /// connection for the oldest caller in line, or fails that caller alone and backs the
+    /// address off, I12, I21); a connect's end may start the line's next connect, and a freed
+    /// slot wakes every line again. `made` is the addresses the connector saw connects for, in
+    /// order: where several woken lines could start, the pool's order decides (the order its
+    /// tasks ran in), and the model follows it.
+    ///
+    /// # Errors
+    /// A connect the model does not allow (I1, I12, I19), or a woken line that could connect and
+    /// did not (no starvation while room exists, I21).
+    pub fn settle(&mut self, made: &mut VecDeque<u8>) -> Result<(), String> {
+        let mut flight: Vec<u8> = Vec::new();
+        loop {
+            // The woken lines try, in the order the pool's tasks ran.
+            let awake: Vec<u8> = self
+                .lines
+                .iter()
+                .filter(|&(_, l)| (!l.asleep || l.nudged) && !l.line.is_empty())
+                .map(|(&a, _)| a)
+                .collect();
+            let mut tried = Vec::new();
+            while let Some(&a) = made.front() {
+                if !awake.contains(&a) || tried.contains(&a) || !self.can_start(a) {
+                    break;
+                }
+                made.pop_front();
+                tried.push(a);
+                self.lines.get_mut(&a).expect("awake").nudged = false;
+                self.start_connect(a);
+                flight.push(a);
+            }
+            for &a in &awake {
+                if tried.contains(&a) {
+                    continue;
+                }
+                if self.can_start(a) {
+                    return Err(format!(
+                        "I21 violated (starvation): the line of address {a} could connect (room, no backoff) but nothing was dialled for it"
+                    ));
+                }
+                let e = self.ejection(a);
+                let now = self.now;
+                let line = self.lines.get_mut(&a).expect("awake");
+                let armed = e.backing_off(now).then_some(e.until);
+                if line.asleep {
+                    // A caller behind the first met the backoff: its own retry timer.
+                    line.retry_at = match (line.retry_at, armed) {
+                        (Some(t), Some(u)) => Some(t.min(u)),
+                        (t, u) => t.or(u),
+                    };
+                } else {
+                    line.asleep = true;
+                    line.retry_at = armed;
+                }
+                line.nudged = false;
+            }
+            if flight.is_empty() {
+                if let Some(&next) = made.front() {
+                    return Err(format!(
+                        "I19 violated: a connect to address {next} the model does not allow now (I1 cap {}, per address {}, backing off: {})",
+                        self.s.max,
+                        self.s.per_address,
+                        self.ejection(next).backing_off(self.now)
+                    ));
+                }
+                return Ok(());
+            }
+            // The connects end, in the order they began.
+            for a in std::mem::take(&mut flight) {
+                if self.complete_connect(a) {
+                    // The connect task starts the line's next connect if it wants one.
+                    if self.wants_connect(a) && !self.ejection(a).backing_off(self.now) {
+                        if self.full() {
+                            self.wake_all();
+                        } else {
+                            match made.front() {
+                                Some(&next) if next == a => {
+                                    made.pop_front();
+                                    self.start_connect(a);
+                                    flight.push(a);
+                                }
+                                _ => {
+                                    return Err(format!(
+                                        "I19 violated: the line of address {a} wants its next connect (room, per address {}) and the pool did not start it",
+                                        self.s.per_address
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// At `now`, the lines whose retry timer fired try again.
+    pub fn retry(&mut self) {
+        let now_ms = self.now.as_nanos() / 1_000_000;
+        for line in self.lines.values_mut() {
+            if line
+                .retry_at
+                .is_some_and(|t| t.as_nanos().div_ceil(1_000_000) <= now_ms)
+            {
+                line.retry_at = None;
+                line.asleep = false;
+            }
+        }
+    }
+
+    fn start_connect(&mut self, a: u8) {
+        if self.full() {
+            let victim = self
+                .victim_for(a, self.s.lru, self.hidden)
+                .expect("can_start found room");
+            self.evict_victim(victim);
+        }
+        self.counters.attempted += 1;
+        self.lines.get_mut(&a).expect("line").connecting += 1;
+    }
+
+    /// A connect of the line of `a` ends; returns whether it made a connection.
+    fn complete_connect(&mut self, a: u8) -> bool {
+        let line = self.lines.get_mut(&a).expect("line");
+        line.connecting -= 1;
+        let w = line
+            .line
+            .pop_front()
+            .expect("a line with a connect has a caller");
+        if self.down.contains(&a) {
+            self.counters.failed += 1;
+            self.end(w, Ended::Refused);
+            self.rise(a, MCause::Refused);
+            self.wake_all();
+            self.looked_at(a);
+            return false;
+        }
+        self.counters.succeeded += 1;
+        let x = self.xconns.len();
+        self.xconns.push(MX {
+            addr: a,
+            id: 0,
+            closed_by_pool: false,
+        });
+        self.lines.get_mut(&a).expect("line").out += 1;
+        self.end(w, Ended::Conn(x));
+        true
+    }
+
+    /// The next instant in `(now, until]` at which a timer of a waiting checkout fires: a
+    /// deadline, or the end of a backoff a line that wants a connect waits for. tokio fires a
+    /// timer at the first whole millisecond tick at or after it.
+    pub fn next_timer(&self, until: Duration) -> Option<Duration> {
+        let tick = |t: Duration| Duration::from_millis(t.as_nanos().div_ceil(1_000_000) as u64);
+        let deadlines = self.waiters.values().map(|w| tick(w.deadline));
+        let retries = self
+            .lines
+            .iter()
+            .filter(|&(&a, l)| l.asleep && self.wants_connect(a))
+            .filter_map(|(_, l)| l.retry_at.map(tick));
+        deadlines
+            .chain(retries)
+            .filter(|&t| t > self.now && t <= until)
+            .min()
+    }
+
+    /// At `now`, every checkout whose deadline passed gives up and says why (I16): still backing
+    /// off with nothing to wait for, the pool at its cap with no room (`AtCapacity`), or every
+    /// connection of the address checked out (`TimedOut`).
+    pub fn expire(&mut self) {
+        let now_ms = self.now.as_nanos() / 1_000_000;
+        let due: Vec<(usize, u8)> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline.as_nanos().div_ceil(1_000_000) <= now_ms)
+            .map(|(&id, w)| (id, w.addr))
+            .collect();
+        for (w, a) in due {
+            self.leave_line(a, w);
+            let e = self.ejection(a);
+            let line = &self.lines[&a];
+            let (live, out) = (line.live(), line.out);
+            let how = if e.backing_off(self.now) && live == 0 {
+                Ended::Backoff {
+                    retry_after: e.until - self.now,
+                    failures: e.count_at(self.s.decay, self.now),
+                    cause: self.causes[&a],
+                }
+            } else if live < self.s.per_address && self.full() {
+                self.counters.rejected += 1;
+                Ended::AtCapacity
+            } else {
+                Ended::TimedOut(out)
+            };
+            self.end(w, how);
+            self.looked_at(a);
+        }
     }
 }

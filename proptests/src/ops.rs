@@ -212,6 +212,38 @@ pub enum Op {
         /// What the connector does with every connect of the warm-up.
         script: ConnectScript,
     },
+    /// `checkout(addr)`, spawned as a task of its own: it gets a connection at once, fails at once
+    /// (closed, backing off with nothing to wait for), or waits in line; the harness polls every
+    /// waiting checkout after each op and as virtual time passes (I19–I22).
+    Checkout {
+        /// Address index.
+        addr: u8,
+    },
+    /// Drops a held checkout: the connection goes to the oldest caller in line of its address or
+    /// idles; with `broken` (`mark_broken`) it is closed instead. With `cancel_first`, the oldest
+    /// caller in line is dropped in the same instant, before it could take what was handed to it:
+    /// the connection must go to the next caller (I22).
+    Return {
+        /// Held checkout index.
+        held: u8,
+        /// `mark_broken` first.
+        broken: bool,
+        /// Drop the oldest caller in line of the address right after.
+        cancel_first: bool,
+    },
+    /// Drops the future of a waiting checkout (I22: it leaves nothing counted).
+    DropWaiter {
+        /// Waiting checkout index.
+        waiter: u8,
+    },
+    /// The server at `addr` refuses (down) or accepts (up) the connects nobody scripted: those of
+    /// checkouts, made in the pool's own tasks whenever a line wants one.
+    Server {
+        /// Address index.
+        addr: u8,
+        /// Accepts connects.
+        up: bool,
+    },
 }
 
 /// The pool's configuration as small choices, each an index into a list of values that matter
@@ -246,6 +278,10 @@ pub struct Knobs {
     pub short_lived: u8,
     /// `ejection.decay_interval`: 30 s, 1 s, 50 ms, 1 ms.
     pub decay: u8,
+    /// `max_per_address`: 1 (the default), 2, 3.
+    pub per_address: u8,
+    /// `checkout_timeout`: unset (the connect timeout), 100 ms, 1 s.
+    pub checkout_timeout: u8,
 }
 
 /// A whole input: the configuration, then the ops. The ops come last so that
@@ -271,6 +307,8 @@ pub fn knobs() -> impl Strategy<Value = Knobs> {
                 (lru, jitter, base, cap, timeout),
                 (multiplier, short_lived, decay),
             )| Knobs {
+                per_address: 0,
+                checkout_timeout: 0,
                 max,
                 idle,
                 threshold,
@@ -371,6 +409,51 @@ pub fn scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
     (
         knobs(),
         proptest::collection::vec(op(), 0..=max_ops),
+        ending(),
+    )
+        .prop_map(|(knobs, mut ops, end)| {
+            ops.extend(end);
+            Scenario { knobs, ops }
+        })
+}
+
+/// Strategy for the knobs of a checkout scenario: every knob of [`knobs`], a small global cap
+/// (1 to 4, or unlimited) and every `max_per_address` and checkout timeout.
+pub fn checkout_knobs() -> impl Strategy<Value = Knobs> {
+    (
+        knobs(),
+        prop_oneof![3 => 1u8..5, 1 => Just(0u8)],
+        0u8..3,
+        0u8..3,
+    )
+        .prop_map(|(k, max, per_address, checkout_timeout)| Knobs {
+            max,
+            per_address,
+            checkout_timeout,
+            ..k
+        })
+}
+
+/// Strategy for one op of a checkout scenario: the checkout ops weighted up, mixed with every
+/// shared op (they share the cap, the backoff and the sweeps with the checkouts).
+pub fn checkout_op() -> impl Strategy<Value = Op> {
+    let a = || 0..ADDRS / 2;
+    prop_oneof![
+        6 => a().prop_map(|addr| Op::Checkout { addr }),
+        5 => (any::<u8>(), prop::bool::weighted(0.2), prop::bool::weighted(0.2))
+            .prop_map(|(held, broken, cancel_first)| Op::Return { held, broken, cancel_first }),
+        1 => any::<u8>().prop_map(|waiter| Op::DropWaiter { waiter }),
+        1 => (a(), prop::bool::weighted(0.6)).prop_map(|(addr, up)| Op::Server { addr, up }),
+        4 => (0u16..300).prop_map(|ms| Op::Advance(Step::Millis(ms))),
+        6 => op(),
+    ]
+}
+
+/// Strategy for a checkout [`Scenario`] of up to `max_ops` ops, some ending with a close.
+pub fn checkout_scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
+    (
+        checkout_knobs(),
+        proptest::collection::vec(checkout_op(), 0..=max_ops),
         ending(),
     )
         .prop_map(|(knobs, mut ops, end)| {

@@ -108,3 +108,43 @@ fn config_regression_still_decodes_to_its_bug() {
         "the regression must build a pool (its bug was in get_or_connect): {raw:?}"
     );
 }
+
+/// The hand-encoded checkout seeds (`corpus/ops/checkout-*`, issue 13) start the fuzzer inside the
+/// exclusive side: each must still decode to a scenario that checks out, and returns, drops or
+/// outwaits what it holds or waits for. `Op` is decoded by variant count, so a variant added later changes what these
+/// bytes mean: then re-encode them.
+#[test]
+fn checkout_seeds_still_decode_to_checkouts() {
+    use arbitrary::{Arbitrary, Unstructured};
+    use keyed_pool_proptests::ops::Op;
+    let files: Vec<PathBuf> = inputs(&fuzz_dir().join("corpus").join("ops"))
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkout-"))
+        })
+        .collect();
+    assert!(files.len() >= 5, "the checkout seeds are missing");
+    for file in files {
+        let data = std::fs::read(&file).expect("readable");
+        let scenario =
+            keyed_pool_proptests::Scenario::arbitrary_take_rest(Unstructured::new(&data))
+                .expect("decodes");
+        let checkouts = scenario
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Checkout { .. }))
+            .count();
+        let gives_back = scenario.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Return { .. } | Op::DropWaiter { .. } | Op::Close | Op::Advance(_)
+            )
+        });
+        assert!(
+            checkouts >= 2 && gives_back,
+            "{} no longer decodes to checkouts: {scenario:?}",
+            file.display()
+        );
+    }
+}

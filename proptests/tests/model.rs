@@ -52,6 +52,35 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(cases(512))]
+
+    /// Exclusive checkout in the operation model (issue 13): checkouts that wait in line across
+    /// ops and virtual time, returns (broken or not, racing a cancelled waiter), dropped waiters,
+    /// servers that refuse, mixed with every shared op, under a small global cap and every
+    /// `max_per_address`: I1, I19 (per-address cap), I20 (one holder), I21 (FIFO, a failed
+    /// connect fails the oldest caller only, no starvation while room exists), I22 (nothing
+    /// lost, cancelled waiters included), typed errors at the deadline (I16), I12, I17.
+    #[test]
+    fn checkouts_match_model(scenario in ops::checkout_scenario(120)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(32))]
+
+    /// Fewer, longer checkout sequences: long lines, many hand-overs, backoffs and sweeps.
+    #[test]
+    fn checkouts_match_model_on_long_runs(scenario in ops::checkout_scenario(600)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
 /// Hand-written sequences at the edges, so they are covered on every run whatever the random draw.
 #[test]
 fn edges_of_idle_health_and_backoff() {
