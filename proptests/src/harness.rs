@@ -1541,6 +1541,9 @@ impl Harness {
             e.replaced,
             e.manual,
             e.make_room,
+            e.broken,
+            // `max_lifetime` is not modelled (never set): nothing may retire for it.
+            e.lifetime,
             stats.rejected_capacity,
         ];
         let want = [
@@ -1550,11 +1553,13 @@ impl Harness {
             c.replaced,
             c.manual,
             c.make_room,
+            c.broken,
+            0,
             c.rejected,
         ];
         ensure(got == want, || {
             format!(
-                "I13 violated: stats: evictions (idle, unhealthy, closed, replaced, manual, make room, rejected) = {got:?}, model {want:?}"
+                "I13 violated: stats: evictions (idle, unhealthy, closed, replaced, manual, make room, broken, lifetime, rejected) = {got:?}, model {want:?}"
             )
         })?;
         let k = &stats.connects;
