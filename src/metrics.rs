@@ -92,7 +92,6 @@ pub struct ConnectionMetrics {
 /// What every connection of a pool shares, reached through one `Arc` in each connection's metrics
 /// (issue 16: the policy's `Arc`, the totals' `Arc`, the call timeout and the creation `Instant`
 /// were 48 bytes in every connection; the `Arc` and a creation offset are 16).
-#[derive(Debug)]
 pub(crate) struct PoolShared {
     /// The instant every connection clock counts from: the pool's creation (or a connection's own
     /// creation, for one made by hand with [`ConnectionMetrics::new`]).
@@ -104,6 +103,23 @@ pub(crate) struct PoolShared {
     /// The pool's [`call_timeout`](crate::PoolConfig::call_timeout): the default of
     /// [`PooledConnection::call`](crate::PooledConnection::call).
     call_timeout: Option<Duration>,
+    /// Run when a connection's last call (or probe) in flight ends, so that it may now be closed
+    /// to make room: under [`WhenFull::EvictLeastRecentlyUsed`](crate::WhenFull) with a cap, it
+    /// wakes the checkouts waiting at the cap (issue 13; without it a waiter slept to its
+    /// deadline while a fresh caller made room at once). `None` otherwise: one branch per call.
+    on_quiet: Option<crate::core::ReleaseHook>,
+}
+
+impl std::fmt::Debug for PoolShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolShared")
+            .field("origin", &self.origin)
+            .field("health", &self.health)
+            .field("totals", &self.totals)
+            .field("call_timeout", &self.call_timeout)
+            .field("on_quiet", &self.on_quiet.is_some())
+            .finish()
+    }
 }
 
 impl PoolShared {
@@ -113,12 +129,14 @@ impl PoolShared {
         origin: Instant,
         health: HealthPolicy,
         call_timeout: Option<Duration>,
+        on_quiet: Option<crate::core::ReleaseHook>,
     ) -> Self {
         Self {
             origin,
             health,
             totals: Some(CallTotals::default()),
             call_timeout,
+            on_quiet,
         }
     }
 
@@ -152,6 +170,7 @@ impl ConnectionMetrics {
             health: *health.into(),
             totals: None,
             call_timeout: None,
+            on_quiet: None,
         };
         Self::in_pool(&Arc::new(shared), created_at)
     }
@@ -402,7 +421,17 @@ impl ConnectionMetrics {
 
     /// A call ends (after its outcome was recorded, so the idle clock has moved first).
     pub(crate) fn call_ended(&self) {
-        self.claim.call_ended();
+        self.claim_ended();
+    }
+
+    /// A call or probe ends; if it was the last in flight, the pool's quiet hook runs (see
+    /// [`PoolShared::on_quiet`]).
+    fn claim_ended(&self) {
+        if self.claim.call_ended()
+            && let Some(on_quiet) = &self.pool.on_quiet
+        {
+            on_quiet();
+        }
     }
 
     /// A liveness probe starts: it counts as a call in flight (so no sweep evicts the connection
@@ -442,7 +471,7 @@ impl ConnectionMetrics {
             let ns = nanos(at).max(1);
             self.probed_ns.fetch_max(ns, Ordering::AcqRel);
         }
-        self.claim.call_ended();
+        self.claim_ended();
         verdict
     }
 

@@ -624,6 +624,11 @@ where
         let waker = Arc::clone(&wake);
         // Every released slot may be the one a checkout waits for (issue 13).
         let hook: crate::core::ReleaseHook = Arc::new(move || waker.wake());
+        // A shared connection whose last call ends may be closed to make room only under
+        // `EvictLeastRecentlyUsed`, and room is wanted only under a cap.
+        let on_quiet = (config.when_full == WhenFull::EvictLeastRecentlyUsed
+            && config.max_connections > 0)
+            .then(|| Arc::clone(&hook));
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
@@ -637,6 +642,7 @@ where
                     origin,
                     config.health,
                     config.call_timeout,
+                    on_quiet,
                 )),
                 connector,
                 counters: PoolCounters::default(),

@@ -787,3 +787,44 @@ async fn i12_an_exclusive_connection_closed_after_serving_does_not_back_off() {
     );
     assert_eq!(script.closes(), 2);
 }
+
+/// Fairness under `WhenFull::EvictLeastRecentlyUsed` at the cap (issue 13, "no waiter starves
+/// while capacity exists elsewhere"): a checkout waiting while the only other connection, a shared
+/// one, has a call in flight is served as soon as that call ends (the connection may then be
+/// closed to make room), not at its deadline. Before, nothing woke it: it got `AtCapacity` at its
+/// deadline while a fresh caller made room at once (found by the model tier).
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_served_when_a_shared_connection_at_the_cap_goes_quiet() {
+    let script = Script::always(Outcome::Ok(Duration::ZERO));
+    let pool = builder(&script, 1, 1)
+        .when_full(WhenFull::EvictLeastRecentlyUsed)
+        .build()
+        .unwrap();
+    let shared = pool.get_or_connect(addr(0)).await.unwrap();
+    let call = shared.begin();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let started = Instant::now();
+            let got = pool.checkout(addr(1)).await.map(|c| c.id());
+            (got, started.elapsed())
+        }
+    });
+    advance(100 * MS).await;
+    assert!(!waiter.is_finished(), "the only slot is in use: it waits");
+    call.success();
+    drop(shared);
+    advance(5 * MS).await;
+    assert!(
+        waiter.is_finished(),
+        "starved: the waiter was not woken when the shared connection went quiet"
+    );
+    let (got, waited) = waiter.await.unwrap();
+    assert!(got.is_ok(), "{got:?}");
+    assert!(
+        waited < 200 * MS,
+        "served at {waited:?}, not at the call's end"
+    );
+    assert_eq!(pool.stats().evictions.make_room, 1);
+    assert_eq!(script.open_now(), 1, "I1 at the connector");
+}

@@ -495,9 +495,10 @@ pub struct MLine {
     /// Its callers last tried to start a connect and could not (the pool full with no room to
     /// make, or the address backing off): they sleep until something wakes every waiting
     /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
-    /// Restated as the pool does it: a shared connection that becomes closable for room under
-    /// LRU (its last call ends, or it is made) wakes nobody, so a line can sleep to its deadline
-    /// (`AtCapacity`) while such a connection exists; a new caller would make room at once.
+    /// Restated as the pool does it: a shared connection whose last call ends under LRU wakes
+    /// every line (the pool's quiet hook); one that is made, or whose connect's waiters all had
+    /// it, wakes nobody, so a line can still sleep to its deadline (`AtCapacity`) while such a
+    /// connection exists, which a new caller would close at once.
     pub asleep: bool,
     /// The retry timer its callers armed when they last met the address's backoff (its end
     /// then; `mark_up` does not move it).
@@ -968,9 +969,14 @@ impl Model {
         self.touch(i);
     }
 
-    /// A call on `i` is over (after its outcome).
+    /// A call on `i` is over (after its outcome). Its last call ending makes a shared connection
+    /// closable for room: under LRU with a cap, that wakes every waiting checkout (the pool's
+    /// quiet hook, issue 13).
     pub fn end_call(&mut self, i: usize) {
         self.conns[i].in_flight -= 1;
+        if self.conns[i].in_flight == 0 && self.s.lru && self.s.max > 0 {
+            self.wake_all();
+        }
     }
 
     /// `evict_idle()`: the connections it must evict (I5, I6).

@@ -33,9 +33,10 @@ impl CallClaim {
         self.word.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A call ends.
-    pub fn call_ended(&self) {
-        self.word.fetch_sub(1, Ordering::AcqRel);
+    /// A call ends. Returns `true` if it was the last call in flight: the connection just became
+    /// closable to make room (issue 13: a checkout waiting at the cap is woken then).
+    pub fn call_ended(&self) -> bool {
+        self.word.fetch_sub(1, Ordering::AcqRel) & IN_FLIGHT_MASK == 1
     }
 
     /// Calls in flight.
