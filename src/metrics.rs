@@ -310,10 +310,16 @@ impl ConnectionMetrics {
         }
     }
 
-    /// Whether the connection ever served: a successful call recorded, or returned fit from a
-    /// checkout. A connection found closed young counts against its address only if not (I12).
-    pub(crate) fn has_served(&self) -> bool {
-        self.flags.load(Ordering::Relaxed) & FLAG_SERVED != 0 || self.success_count() > 0
+    /// Whether the connection served and its last recorded call did not fail: a successful call
+    /// recorded (or, exclusive, returned fit from a checkout) and no failure since. A connection
+    /// found closed young counts against its address unless it ended so (I12): a server that
+    /// closes between requests (a keep-alive's end) closes gracefully, one that dies failing a
+    /// request in flight, or never answers at all, does not.
+    pub(crate) fn ended_cleanly(&self) -> bool {
+        let record = self.record.lock();
+        let served =
+            self.flags.load(Ordering::Relaxed) & FLAG_SERVED != 0 || record.successes() > 0;
+        served && record.consecutive_failures() == 0
     }
 
     /// Records a successful call that took `latency`, finished at `now`.

@@ -205,12 +205,13 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
 
     /// The part of retiring a connection, shared or exclusive, before its permit goes: counted,
     /// closed through the connector, and judged (a connection that leaves unhealthy, or closed
-    /// younger than `ejection.short_lived` before it served a call, counts as a failure of its
-    /// address, I12).
+    /// younger than `ejection.short_lived` unless it served and its last call succeeded, counts
+    /// as a failure of its address, I12).
     ///
-    /// "Before it served a call": a server that closes a connection after answering on it (an
-    /// HTTP/1.1 keep-alive timeout or request limit, often under 5 s) closes it gracefully; only
-    /// one that closes without ever answering (accept-then-close) is failing. Found with nginx
+    /// "Unless it served and its last call succeeded": a server that closes a connection between
+    /// requests after answering on it (an HTTP/1.1 keep-alive timeout or request limit, often
+    /// under 5 s) closes it gracefully; one that closes without ever answering (accept-then-close)
+    /// or dies failing a request in flight is failing. Found with nginx
     /// (issue 13): every graceful close of an idle keep-alive backed the address off.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn close_evicted(
@@ -233,7 +234,7 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
         let failed = match reason {
             EvictionReason::Unhealthy => true,
             EvictionReason::Closed => {
-                age() < self.config.ejection.short_lived && !metrics.has_served()
+                age() < self.config.ejection.short_lived && !metrics.ended_cleanly()
             }
             _ => false,
         };

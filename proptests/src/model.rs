@@ -735,11 +735,13 @@ impl Model {
     fn evict_unfit(&mut self, i: usize, why: HealthEviction) -> bool {
         self.retire(i);
         let c = &self.conns[i];
-        // Young and never served a call: accept-then-close. A connection that answered before it
-        // closed was closed gracefully (an HTTP/1.1 keep-alive's end), no failure.
+        // Young, and it never served or its last call failed: accept-then-close, or a server that
+        // died mid-request. One whose last call succeeded was closed gracefully (an HTTP/1.1
+        // keep-alive's end): no failure.
+        let ended_cleanly = c.successes > 0 && c.run == 0;
         let (addr, young) = (
             c.addr,
-            self.now - c.created < self.s.short_lived && c.successes == 0,
+            self.now - c.created < self.s.short_lived && !ended_cleanly,
         );
         let cause = match why {
             HealthEviction::Closed => {

@@ -8,17 +8,17 @@ use crate::core::BackoffPolicy;
 /// Finagle's failure accrual (the first request after the dead period is a single probe).
 ///
 /// - The count rises by one on every failed connect, every unhealthy eviction, and every
-///   connection found closed within [`short_lived`](Self::short_lived) of being made before it
-///   served a call, so a server that accepts and closes at once, or accepts and fails every
-///   request, backs off like one that refuses; a connection the server closes after answering on
-///   it (a keep-alive's end) is no failure.
+///   connection found closed within [`short_lived`](Self::short_lived) of being made, unless it
+///   served and its last call succeeded, so a server that accepts and closes at once, accepts and
+///   fails every request, or dies mid-request, backs off like one that refuses; a connection the
+///   server closes between requests after answering on it (a keep-alive's end) is no failure.
 /// - A successful connect does **not** reset it: TCP accepting says little about the server.
 /// - It falls by one for every [`decay_interval`](Self::decay_interval) during which the address is
 ///   not backing off and nothing fails; once it is back to zero the address holds no state (I18).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EjectionPolicy {
-    /// A connection found closed younger than this, before it served a call, counts as a failure
-    /// of its address. Default 5 s:
+    /// A connection found closed younger than this counts as a failure of its address, unless it
+    /// served and its last call succeeded. Default 5 s:
     /// far longer than an accept-then-close takes, far shorter than a healthy connection lives.
     pub short_lived: Duration,
     /// Quiet time that takes one step off the count. Default 30 s (Envoy's base ejection time): an
