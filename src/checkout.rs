@@ -546,9 +546,7 @@ where
         let addr = crate::pool::key(addr);
         let timeout = self.inner.config.effective_checkout_timeout();
         let mut now = Instant::now();
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
+        let deadline = crate::config::deadline_after(now, timeout);
         loop {
             let held = self
                 .wait_for_connection(&addr, now, deadline, timeout)
@@ -821,7 +819,10 @@ where
                 return Err(err.into());
             }
             let max = ledger.max();
-            if live < max_per_address && max > 0 && ledger.used() >= max {
+            // At capacity only if the cap is what kept a connect from starting: with one connect
+            // in flight for the address (I4), the caller waited on that connect, not on room.
+            let connect_blocked = ex.queue.connecting() < self.limits().max_connecting;
+            if live < max_per_address && connect_blocked && max > 0 && ledger.used() >= max {
                 PoolCounters::bump(&self.inner.counters.rejected_capacity);
                 return Err(CheckoutError::AtCapacity {
                     addr: addr.clone(),

@@ -204,3 +204,10 @@ impl PoolConfig {
         self.probe_timeout.unwrap_or(self.connect_timeout)
     }
 }
+
+/// `now + timeout`, or 30 years on when that overflows: any timeout of 1 ms or more is a valid
+/// setting, and `Instant + Duration::MAX` panics.
+pub(crate) fn deadline_after(now: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
+}

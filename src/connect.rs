@@ -149,10 +149,16 @@ where
         };
         // `rx` is held until the connection is checked: while it lives, the connection is not taken
         // to make room for another address (`Pooled::in_handoff`).
-        let conn = self.wait_flight(addr, deadline, &mut rx).await?;
+        let conn = self.wait_flight(addr, deadline, &mut rx).await;
         // I8: the flight's connection may have died while we waited (another waiter used it first
         // and found it closed). Never hand it out; say why rather than wait again past the deadline.
-        if self.usable(&conn) {
+        let usable = matches!(&conn, Ok(conn) if self.usable(conn));
+        // The handoff may end with this caller: the connection may now be closed to make room,
+        // so the checkouts waiting at the cap try again (under `EvictLeastRecentlyUsed`).
+        drop(rx);
+        self.inner.conns.quiet();
+        let conn = conn?;
+        if usable {
             Ok(conn)
         } else if self.is_closed() {
             Err(PoolError::Closed)
@@ -189,10 +195,11 @@ where
         let addr = crate::pool::key(addr);
         let now = Instant::now();
         let decision = self.with_existing_slot(&addr, |slot| {
-            // Decided again under the entry lock: another caller may have grown it meanwhile.
-            let busy = slot
-                .shared()
-                .all(|p| p.conn.metrics().in_flight() >= config.busy_in_flight);
+            // Decided again under the entry lock: another caller may have grown it meanwhile. A
+            // connection that may not be handed out (unhealthy, closed) is not spare capacity.
+            let busy = self
+                .least_loaded(slot)
+                .is_none_or(|conn| conn.metrics().in_flight() >= config.busy_in_flight);
             if !busy
                 || slot.shared_count() >= config.max_per_address
                 || slot.flight().is_some()
@@ -304,10 +311,7 @@ where
         permit.mark_connecting();
         let (tx, rx) = watch::channel(None);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        // `checked_add`: any timeout >= 1 ms is valid, and `Instant + Duration::MAX` panics.
-        let deadline = now
-            .checked_add(self.inner.config.connect_timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
+        let deadline = crate::config::deadline_after(now, self.inner.config.connect_timeout);
         slot.start_flight(Flight {
             id,
             deadline,

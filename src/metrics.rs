@@ -140,6 +140,14 @@ impl PoolShared {
         }
     }
 
+    /// A connection may have just become closable to make room (its last call ended, or the last
+    /// caller waiting for its connect took it): runs the quiet hook, if the pool has one.
+    pub(crate) fn quiet(&self) {
+        if let Some(on_quiet) = &self.on_quiet {
+            on_quiet();
+        }
+    }
+
     /// The pool's cumulative counters.
     pub(crate) fn fill_totals(&self, stats: &mut PoolStats) {
         if let Some(totals) = &self.totals {
@@ -433,10 +441,8 @@ impl ConnectionMetrics {
     /// A call or probe ends; if it was the last in flight, the pool's quiet hook runs (see
     /// [`PoolShared::on_quiet`]).
     fn claim_ended(&self) {
-        if self.claim.call_ended()
-            && let Some(on_quiet) = &self.pool.on_quiet
-        {
-            on_quiet();
+        if self.claim.call_ended() {
+            self.pool.quiet();
         }
     }
 

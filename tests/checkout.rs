@@ -362,6 +362,26 @@ async fn at_the_global_cap_with_nothing_idle_the_error_says_at_capacity() {
     assert_eq!(pool.stats().rejected_capacity, 1);
 }
 
+/// A caller that waited on its address's own connect, slower than its deadline, was kept by that
+/// connect, not by the cap: even though the connect holds the pool's last slot, the error says
+/// `TimedOut`, and no capacity rejection is counted.
+#[tokio::test(start_paused = true)]
+async fn a_caller_behind_its_own_slow_connect_times_out_not_at_capacity() {
+    let script = Script::always(Outcome::Ok(3 * SEC));
+    let pool = builder(&script, 1, 2)
+        .connect_timeout(10 * SEC)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let err = pool.checkout(addr(0)).await.unwrap_err();
+    assert_took(started, SEC, "I16 violated");
+    assert!(
+        matches!(err, CheckoutError::TimedOut { .. }),
+        "the caller waited on a connect in flight, not on room: {err:?}"
+    );
+    assert_eq!(pool.stats().rejected_capacity, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shared_idle_connection_is_closed_for_room_only_under_evict_lru() {
     for (policy, room) in [
@@ -824,6 +844,42 @@ async fn a_waiter_is_served_when_a_shared_connection_at_the_cap_goes_quiet() {
     assert!(
         waited < 200 * MS,
         "served at {waited:?}, not at the call's end"
+    );
+    assert_eq!(pool.stats().evictions.make_room, 1);
+    assert_eq!(script.open_now(), 1, "I1 at the connector");
+}
+
+/// The same under the cap, for a shared connection just connected: while the caller that waited
+/// for its connect has not yet taken it (its handoff), it may not be closed for room; once taken
+/// it may, and the checkout waiting at the cap is woken then, not at its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_served_when_a_shared_connections_handoff_ends_at_the_cap() {
+    let script = Script::always(Outcome::Ok(100 * MS));
+    let pool = builder(&script, 1, 1)
+        .when_full(WhenFull::EvictLeastRecentlyUsed)
+        .build()
+        .unwrap();
+    let shared = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get_or_connect(addr(0)).await.map(|c| c.id()) }
+    });
+    advance(10 * MS).await;
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let started = Instant::now();
+            let got = pool.checkout(addr(1)).await.map(|c| c.id());
+            (got, started.elapsed())
+        }
+    });
+    until("the checkout in line", || pool.stats().waiting == 1).await;
+    let shared = shared.await.unwrap();
+    assert!(shared.is_ok(), "{shared:?}");
+    let (got, waited) = waiter.await.unwrap();
+    assert!(got.is_ok(), "{got:?}");
+    assert!(
+        waited < 500 * MS,
+        "starved: served at {waited:?}, not when the handoff ended"
     );
     assert_eq!(pool.stats().evictions.make_room, 1);
     assert_eq!(script.open_now(), 1, "I1 at the connector");
