@@ -16,6 +16,9 @@ use crate::error::{Cause, PoolError};
 
 /// A pooled connection and the capacity slot it holds. The permit is released only when the pool
 /// retires the connection (after closing it, under the entry's lock) or hands it back unclosed.
+///
+/// `repr(C)`, the handle first: see [`Slot`].
+#[repr(C)]
 pub(crate) struct Pooled<C> {
     pub(crate) conn: PooledConnection<C>,
     pub(crate) permit: Permit,
@@ -40,15 +43,25 @@ pub(crate) struct Flight<C> {
 /// Everything the pool keeps for one address. Sized for the common case, an address with a
 /// connection and nothing else: what only a connecting or failing address needs lives in
 /// [`Cold`], out of line, so every map bucket pays one pointer for it instead of its full size.
+///
+/// `repr(C)`, in this order: `get` reads the out-of-line pointer (is there more than one
+/// connection?) and the first connection's handle, which is also where `Option` keeps "no
+/// connection" (the permit holds no spare byte for it: [`Permit`]). With the key first in the
+/// map's bucket, those are bytes 24–40 of 64. A large table's buckets start 16 bytes into a cache
+/// line (its allocation comes from `mmap`, after malloc's 16-byte header), so bytes 0–48 share the
+/// key's line: `get` reads one line of the bucket, where with the fields in the compiler's order it
+/// read "none?" from byte 56, on the next line, and missed the cache once more than the floor per
+/// `get` at 100,000 addresses (issue 16; callgrind's cache simulation in BENCHMARKS.md).
+#[repr(C)]
 pub(crate) struct Slot<C> {
+    /// `None` while the address has no connect in flight and a settled ejection state; allocated by
+    /// the first connect or failure, dropped by [`tidy`](Self::tidy) once both are over again.
+    cold: Option<Box<Cold<C>>>,
     /// The address's first shared connection. Further ones (up to
     /// [`max_per_address`](crate::PoolConfig::max_per_address), issue 13) live out of line in
     /// [`Cold::more`]: an address has some there only while it has one here (taking this one
     /// moves the oldest of them here), so the common case, one connection, costs `get` nothing more.
     pub(crate) conn: Option<Pooled<C>>,
-    /// `None` while the address has no connect in flight and a settled ejection state; allocated by
-    /// the first connect or failure, dropped by [`tidy`](Self::tidy) once both are over again.
-    cold: Option<Box<Cold<C>>>,
 }
 
 /// The parts of a [`Slot`] that almost every address lacks at any moment (issue 16).
@@ -371,5 +384,17 @@ mod tests {
         assert!(slot.is_vacant(S(0), &policy));
         slot.tidy(S(0), &policy);
         assert!(slot.cold.is_none(), "I18 violated: settled state kept");
+    }
+
+    /// Issue 16: what `get` reads of a bucket lies in its first 48 bytes (see [`Slot`]); the
+    /// `Option` costs no byte (it says "none" with a pointer, not a flag of its own).
+    #[test]
+    fn get_reads_the_front_of_the_slot() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(offset_of!(Slot<u64>, cold), 0);
+        assert_eq!(offset_of!(Slot<u64>, conn), 8);
+        assert_eq!(offset_of!(Pooled<u64>, conn), 0);
+        assert_eq!(size_of::<Option<Pooled<u64>>>(), size_of::<Pooled<u64>>());
+        assert_eq!(size_of::<Slot<u64>>(), 40);
     }
 }

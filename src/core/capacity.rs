@@ -58,23 +58,27 @@ impl std::fmt::Debug for CapacityLedger {
 #[must_use = "dropping a permit releases its slot at once"]
 pub struct Permit {
     ledger: Arc<CapacityLedger>,
-    connecting: bool,
+    /// 0 or 1. A byte, not a `bool`: a `bool`'s unused values would be where an
+    /// `Option` of a struct holding a permit says "none", and the pool's map bucket wants that
+    /// said by the connection's handle, on the cache line `get` reads anyway (issue 16; see the
+    /// pool's `Slot`).
+    connecting: u8,
 }
 
 impl Permit {
     /// Marks this slot as reserved by a connect in flight (counted in
     /// [`CapacityLedger::connecting`]) until [`mark_live`](Self::mark_live) or drop.
     pub fn mark_connecting(&mut self) {
-        if !self.connecting {
-            self.connecting = true;
+        if self.connecting == 0 {
+            self.connecting = 1;
             self.ledger.connecting.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Marks this slot as held by a live connection.
     pub fn mark_live(&mut self) {
-        if self.connecting {
-            self.connecting = false;
+        if self.connecting != 0 {
+            self.connecting = 0;
             self.ledger.connecting.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -192,7 +196,7 @@ impl CapacityLedger {
         };
         taken.then(|| Permit {
             ledger: Arc::clone(self),
-            connecting: false,
+            connecting: 0,
         })
     }
 }
