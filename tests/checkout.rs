@@ -25,11 +25,7 @@ use tokio::time::Instant;
 type Pool = ConnectionPool<Conn, Script>;
 
 fn builder(script: &Script, max: usize, per_address: usize) -> PoolBuilder<Script> {
-    ConnectionPool::builder()
-        .connector(script.clone())
-        .max_connections(max)
-        .max_per_address(per_address)
-        .checkout_timeout(SEC)
+    script.builder(max, per_address).checkout_timeout(SEC)
 }
 
 fn pool(script: &Script, max: usize, per_address: usize) -> Pool {

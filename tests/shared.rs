@@ -15,10 +15,8 @@ use keyed_pool::{CallGuard, ConnId, ConnectionPool, PoolBuilder, PooledConnectio
 type Pool = ConnectionPool<Conn, Script>;
 
 fn builder(script: &Script, max: usize, per_address: usize) -> PoolBuilder<Script> {
-    ConnectionPool::builder()
-        .connector(script.clone())
-        .max_connections(max)
-        .max_per_address(per_address)
+    script
+        .builder(max, per_address)
         .max_idle(Duration::from_secs(60))
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keyed_pool::{CheetahString, Connector};
+use keyed_pool::{CheetahString, ConnectionPool, Connector, PoolBuilder};
 use tokio::time::Instant;
 
 /// A connection made by [`Script`]: its serial number and an open flag the test can clear.
@@ -87,6 +87,13 @@ impl Script {
     }
     pub fn connect_times(&self) -> Vec<Instant> {
         self.0.connect_times.lock().unwrap().clone()
+    }
+    /// A pool builder on this connector with a global cap (`0` = none) and a per-address one.
+    pub fn builder(&self, max: usize, per_address: usize) -> PoolBuilder<Script> {
+        ConnectionPool::builder()
+            .connector(self.clone())
+            .max_connections(max)
+            .max_per_address(per_address)
     }
 }
 
