@@ -763,6 +763,50 @@ fn tally(ctx: &Ctx, callers: &Callers) -> String {
     line
 }
 
+/// What both checkout scenarios start with: the registry told the cap per address, the pool, its
+/// cleanup task, the monitor of its books and the callers' books.
+struct Started {
+    pool: Pool,
+    cleanup: Option<JoinHandle<()>>,
+    monitor: JoinHandle<()>,
+    callers: Arc<Callers>,
+}
+
+fn start(ctx: &Arc<Ctx>, shape: &Shape) -> Started {
+    ctx.reg.set_per_address(shape.max_per_address);
+    let pool = ctx.pool();
+    Started {
+        cleanup: ctx.start_cleanup(&pool),
+        monitor: ctx.monitor(&pool, ms(5)),
+        callers: Arc::new(Callers::new(shape.max_per_address, shape.timeout)),
+        pool,
+    }
+}
+
+/// The settings both scenarios print first.
+fn describe(setup: &Setup, shape: &Shape) -> String {
+    format!(
+        "max_per_address={} max_connections={} checkout_timeout={:?} max_idle={:?} workers={}",
+        shape.max_per_address,
+        setup.config.max_connections,
+        shape.timeout,
+        setup.config.max_idle,
+        shape.workers
+    )
+}
+
+/// The end of a run whose traffic is over: settle, fill, tally, close and count.
+async fn settle_and_close(
+    ctx: &Arc<Ctx>,
+    pool: &Pool,
+    callers: &Callers,
+    cleanup: Option<JoinHandle<()>>,
+) {
+    settle_and_fill(ctx, pool, callers).await;
+    tally(ctx, callers);
+    close_and_count(ctx, pool, callers, cleanup).await;
+}
+
 /// checkout-storm: many tasks check out from three brokers, one slow, with `max_per_address` > 1
 /// and a global cap below their sum.
 pub async fn checkout_storm() -> Outcome {
@@ -779,25 +823,21 @@ pub async fn checkout_storm() -> Outcome {
         mark_broken: 0.03,
         first: 0.4,
     };
-    let info = format!(
-        "max_per_address={mpa} max_connections={} checkout_timeout={:?} max_idle={:?} slow b0={slow:?} workers={}",
-        setup.config.max_connections, shape.timeout, setup.config.max_idle, shape.workers
-    );
+    let info = format!("{} slow b0={slow:?}", describe(&setup, &shape));
     world(setup, info, move |ctx| async move {
-        ctx.reg.set_per_address(shape.max_per_address);
-        let pool = ctx.pool();
-        let cleanup = ctx.start_cleanup(&pool);
-        let monitor = ctx.monitor(&pool, ms(5));
-        let callers = Arc::new(Callers::new(shape.max_per_address, shape.timeout));
+        let Started {
+            pool,
+            cleanup,
+            monitor,
+            callers,
+        } = start(&ctx, &shape);
         ctx.slow(0, slow);
         let until = Instant::now() + shape.length;
         let tasks = workers(&ctx, &pool, &callers, &shape, until);
         let bound = shape.length + shape.timeout + ctx.setup.call_timeout * 4 + ms(100);
         ctx.join("checkout worker", tasks, bound).await;
         ctx.step(&pool, format_args!("storm over"));
-        settle_and_fill(&ctx, &pool, &callers).await;
-        tally(&ctx, &callers);
-        close_and_count(&ctx, &pool, &callers, cleanup).await;
+        settle_and_close(&ctx, &pool, &callers, cleanup).await;
         let _ = monitor.await;
     })
     .await
@@ -824,15 +864,16 @@ pub async fn checkout_broker_killed() -> Outcome {
     let down = ms(draw(200..2000));
     let close_mid = chance(1.0 / 3.0);
     let info = format!(
-        "max_per_address={mpa} max_connections={} checkout_timeout={:?} max_idle={:?} workers={} kill at {kill_at:?} for {down:?} close_mid={close_mid}",
-        setup.config.max_connections, shape.timeout, setup.config.max_idle, shape.workers
+        "{} kill at {kill_at:?} for {down:?} close_mid={close_mid}",
+        describe(&setup, &shape)
     );
     world(setup, info, move |ctx| async move {
-        ctx.reg.set_per_address(shape.max_per_address);
-        let pool = ctx.pool();
-        let cleanup = ctx.start_cleanup(&pool);
-        let monitor = ctx.monitor(&pool, ms(5));
-        let callers = Arc::new(Callers::new(shape.max_per_address, shape.timeout));
+        let Started {
+            pool,
+            cleanup,
+            monitor,
+            callers,
+        } = start(&ctx, &shape);
         let until = Instant::now() + shape.length;
         let tasks = workers(&ctx, &pool, &callers, &shape, until);
         sleep(kill_at).await;
@@ -886,9 +927,7 @@ pub async fn checkout_broker_killed() -> Outcome {
             let left = until.saturating_duration_since(Instant::now());
             ctx.join("checkout worker", tasks, left + bound).await;
             ctx.step(&pool, format_args!("traffic over"));
-            settle_and_fill(&ctx, &pool, &callers).await;
-            tally(&ctx, &callers);
-            close_and_count(&ctx, &pool, &callers, cleanup).await;
+            settle_and_close(&ctx, &pool, &callers, cleanup).await;
         }
         let _ = monitor.await;
     })
