@@ -1317,7 +1317,9 @@ impl Harness {
                         conn.id()
                     )
                 })?;
-                self.adopt(a, conn)
+                self.adopt(a, conn)?;
+                self.m.handoff_ended();
+                Ok(())
             }
             (ConnectPlan::Failed, Err(PoolError::Connect { .. })) => Ok(()),
             (ConnectPlan::TimedOut, Err(PoolError::ConnectTimeout { timeout, .. }))

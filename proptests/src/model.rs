@@ -495,10 +495,11 @@ pub struct MLine {
     /// Its callers last tried to start a connect and could not (the pool full with no room to
     /// make, or the address backing off): they sleep until something wakes every waiting
     /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
-    /// Restated as the pool does it: a shared connection whose last call ends under LRU wakes
-    /// every line (the pool's quiet hook); one that is made, or whose connect's waiters all had
-    /// it, wakes nobody, so a line can still sleep to its deadline (`AtCapacity`) while such a
-    /// connection exists, which a new caller would close at once.
+    /// Restated as the pool does it: under LRU with a cap, a shared connection whose last call
+    /// ends, or whose connect's caller has taken it (the end of its handoff), wakes every line
+    /// (the pool's quiet hook); one inserted by hand wakes nobody, so a line can still sleep to
+    /// its deadline (`AtCapacity`) while such a connection exists, which a new caller would close
+    /// at once.
     pub asleep: bool,
     /// The retry timer its callers armed when they last met the address's backoff (its end
     /// then; `mark_up` does not move it).
@@ -977,6 +978,15 @@ impl Model {
     pub fn end_call(&mut self, i: usize) {
         self.conns[i].in_flight -= 1;
         if self.conns[i].in_flight == 0 && self.s.lru && self.s.max > 0 {
+            self.wake_all();
+        }
+    }
+
+    /// The caller of a `get_or_connect` that connected has taken its connection: its handoff is
+    /// over, so the connection is closable for room, and under LRU with a cap that wakes every
+    /// waiting checkout (the pool's quiet hook, issue 13).
+    pub fn handoff_ended(&mut self) {
+        if self.s.lru && self.s.max > 0 {
             self.wake_all();
         }
     }
