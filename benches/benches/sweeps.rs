@@ -107,18 +107,7 @@ fn sweep_costs(rt: &tokio::runtime::Runtime) {
             |()| assert_eq!(rt.block_on(keep.evict_unhealthy()), 0),
         );
         drop(keep);
-        let remove_floor = per_conn(
-            n,
-            || floor_map(&keys),
-            |map| {
-                let mut ks: Vec<_> = map.iter().map(|e| e.key().clone()).collect();
-                ks.sort_unstable();
-                for k in &ks {
-                    black_box(map.remove(k));
-                }
-                assert!(map.is_empty());
-            },
-        );
+        let remove_floor = per_conn(n, || floor_map(&keys), |map| floor_remove_all(&map));
         let idle_all = per_conn(
             n,
             || {
@@ -420,8 +409,19 @@ fn async_neighbours() {
     println!("    evicts all:    evict_idle {idle_all:6.2}   evict_unhealthy {unhealthy_all:6.2}");
 }
 
+/// The evicts-all floor: collect the keys of a bare map, sort them, remove each.
+#[inline(never)]
+fn floor_remove_all(map: &DashMap<CheetahString, Arc<u64>>) {
+    let mut ks: Vec<_> = map.iter().map(|e| e.key().clone()).collect();
+    ks.sort_unstable();
+    for k in &ks {
+        black_box(map.remove(k));
+    }
+    assert!(map.is_empty());
+}
+
 /// One sweep of 100,000 and nothing else, for a profiler
-/// (`SWEEPS_PROFILE=idle_none|idle_marked|idle_all`):
+/// (`SWEEPS_PROFILE=idle_none|idle_marked|idle_all|unhealthy_all|floor_all`):
 /// `valgrind --tool=callgrind target/release/deps/sweeps-* --bench` with it set.
 fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
     let n = 100_000;
@@ -429,7 +429,13 @@ fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
     match what {
         "idle_none" => {
             let pool = pool_with(&keys, Duration::from_secs(3600));
-            assert_eq!(rt.block_on(pool.evict_idle()), 0);
+            // `SWEEPS_PROFILE_REPEAT=N`: N sweeps, so that they outweigh the setup in a cycle
+            // count (`perf stat -e cycles:u`), which a loaded machine disturbs less than a time.
+            let repeat =
+                std::env::var("SWEEPS_PROFILE_REPEAT").map_or(1, |n| n.parse().unwrap_or(1));
+            for _ in 0..repeat {
+                assert_eq!(rt.block_on(pool.evict_idle()), 0);
+            }
         }
         "idle_marked" => {
             let pool = pool_with(&keys, Duration::from_secs(3600));
@@ -443,7 +449,19 @@ fn profile_one(rt: &tokio::runtime::Runtime, what: &str) {
             std::thread::sleep(Duration::from_millis(5));
             assert_eq!(rt.block_on(pool.evict_idle()), n);
         }
-        other => panic!("SWEEPS_PROFILE: idle_none, idle_marked or idle_all, not {other:?}"),
+        "unhealthy_all" => {
+            let pool = pool_with(&keys, Duration::from_secs(3600));
+            for k in &keys {
+                pool.peek(k).expect("pooled").mark_closed();
+            }
+            assert_eq!(rt.block_on(pool.evict_unhealthy()), n);
+        }
+        // The evicts-all floor of part 1 (collect, sort, remove), to set instruction counts
+        // against: `floor_remove_all` in the profile.
+        "floor_all" => floor_remove_all(&floor_map(&keys)),
+        other => panic!(
+            "SWEEPS_PROFILE: idle_none, idle_marked, idle_all, unhealthy_all or floor_all, not {other:?}"
+        ),
     }
 }
 
