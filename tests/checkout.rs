@@ -62,6 +62,20 @@ fn assert_settled(pool: &Pool, script: &Script, what: &str) {
     assert_eq!(stats.total as u64, script.open_now(), "{what}: {stats:?}");
 }
 
+/// A checkout of `addr(i)` on a task of its own: the id of the connection it got (or why not),
+/// and how long it waited.
+fn timed_checkout(
+    pool: &Pool,
+    i: usize,
+) -> tokio::task::JoinHandle<(Result<keyed_pool::ConnId, CheckoutError>, Duration)> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let got = pool.checkout(addr(i)).await.map(|c| c.id());
+        (got, started.elapsed())
+    })
+}
+
 fn poll_times<F: Future>(mut fut: Pin<&mut F>, n: usize) -> Option<F::Output> {
     let mut cx = Context::from_waker(Waker::noop());
     for _ in 0..n {
@@ -818,14 +832,7 @@ async fn a_waiter_is_served_when_a_shared_connection_at_the_cap_goes_quiet() {
         .unwrap();
     let shared = pool.get_or_connect(addr(0)).await.unwrap();
     let call = shared.begin();
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            let started = Instant::now();
-            let got = pool.checkout(addr(1)).await.map(|c| c.id());
-            (got, started.elapsed())
-        }
-    });
+    let waiter = timed_checkout(&pool, 1);
     advance(100 * MS).await;
     assert!(!waiter.is_finished(), "the only slot is in use: it waits");
     call.success();
@@ -860,14 +867,7 @@ async fn a_waiter_is_served_when_a_shared_connections_handoff_ends_at_the_cap() 
         async move { pool.get_or_connect(addr(0)).await.map(|c| c.id()) }
     });
     advance(10 * MS).await;
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            let started = Instant::now();
-            let got = pool.checkout(addr(1)).await.map(|c| c.id());
-            (got, started.elapsed())
-        }
-    });
+    let waiter = timed_checkout(&pool, 1);
     until("the checkout in line", || pool.stats().waiting == 1).await;
     let shared = shared.await.unwrap();
     assert!(shared.is_ok(), "{shared:?}");

@@ -763,24 +763,18 @@ fn tally(ctx: &Ctx, callers: &Callers) -> String {
     line
 }
 
-/// What both checkout scenarios start with: the registry told the cap per address, the pool, its
-/// cleanup task, the monitor of its books and the callers' books.
-struct Started {
-    pool: Pool,
-    cleanup: Option<JoinHandle<()>>,
-    monitor: JoinHandle<()>,
-    callers: Arc<Callers>,
-}
-
-fn start(ctx: &Arc<Ctx>, shape: &Shape) -> Started {
+/// What both checkout scenarios start with: the registry told the cap per address, then the pool,
+/// its cleanup task, the monitor of its books and the callers' books.
+fn start(
+    ctx: &Arc<Ctx>,
+    shape: &Shape,
+) -> (Pool, Option<JoinHandle<()>>, JoinHandle<()>, Arc<Callers>) {
     ctx.reg.set_per_address(shape.max_per_address);
     let pool = ctx.pool();
-    Started {
-        cleanup: ctx.start_cleanup(&pool),
-        monitor: ctx.monitor(&pool, ms(5)),
-        callers: Arc::new(Callers::new(shape.max_per_address, shape.timeout)),
-        pool,
-    }
+    let cleanup = ctx.start_cleanup(&pool);
+    let monitor = ctx.monitor(&pool, ms(5));
+    let callers = Arc::new(Callers::new(shape.max_per_address, shape.timeout));
+    (pool, cleanup, monitor, callers)
 }
 
 /// The settings both scenarios print first.
@@ -825,12 +819,7 @@ pub async fn checkout_storm() -> Outcome {
     };
     let info = format!("{} slow b0={slow:?}", describe(&setup, &shape));
     world(setup, info, move |ctx| async move {
-        let Started {
-            pool,
-            cleanup,
-            monitor,
-            callers,
-        } = start(&ctx, &shape);
+        let (pool, cleanup, monitor, callers) = start(&ctx, &shape);
         ctx.slow(0, slow);
         let until = Instant::now() + shape.length;
         let tasks = workers(&ctx, &pool, &callers, &shape, until);
@@ -868,12 +857,7 @@ pub async fn checkout_broker_killed() -> Outcome {
         describe(&setup, &shape)
     );
     world(setup, info, move |ctx| async move {
-        let Started {
-            pool,
-            cleanup,
-            monitor,
-            callers,
-        } = start(&ctx, &shape);
+        let (pool, cleanup, monitor, callers) = start(&ctx, &shape);
         let until = Instant::now() + shape.length;
         let tasks = workers(&ctx, &pool, &callers, &shape, until);
         sleep(kill_at).await;
