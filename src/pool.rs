@@ -907,7 +907,7 @@ where
     }
 
     /// Pools `conn` for `addr`. Returns `false` if the pool is full (and its [`WhenFull`] policy
-    /// found no room) or closed; `conn` is then closed through the connector. Replacing the connection of an address already present never fails
+    /// found no room) or closed. Replacing the connection of an address already present never fails
     /// for capacity and never changes the count (I2); the replaced connection is closed.
     pub fn insert(&self, addr: impl Into<CheetahString>, conn: C) -> bool {
         self.try_insert(addr, conn).is_ok()
@@ -918,29 +918,19 @@ where
     /// # Errors
     /// [`PoolError::AtCapacity`] when full, [`PoolError::Closed`] after [`close`](Self::close)
     /// began (decided under the address's lock, so an insert racing `close` is either closed by it
-    /// or refused, I17). A refused connection is closed through the connector: it was handed over
-    /// and cannot be handed back, and nothing the pool was given stays open unaccounted for.
+    /// or refused, I17).
     pub fn try_insert(
         &self,
         addr: impl Into<CheetahString>,
         conn: C,
     ) -> Result<PooledConnection<C>, PoolError> {
-        let pooled = self.new_connection(addr.into(), conn);
-        let placed = self.insert_made(&pooled);
-        if placed.is_err() {
-            self.inner.connector.close_conn(pooled.client());
-        }
-        placed
-    }
-
-    /// [`try_insert`](Self::try_insert) of a connection already wrapped.
-    fn insert_made(&self, pooled: &PooledConnection<C>) -> Result<PooledConnection<C>, PoolError> {
         if self.is_closed() {
             return Err(PoolError::Closed);
         }
+        let pooled = self.new_connection(addr.into(), conn);
         let mut permit = None;
-        match self.place(pooled, &mut permit) {
-            Ok(()) => return Ok(pooled.clone()),
+        match self.place(&pooled, &mut permit) {
+            Ok(()) => return Ok(pooled),
             Err(PoolError::AtCapacity { .. })
                 if self.inner.config.when_full == WhenFull::EvictLeastRecentlyUsed => {}
             Err(PoolError::AtCapacity { .. }) => return Err(self.at_capacity()),
@@ -948,7 +938,7 @@ where
         }
         // The slow path: full, and the policy allows making room.
         self.with_room(pooled.addr(), false, |permit| {
-            match self.place(pooled, permit) {
+            match self.place(&pooled, permit) {
                 Ok(()) => Some(Ok(pooled.clone())),
                 Err(PoolError::AtCapacity { .. }) => None,
                 Err(err) => Some(Err(err)),

@@ -145,33 +145,3 @@ async fn zero_cleanup_interval_is_raised_not_a_panic() {
     pool.close().await;
     assert!(task.is_finished());
 }
-
-/// A connection handed to `try_insert` and refused (the pool full, or closed) is closed through
-/// the connector: the caller cannot get it back, and it must not stay open unaccounted for.
-#[tokio::test(start_paused = true)]
-async fn a_refused_insert_closes_the_connection_it_was_given() {
-    use std::sync::Arc;
-    use std::sync::atomic::Ordering::SeqCst;
-    let script = Script::default();
-    let pool = script.builder(1, 1).build().unwrap();
-    assert!(pool.insert(addr(0), Conn::new(0)));
-    let full = Conn::new(1);
-    let full_closed = Arc::clone(&full.closed_by_pool);
-    let err = pool.try_insert(addr(1), full).unwrap_err();
-    assert!(matches!(err, PoolError::AtCapacity { .. }), "{err:?}");
-    assert!(
-        full_closed.load(SeqCst),
-        "refused for capacity and left open"
-    );
-    assert_eq!(script.closes(), 1);
-    pool.close().await;
-    let late = Conn::new(2);
-    let late_closed = Arc::clone(&late.closed_by_pool);
-    let err = pool.try_insert(addr(2), late).unwrap_err();
-    assert!(matches!(err, PoolError::Closed), "{err:?}");
-    assert!(
-        late_closed.load(SeqCst),
-        "refused after close() and left open"
-    );
-    assert_eq!(script.closes(), 3, "the refused two and the pooled one");
-}
