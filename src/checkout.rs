@@ -69,7 +69,12 @@ impl<C> Exclusive<C> {
 
     fn take_sender(&mut self, id: WaiterId) -> Option<oneshot::Sender<Delivery<C>>> {
         let at = self.senders.iter().position(|(w, _)| *w == id)?;
-        self.senders.remove(at).map(|(_, tx)| tx)
+        let tx = self.senders.remove(at).map(|(_, tx)| tx);
+        if self.senders.is_empty() {
+            // Freed with the line (as the queue frees its own): an address idles without it.
+            self.senders = VecDeque::new();
+        }
+        tx
     }
 
     /// `(idle, checked out, connecting, waiting)`.
@@ -582,25 +587,27 @@ where
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Held<C>, CheckoutError> {
-        // Counted before arriving: a release after our first try must see us (see `Wake::wake`).
-        self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
-        let mut waiting = Waiting {
-            pool: self,
-            addr,
-            id: None,
-            rx: None,
-        };
         let (id, rx, start) = match self.arrive(addr, now, deadline)? {
             Arrival::Ready(held) => return Ok(held),
             Arrival::Wait(id, rx, start) => (id, rx, start),
         };
-        waiting.id = Some(id);
-        waiting.rx = Some(rx);
+        // Counted only now that the caller waits: a hit never writes the pool-wide counter (one
+        // cache line every thread would write). A release between the arrival and this increment
+        // wakes nobody, but the first pass below tries again after the increment and after
+        // registering for wake-ups, so it sees what was released (see `Wake::wake`).
+        self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut waiting = Waiting {
+            pool: self,
+            addr,
+            id: Some(id),
+            rx: Some(rx),
+        };
         let mut retry_at = match start {
             Start::Backoff(at) => Some(at),
             _ => None,
         };
         // Once at first: a release between the arrival and the registration below woke nobody.
+        // Needed for correctness since the counter is bumped after the arrival, not before.
         let mut pump = true;
         // One timer for the whole wait (I16): a timer made afresh on every pass fires up to a
         // timer tick late each time, and a waiter woken again and again in its last millisecond
@@ -654,11 +661,12 @@ where
         deadline: Instant,
     ) -> Result<Arrival<C>, CheckoutError> {
         let limits = self.limits();
-        let deadline_at = self.inner.offset(deadline);
+        let at = self.inner.offset(now);
+        let deadline_at = at.saturating_add(deadline.saturating_duration_since(now));
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
-        let arrival = self.slot_entry_at(addr, true, now, |slot| {
+        let arrival = self.hot_slot(addr, true, now, at, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed.into());
@@ -975,6 +983,41 @@ where
     C: Send + Sync + 'static,
     K: ManagesConnections<C>,
 {
+    /// The address's slot under its entry lock, for a checkout's arrival and a connection's return
+    /// (the two entry-lock passes of every checkout + return), as
+    /// [`slot_entry_at`](Self::slot_entry_at) decides (`create`, the slot removed once vacant or
+    /// tidied; `at` is `now` as the pool's offset, which the caller needs too), cheaper when the slot exists, as it does while the address has a connection:
+    /// `get_mut` borrows the key (no key clone, unlike `entry`), and the vacancy check runs once.
+    /// A slot left vacant is removed by a second lookup that checks again under the lock (another
+    /// caller may have used it in between); that happens once per address going idle for good.
+    fn hot_slot<R>(
+        &self,
+        addr: &CheetahString,
+        create: bool,
+        now: Instant,
+        at: Duration,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> Option<R> {
+        let policy = &self.inner.config.ejection;
+        let Some(mut slot) = self.inner.map.get_mut(addr) else {
+            return if create {
+                self.slot_entry_at(addr, true, now, f)
+            } else {
+                None
+            };
+        };
+        let result = f(&mut slot);
+        if slot.is_vacant(at, policy) {
+            drop(slot);
+            self.inner
+                .map
+                .remove_if(addr, |_, slot| slot.is_vacant(at, policy));
+        } else {
+            slot.tidy(at, policy);
+        }
+        Some(result)
+    }
+
     pub(crate) fn limits(&self) -> CheckoutLimits {
         CheckoutLimits {
             max_per_address: self.inner.config.max_per_address,
@@ -1017,7 +1060,8 @@ where
         let verdict = self.judge(&held, broken, now);
         let addr = held.meta.addr().clone();
         let mut held = Some(held);
-        self.slot_entry_at(&addr, false, now, |slot| {
+        let at = self.inner.offset(now);
+        self.hot_slot(&addr, false, now, at, |slot| {
             let closed = self.inner.closed.load(Ordering::SeqCst);
             let Some(ex) = slot.exclusive_mut() else {
                 return;
@@ -1028,7 +1072,7 @@ where
                     h.meta.metrics().mark_served();
                     let placed = ex
                         .queue
-                        .release(h, true, self.inner.offset(now))
+                        .release(h, true, at)
                         .expect("a kept connection is placed");
                     self.deliver(ex, placed, now);
                 }
@@ -1204,5 +1248,50 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
                 self.connector.close_conn(&held.conn);
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{ConnectionPool, Connector};
+
+    struct Unit;
+
+    impl Connector for Unit {
+        type Conn = ();
+        type Error = std::io::Error;
+
+        async fn connect(&self, _addr: &str) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// I18 (nothing kept for an address that holds nothing) through the checkout's own entry
+    /// path (`hot_slot`): a return that closes the address's last connection removes its slot;
+    /// a kept one leaves the slot with no line buffer (issue 13's memory per idle connection).
+    #[tokio::test(start_paused = true)]
+    async fn i18_a_return_that_closes_the_last_connection_removes_the_slot() {
+        let pool = ConnectionPool::builder().connector(Unit).build().unwrap();
+        let first = pool.checkout("10.0.0.1:80").await.unwrap();
+        let id = first.id();
+        drop(first);
+        let idle = pool.inner.map.get(&crate::pool::key("10.0.0.1:80"));
+        let ex = idle.as_ref().and_then(|slot| slot.exclusive());
+        assert_eq!(
+            ex.map(|ex| (ex.counts(), ex.senders.capacity())),
+            Some(((1, 0, 0, 0), 0)),
+            "one idle connection, and the first checkout's wait left no sender buffer"
+        );
+        drop(idle);
+        let mut again = pool.checkout("10.0.0.1:80").await.unwrap();
+        assert_eq!(again.id(), id, "the idle connection was reused");
+        again.mark_broken();
+        drop(again);
+        assert_eq!(
+            pool.inner.map.len(),
+            0,
+            "I18 violated: the slot of an address with nothing left is kept"
+        );
+        assert!(pool.is_empty());
     }
 }

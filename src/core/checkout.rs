@@ -155,7 +155,7 @@ impl<T> CheckoutQueue<T> {
     /// order, is returned to be told why; the rest stay in line.
     pub fn connect_failed(&mut self) -> Option<WaiterId> {
         self.connect_not_started();
-        self.waiters.pop_front().map(|w| w.id)
+        self.pop_waiter().map(|w| w.id)
     }
 
     /// A counted connect made `conn` at `now`: it goes to the first waiter, or idles.
@@ -194,15 +194,35 @@ impl<T> CheckoutQueue<T> {
 
     /// Gives a connection that is not checked out to the first waiter, or idles it as used at `now`.
     fn place(&mut self, conn: T, now: Duration) -> Placed<T> {
-        match self.waiters.pop_front() {
+        match self.pop_waiter() {
             Some(waiter) => {
                 self.checked_out += 1;
                 Placed::Handed(waiter.id, conn)
             }
             None => {
+                if self.idle.capacity() == 0 {
+                    // Most addresses keep one connection: room for exactly one, where the first
+                    // push would have made room for four (192 unused bytes per address, issue 13).
+                    // Later pushes grow as usual.
+                    self.idle.reserve_exact(1);
+                }
                 self.idle.push_back((conn, now));
                 Placed::Idle
             }
+        }
+    }
+
+    /// The first waiter leaves the line; the line's buffer is freed once it is empty, so an
+    /// address whose callers waited once does not keep that buffer for as long as it idles.
+    fn pop_waiter(&mut self) -> Option<Waiter> {
+        let waiter = self.waiters.pop_front()?;
+        self.release_empty_line();
+        Some(waiter)
+    }
+
+    fn release_empty_line(&mut self) {
+        if self.waiters.is_empty() && self.waiters.capacity() > 0 {
+            self.waiters = VecDeque::new();
         }
     }
 
@@ -212,6 +232,7 @@ impl<T> CheckoutQueue<T> {
         match self.waiters.iter().position(|w| w.id == waiter) {
             Some(at) => {
                 self.waiters.remove(at);
+                self.release_empty_line();
                 true
             }
             None => false,
@@ -228,6 +249,7 @@ impl<T> CheckoutQueue<T> {
             }
             !due
         });
+        self.release_empty_line();
         expired
     }
 
@@ -504,5 +526,37 @@ mod tests {
         assert_eq!(q.acquire(S, limits), Acquired::Ready(3));
         q.discard();
         assert!(q.is_empty(), "I22: a discarded connection stops counting");
+    }
+
+    /// Issue 13 (memory per idle exclusive connection): the first idle connection takes room for
+    /// one, not four, and the line's buffer is freed once the line empties, whichever way it
+    /// empties (a hand-out, a cancel, an expiry, a failed connect).
+    #[test]
+    fn an_idle_address_keeps_room_for_one_connection_and_no_line_buffer() {
+        let mut q = CheckoutQueue::new();
+        let (w0, _) = queued(q.acquire(S, LIMITS));
+        assert!(q.waiters.capacity() > 0);
+        assert_eq!(q.connected(1, S), Placed::Handed(w0, 1));
+        assert_eq!(q.waiters.capacity(), 0, "a hand-out emptied the line");
+        assert_eq!(q.release(1, true, S), Some(Placed::Idle));
+        assert_eq!(q.idle.capacity(), 1, "room for exactly the first idle one");
+        assert_eq!(q.acquire(S, LIMITS), Acquired::Ready(1));
+        // Each of these waiters was counted a connect (one of two connections is out): given
+        // back, as the async layer does when its waiter leaves before the connect starts.
+        let (w1, connect) = queued(q.acquire(S, LIMITS));
+        assert!(connect);
+        q.connect_not_started();
+        assert!(q.cancel(w1));
+        assert_eq!(q.waiters.capacity(), 0, "a cancel emptied the line");
+        assert!(queued(q.acquire(S, LIMITS)).1);
+        q.connect_not_started();
+        assert_eq!(q.expire(S).len(), 1);
+        assert_eq!(q.waiters.capacity(), 0, "an expiry emptied the line");
+        let (w3, connect) = queued(q.acquire(S, LIMITS));
+        assert!(connect);
+        assert_eq!(q.connect_failed(), Some(w3));
+        assert_eq!(q.waiters.capacity(), 0, "a failed connect emptied the line");
+        assert_eq!(q.release(1, true, S), Some(Placed::Idle));
+        assert_eq!((q.live(), q.idle(), q.idle.capacity()), (1, 1, 1));
     }
 }
