@@ -408,6 +408,22 @@ impl<C: Send + Sync + 'static> Drop for Checkout<C> {
     }
 }
 
+/// When a checkout gives up (I16): its start and its timeout, turned into an instant only by a
+/// caller that has to wait (a hit computes no deadline). The same instant on every pass of a
+/// checkout's loop (a failed check before use sends the caller back in line, bounded by the
+/// deadline of its start).
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    start: Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn at(self) -> Instant {
+        crate::config::deadline_after(self.start, self.timeout)
+    }
+}
+
 /// What a caller found on arrival, under the address's lock.
 enum Arrival<C> {
     Ready(Held<C>),
@@ -551,11 +567,12 @@ where
         let addr = crate::pool::key(addr);
         let timeout = self.inner.config.effective_checkout_timeout();
         let mut now = Instant::now();
-        let deadline = crate::config::deadline_after(now, timeout);
+        let deadline = Deadline {
+            start: now,
+            timeout,
+        };
         loop {
-            let held = self
-                .wait_for_connection(&addr, now, deadline, timeout)
-                .await?;
+            let held = self.wait_for_connection(&addr, now, deadline).await?;
             let checkout = Checkout {
                 held: Some(held),
                 broken: false,
@@ -584,8 +601,7 @@ where
         &self,
         addr: &CheetahString,
         now: Instant,
-        deadline: Instant,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Held<C>, CheckoutError> {
         let (id, rx, start) = match self.arrive(addr, now, deadline)? {
             Arrival::Ready(held) => return Ok(held),
@@ -596,6 +612,7 @@ where
         // wakes nobody, but the first pass below tries again after the increment and after
         // registering for wake-ups, so it sees what was released (see `Wake::wake`).
         self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
+        let (deadline, timeout) = (deadline.at(), deadline.timeout);
         let mut waiting = Waiting {
             pool: self,
             addr,
@@ -658,11 +675,10 @@ where
         &self,
         addr: &CheetahString,
         now: Instant,
-        deadline: Instant,
+        deadline: Deadline,
     ) -> Result<Arrival<C>, CheckoutError> {
         let limits = self.limits();
         let at = self.inner.offset(now);
-        let deadline_at = at.saturating_add(deadline.saturating_duration_since(now));
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
@@ -673,7 +689,12 @@ where
             }
             loop {
                 let ex = slot.exclusive_or_new();
-                match ex.queue.acquire(deadline_at, limits) {
+                // The deadline only for a caller that waits: a hit pays for none.
+                let acquired = match ex.queue.take_idle() {
+                    Some(held) => Acquired::Ready(held),
+                    None => ex.queue.acquire(self.inner.offset(deadline.at()), limits),
+                };
+                match acquired {
                     Acquired::Ready(held) => match self.judge(&held, false, now) {
                         None => {
                             tracing::trace!(addr = %addr, conn = %held.meta.id(), "checked out idle connection");

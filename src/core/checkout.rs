@@ -115,11 +115,7 @@ impl<T> CheckoutQueue<T> {
     /// nobody is waiting before it (I21); otherwise it joins the line, and a connect is counted for
     /// it when the line is longer than the connects in flight and the limits allow (I19).
     pub fn acquire(&mut self, deadline: Duration, limits: CheckoutLimits) -> Acquired<T> {
-        // Nothing idles while someone waits (a connection coming back goes to the line first), so
-        // an idle connection means an empty line: taking it overtakes nobody.
-        debug_assert!(self.idle.is_empty() || self.waiters.is_empty());
-        if let Some((conn, _)) = self.idle.pop_back() {
-            self.checked_out += 1;
+        if let Some(conn) = self.take_idle() {
             return Acquired::Ready(conn);
         }
         let id = WaiterId(self.next_waiter);
@@ -129,6 +125,18 @@ impl<T> CheckoutQueue<T> {
             waiter: id,
             connect: self.start_connect(limits),
         }
+    }
+
+    /// The most recently returned idle connection, now checked out to the caller, if one is idle:
+    /// what [`acquire`](Self::acquire) tries first, for a caller that works out its deadline only
+    /// when it has to wait (a hit pays for no deadline).
+    pub fn take_idle(&mut self) -> Option<T> {
+        // Nothing idles while someone waits (a connection coming back goes to the line first), so
+        // an idle connection means an empty line: taking it overtakes nobody (I21).
+        debug_assert!(self.idle.is_empty() || self.waiters.is_empty());
+        let (conn, _) = self.idle.pop_back()?;
+        self.checked_out += 1;
+        Some(conn)
     }
 
     /// Counts a connect if one is wanted: more waiters than connects in flight, fewer connections
