@@ -409,18 +409,23 @@ impl<C: Send + Sync + 'static> Drop for Checkout<C> {
 }
 
 /// When a checkout gives up (I16): its start and its timeout, turned into an instant only by a
-/// caller that has to wait (a hit computes no deadline). The same instant on every pass of a
-/// checkout's loop (a failed check before use sends the caller back in line, bounded by the
-/// deadline of its start).
+/// caller that has to wait (a hit computes no deadline, and reads no clock for it). The same
+/// instant on every pass of a checkout's loop: with a check before use (a failed probe sends the
+/// caller back in line) the start is fixed before the first pass, so the probes count against
+/// the one deadline.
 #[derive(Clone, Copy, Debug)]
 struct Deadline {
-    start: Instant,
+    /// Set by the first pass that has to wait (or to judge a lifetime): a hit reads no clock
+    /// for it.
+    start: Option<Instant>,
     timeout: Duration,
 }
 
 impl Deadline {
-    fn at(self) -> Instant {
-        crate::config::deadline_after(self.start, self.timeout)
+    /// The instant, fixing the start at `now()` if no pass has yet.
+    fn at(&mut self, now: impl FnOnce() -> Instant) -> Instant {
+        let start = *self.start.get_or_insert_with(now);
+        crate::config::deadline_after(start, self.timeout)
     }
 }
 
@@ -566,13 +571,16 @@ where
         // was validated when it was connected, and a hit must not pay for it again.
         let addr = crate::pool::key(addr);
         let timeout = self.inner.config.effective_checkout_timeout();
-        let mut now = Instant::now();
-        let deadline = Deadline {
-            start: now,
+        let mut deadline = Deadline {
+            start: None,
             timeout,
         };
+        if self.inner.config.check_idle_before_use.is_some() {
+            // Probes may send the caller round again: the deadline runs from the checkout's start.
+            deadline.at(Instant::now);
+        }
         loop {
-            let held = self.wait_for_connection(&addr, now, deadline).await?;
+            let held = self.wait_for_connection(&addr, &mut deadline).await?;
             let checkout = Checkout {
                 held: Some(held),
                 broken: false,
@@ -592,7 +600,6 @@ where
             // checkout closes the connection (and backs the address off, as for a shared one).
             // Then the caller goes back in line.
             drop(checkout);
-            now = Instant::now();
         }
     }
 
@@ -600,10 +607,9 @@ where
     async fn wait_for_connection(
         &self,
         addr: &CheetahString,
-        now: Instant,
-        deadline: Deadline,
+        deadline: &mut Deadline,
     ) -> Result<Held<C>, CheckoutError> {
-        let (id, rx, start) = match self.arrive(addr, now, deadline)? {
+        let (id, rx, start) = match self.arrive(addr, deadline)? {
             Arrival::Ready(held) => return Ok(held),
             Arrival::Wait(id, rx, start) => (id, rx, start),
         };
@@ -612,7 +618,8 @@ where
         // wakes nobody, but the first pass below tries again after the increment and after
         // registering for wake-ups, so it sees what was released (see `Wake::wake`).
         self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
-        let (deadline, timeout) = (deadline.at(), deadline.timeout);
+        // The arrival fixed the deadline's start when it put the caller in line.
+        let (deadline, timeout) = (deadline.at(Instant::now), deadline.timeout);
         let mut waiting = Waiting {
             pool: self,
             addr,
@@ -674,15 +681,25 @@ where
     fn arrive(
         &self,
         addr: &CheetahString,
-        now: Instant,
-        deadline: Deadline,
+        deadline: &mut Deadline,
     ) -> Result<Arrival<C>, CheckoutError> {
         let limits = self.limits();
-        let at = self.inner.offset(now);
+        // The clock, read once and only if needed: a hit on an address with a live exclusive
+        // state and no `max_lifetime` reads none (`clock_gettime` is 16-35 ns on a VM, a tenth of
+        // a checkout + return); the return reads it anyway, for the idle clock.
+        let clock = std::cell::Cell::new(None);
+        let now = || match clock.get() {
+            Some(now) => now,
+            None => {
+                let now = Instant::now();
+                clock.set(Some(now));
+                now
+            }
+        };
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
-        let arrival = self.hot_slot(addr, true, now, at, |slot| {
+        let arrival = self.hot_slot(addr, true, &now, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed.into());
@@ -692,7 +709,7 @@ where
                 // The deadline only for a caller that waits: a hit pays for none.
                 let acquired = match ex.queue.take_idle() {
                     Some(held) => Acquired::Ready(held),
-                    None => ex.queue.acquire(self.inner.offset(deadline.at()), limits),
+                    None => ex.queue.acquire(self.inner.offset(deadline.at(now)), limits),
                 };
                 match acquired {
                     Acquired::Ready(held) => match self.judge(&held, false, now) {
@@ -702,7 +719,7 @@ where
                         }
                         Some((reason, why)) => {
                             ex.queue.discard();
-                            self.inner.retire_held(slot, held, reason, why, now);
+                            self.inner.retire_held(slot, held, reason, why, now());
                         }
                     },
                     Acquired::Queued { waiter, connect } => {
@@ -725,7 +742,7 @@ where
                         }
                         let start = self.try_start(addr, slot, &mut None);
                         if let Start::Backoff(_) = start
-                            && let Some(err) = self.backoff_error(addr, slot, now)
+                            && let Some(err) = self.backoff_error(addr, slot, now())
                             && slot.exclusive().is_some_and(|ex| ex.queue.live() == 0)
                         {
                             // Nothing could serve it before the backoff ends: say so now, as
@@ -1007,7 +1024,7 @@ where
     /// The address's slot under its entry lock, for a checkout's arrival and a connection's return
     /// (the two entry-lock passes of every checkout + return), as
     /// [`slot_entry_at`](Self::slot_entry_at) decides (`create`, the slot removed once vacant or
-    /// tidied; `at` is `now` as the pool's offset, which the caller needs too), cheaper when the slot exists, as it does while the address has a connection:
+    /// tidied; `now` read only if needed), cheaper when the slot exists, as it does while the address has a connection:
     /// `get_mut` borrows the key (no key clone, unlike `entry`), and the vacancy check runs once.
     /// A slot left vacant is removed by a second lookup that checks again under the lock (another
     /// caller may have used it in between); that happens once per address going idle for good.
@@ -1015,19 +1032,24 @@ where
         &self,
         addr: &CheetahString,
         create: bool,
-        now: Instant,
-        at: Duration,
+        now: &dyn Fn() -> Instant,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> Option<R> {
-        let policy = &self.inner.config.ejection;
         let Some(mut slot) = self.inner.map.get_mut(addr) else {
             return if create {
-                self.slot_entry_at(addr, true, now, f)
+                self.slot_entry_at(addr, true, now(), f)
             } else {
                 None
             };
         };
         let result = f(&mut slot);
+        if slot.exclusive().is_some_and(|ex| !ex.is_empty()) {
+            // The address holds exclusive state: the slot is not vacant, and `tidy` would free
+            // nothing (it frees only an empty exclusive state, or a settled out-of-line part,
+            // which this is not). No clock needed.
+            return Some(result);
+        }
+        let (at, policy) = (self.inner.offset(now()), &self.inner.config.ejection);
         if slot.is_vacant(at, policy) {
             drop(slot);
             self.inner
@@ -1052,7 +1074,7 @@ where
         &self,
         held: &Held<C>,
         broken: bool,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> Option<(EvictionReason, Option<UnhealthyReason>)> {
         if broken {
             return Some((EvictionReason::Broken, None));
@@ -1069,7 +1091,7 @@ where
             None => {}
         }
         let lifetime = self.inner.config.max_lifetime?;
-        (now.saturating_duration_since(metrics.created_at()) >= lifetime)
+        (now().saturating_duration_since(metrics.created_at()) >= lifetime)
             .then_some((EvictionReason::Lifetime, None))
     }
 
@@ -1078,11 +1100,11 @@ where
     pub(crate) fn give_back(&self, held: Held<C>, broken: bool) {
         let now = Instant::now();
         held.meta.metrics().touch(now);
-        let verdict = self.judge(&held, broken, now);
+        let verdict = self.judge(&held, broken, || now);
         let addr = held.meta.addr().clone();
         let mut held = Some(held);
         let at = self.inner.offset(now);
-        self.hot_slot(&addr, false, now, at, |slot| {
+        self.hot_slot(&addr, false, &|| now, |slot| {
             let closed = self.inner.closed.load(Ordering::SeqCst);
             let Some(ex) = slot.exclusive_mut() else {
                 return;
@@ -1190,7 +1212,7 @@ where
                     let verdict = if crate::core::is_idle(0, at_now.saturating_sub(at), max_idle) {
                         Some((EvictionReason::Idle, None))
                     } else {
-                        self.judge(held, false, now)
+                        self.judge(held, false, || now)
                     };
                     let take = verdict.is_some();
                     verdicts.extend(verdict);
