@@ -69,7 +69,12 @@ impl<C> Exclusive<C> {
 
     fn take_sender(&mut self, id: WaiterId) -> Option<oneshot::Sender<Delivery<C>>> {
         let at = self.senders.iter().position(|(w, _)| *w == id)?;
-        self.senders.remove(at).map(|(_, tx)| tx)
+        let tx = self.senders.remove(at).map(|(_, tx)| tx);
+        if self.senders.is_empty() {
+            // Freed with the line (as the queue frees its own): an address idles without it.
+            self.senders = VecDeque::new();
+        }
+        tx
     }
 
     /// `(idle, checked out, connecting, waiting)`.
@@ -403,6 +408,27 @@ impl<C: Send + Sync + 'static> Drop for Checkout<C> {
     }
 }
 
+/// When a checkout gives up (I16): its start and its timeout, turned into an instant only by a
+/// caller that has to wait (a hit computes no deadline, and reads no clock for it). The same
+/// instant on every pass of a checkout's loop: with a check before use (a failed probe sends the
+/// caller back in line) the start is fixed before the first pass, so the probes count against
+/// the one deadline.
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    /// Set by the first pass that has to wait (or to judge a lifetime): a hit reads no clock
+    /// for it.
+    start: Option<Instant>,
+    timeout: Duration,
+}
+
+impl Deadline {
+    /// The instant, fixing the start at `now()` if no pass has yet.
+    fn at(&mut self, now: impl FnOnce() -> Instant) -> Instant {
+        let start = *self.start.get_or_insert_with(now);
+        crate::config::deadline_after(start, self.timeout)
+    }
+}
+
 /// What a caller found on arrival, under the address's lock.
 enum Arrival<C> {
     Ready(Held<C>),
@@ -545,12 +571,16 @@ where
         // was validated when it was connected, and a hit must not pay for it again.
         let addr = crate::pool::key(addr);
         let timeout = self.inner.config.effective_checkout_timeout();
-        let mut now = Instant::now();
-        let deadline = crate::config::deadline_after(now, timeout);
+        let mut deadline = Deadline {
+            start: None,
+            timeout,
+        };
+        if self.inner.config.check_idle_before_use.is_some() {
+            // Probes may send the caller round again: the deadline runs from the checkout's start.
+            deadline.at(Instant::now);
+        }
         loop {
-            let held = self
-                .wait_for_connection(&addr, now, deadline, timeout)
-                .await?;
+            let held = self.wait_for_connection(&addr, &mut deadline).await?;
             let checkout = Checkout {
                 held: Some(held),
                 broken: false,
@@ -570,7 +600,6 @@ where
             // checkout closes the connection (and backs the address off, as for a shared one).
             // Then the caller goes back in line.
             drop(checkout);
-            now = Instant::now();
         }
     }
 
@@ -578,29 +607,31 @@ where
     async fn wait_for_connection(
         &self,
         addr: &CheetahString,
-        now: Instant,
-        deadline: Instant,
-        timeout: Duration,
+        deadline: &mut Deadline,
     ) -> Result<Held<C>, CheckoutError> {
-        // Counted before arriving: a release after our first try must see us (see `Wake::wake`).
-        self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
-        let mut waiting = Waiting {
-            pool: self,
-            addr,
-            id: None,
-            rx: None,
-        };
-        let (id, rx, start) = match self.arrive(addr, now, deadline)? {
+        let (id, rx, start) = match self.arrive(addr, deadline)? {
             Arrival::Ready(held) => return Ok(held),
             Arrival::Wait(id, rx, start) => (id, rx, start),
         };
-        waiting.id = Some(id);
-        waiting.rx = Some(rx);
+        // Counted only now that the caller waits: a hit never writes the pool-wide counter (one
+        // cache line every thread would write). A release between the arrival and this increment
+        // wakes nobody, but the first pass below tries again after the increment and after
+        // registering for wake-ups, so it sees what was released (see `Wake::wake`).
+        self.inner.wake.waiting.fetch_add(1, Ordering::SeqCst);
+        // The arrival fixed the deadline's start when it put the caller in line.
+        let (deadline, timeout) = (deadline.at(Instant::now), deadline.timeout);
+        let mut waiting = Waiting {
+            pool: self,
+            addr,
+            id: Some(id),
+            rx: Some(rx),
+        };
         let mut retry_at = match start {
             Start::Backoff(at) => Some(at),
             _ => None,
         };
         // Once at first: a release between the arrival and the registration below woke nobody.
+        // Needed for correctness since the counter is bumped after the arrival, not before.
         let mut pump = true;
         // One timer for the whole wait (I16): a timer made afresh on every pass fires up to a
         // timer tick late each time, and a waiter woken again and again in its last millisecond
@@ -650,22 +681,37 @@ where
     fn arrive(
         &self,
         addr: &CheetahString,
-        now: Instant,
-        deadline: Instant,
+        deadline: &mut Deadline,
     ) -> Result<Arrival<C>, CheckoutError> {
         let limits = self.limits();
-        let deadline_at = self.inner.offset(deadline);
+        // The clock, read once and only if needed: a hit on an address with a live exclusive
+        // state and no `max_lifetime` reads none (`clock_gettime` is 16-35 ns on a VM, a tenth of
+        // a checkout + return); the return reads it anyway, for the idle clock.
+        let clock = std::cell::Cell::new(None);
+        let now = || match clock.get() {
+            Some(now) => now,
+            None => {
+                let now = Instant::now();
+                clock.set(Some(now));
+                now
+            }
+        };
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
-        let arrival = self.slot_entry_at(addr, true, now, |slot| {
+        let arrival = self.hot_slot(addr, true, &now, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed.into());
             }
             loop {
                 let ex = slot.exclusive_or_new();
-                match ex.queue.acquire(deadline_at, limits) {
+                // The deadline only for a caller that waits: a hit pays for none.
+                let acquired = match ex.queue.take_idle() {
+                    Some(held) => Acquired::Ready(held),
+                    None => ex.queue.acquire(self.inner.offset(deadline.at(now)), limits),
+                };
+                match acquired {
                     Acquired::Ready(held) => match self.judge(&held, false, now) {
                         None => {
                             tracing::trace!(addr = %addr, conn = %held.meta.id(), "checked out idle connection");
@@ -673,7 +719,7 @@ where
                         }
                         Some((reason, why)) => {
                             ex.queue.discard();
-                            self.inner.retire_held(slot, held, reason, why, now);
+                            self.inner.retire_held(slot, held, reason, why, now());
                         }
                     },
                     Acquired::Queued { waiter, connect } => {
@@ -696,7 +742,7 @@ where
                         }
                         let start = self.try_start(addr, slot, &mut None);
                         if let Start::Backoff(_) = start
-                            && let Some(err) = self.backoff_error(addr, slot, now)
+                            && let Some(err) = self.backoff_error(addr, slot, now())
                             && slot.exclusive().is_some_and(|ex| ex.queue.live() == 0)
                         {
                             // Nothing could serve it before the backoff ends: say so now, as
@@ -975,6 +1021,46 @@ where
     C: Send + Sync + 'static,
     K: ManagesConnections<C>,
 {
+    /// The address's slot under its entry lock, for a checkout's arrival and a connection's return
+    /// (the two entry-lock passes of every checkout + return), as
+    /// [`slot_entry_at`](Self::slot_entry_at) decides (`create`, the slot removed once vacant or
+    /// tidied; `now` read only if needed), cheaper when the slot exists, as it does while the address has a connection:
+    /// `get_mut` borrows the key (no key clone, unlike `entry`), and the vacancy check runs once.
+    /// A slot left vacant is removed by a second lookup that checks again under the lock (another
+    /// caller may have used it in between); that happens once per address going idle for good.
+    fn hot_slot<R>(
+        &self,
+        addr: &CheetahString,
+        create: bool,
+        now: &dyn Fn() -> Instant,
+        f: impl FnOnce(&mut Slot<C>) -> R,
+    ) -> Option<R> {
+        let Some(mut slot) = self.inner.map.get_mut(addr) else {
+            return if create {
+                self.slot_entry_at(addr, true, now(), f)
+            } else {
+                None
+            };
+        };
+        let result = f(&mut slot);
+        if slot.exclusive().is_some_and(|ex| !ex.is_empty()) {
+            // The address holds exclusive state: the slot is not vacant, and `tidy` would free
+            // nothing (it frees only an empty exclusive state, or a settled out-of-line part,
+            // which this is not). No clock needed.
+            return Some(result);
+        }
+        let (at, policy) = (self.inner.offset(now()), &self.inner.config.ejection);
+        if slot.is_vacant(at, policy) {
+            drop(slot);
+            self.inner
+                .map
+                .remove_if(addr, |_, slot| slot.is_vacant(at, policy));
+        } else {
+            slot.tidy(at, policy);
+        }
+        Some(result)
+    }
+
     pub(crate) fn limits(&self) -> CheckoutLimits {
         CheckoutLimits {
             max_per_address: self.inner.config.max_per_address,
@@ -988,7 +1074,7 @@ where
         &self,
         held: &Held<C>,
         broken: bool,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> Option<(EvictionReason, Option<UnhealthyReason>)> {
         if broken {
             return Some((EvictionReason::Broken, None));
@@ -1005,7 +1091,7 @@ where
             None => {}
         }
         let lifetime = self.inner.config.max_lifetime?;
-        (now.saturating_duration_since(metrics.created_at()) >= lifetime)
+        (now().saturating_duration_since(metrics.created_at()) >= lifetime)
             .then_some((EvictionReason::Lifetime, None))
     }
 
@@ -1014,10 +1100,11 @@ where
     pub(crate) fn give_back(&self, held: Held<C>, broken: bool) {
         let now = Instant::now();
         held.meta.metrics().touch(now);
-        let verdict = self.judge(&held, broken, now);
+        let verdict = self.judge(&held, broken, || now);
         let addr = held.meta.addr().clone();
         let mut held = Some(held);
-        self.slot_entry_at(&addr, false, now, |slot| {
+        let at = self.inner.offset(now);
+        self.hot_slot(&addr, false, &|| now, |slot| {
             let closed = self.inner.closed.load(Ordering::SeqCst);
             let Some(ex) = slot.exclusive_mut() else {
                 return;
@@ -1028,7 +1115,7 @@ where
                     h.meta.metrics().mark_served();
                     let placed = ex
                         .queue
-                        .release(h, true, self.inner.offset(now))
+                        .release(h, true, at)
                         .expect("a kept connection is placed");
                     self.deliver(ex, placed, now);
                 }
@@ -1125,7 +1212,7 @@ where
                     let verdict = if crate::core::is_idle(0, at_now.saturating_sub(at), max_idle) {
                         Some((EvictionReason::Idle, None))
                     } else {
-                        self.judge(held, false, now)
+                        self.judge(held, false, || now)
                     };
                     let take = verdict.is_some();
                     verdicts.extend(verdict);
@@ -1204,5 +1291,50 @@ impl<C, K: ManagesConnections<C>> Inner<C, K> {
                 self.connector.close_conn(&held.conn);
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{ConnectionPool, Connector};
+
+    struct Unit;
+
+    impl Connector for Unit {
+        type Conn = ();
+        type Error = std::io::Error;
+
+        async fn connect(&self, _addr: &str) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// I18 (nothing kept for an address that holds nothing) through the checkout's own entry
+    /// path (`hot_slot`): a return that closes the address's last connection removes its slot;
+    /// a kept one leaves the slot with no line buffer (issue 13's memory per idle connection).
+    #[tokio::test(start_paused = true)]
+    async fn i18_a_return_that_closes_the_last_connection_removes_the_slot() {
+        let pool = ConnectionPool::builder().connector(Unit).build().unwrap();
+        let first = pool.checkout("10.0.0.1:80").await.unwrap();
+        let id = first.id();
+        drop(first);
+        let idle = pool.inner.map.get(&crate::pool::key("10.0.0.1:80"));
+        let ex = idle.as_ref().and_then(|slot| slot.exclusive());
+        assert_eq!(
+            ex.map(|ex| (ex.counts(), ex.senders.capacity())),
+            Some(((1, 0, 0, 0), 0)),
+            "one idle connection, and the first checkout's wait left no sender buffer"
+        );
+        drop(idle);
+        let mut again = pool.checkout("10.0.0.1:80").await.unwrap();
+        assert_eq!(again.id(), id, "the idle connection was reused");
+        again.mark_broken();
+        drop(again);
+        assert_eq!(
+            pool.inner.map.len(),
+            0,
+            "I18 violated: the slot of an address with nothing left is kept"
+        );
+        assert!(pool.is_empty());
     }
 }

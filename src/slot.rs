@@ -72,8 +72,10 @@ struct Cold<C> {
     cause: Option<Cause>,
     /// The address's exclusive connections and its line of checkout callers, allocated by its
     /// first checkout and freed once it holds nothing (no connection, no connect, nobody in line).
-    /// Boxed again: an address that only connects or fails (the shared mode) pays a pointer.
-    exclusive: Option<Box<Exclusive<C>>>,
+    /// Inline, not boxed again: an address with exclusive connections pays one allocation for this
+    /// part, not two (issue 13's memory per idle connection); an address that only connects or
+    /// fails (the shared mode) carries the empty state (~120 B) while its connect or backoff lasts.
+    exclusive: Option<Exclusive<C>>,
     /// The address's shared connections after the first ([`Slot::conn`]), oldest first.
     more: Vec<Pooled<C>>,
 }
@@ -105,11 +107,14 @@ impl<C> Slot<C> {
 
     /// `true` when the out-of-line part is absent or holds nothing worth keeping at `now`.
     fn cold_is_settled(&self, now: Duration, policy: &EjectionPolicy) -> bool {
+        // The ejection state last: its decay is arithmetic on the clock, the rest are loads, and
+        // an address in use (an idle exclusive connection, a connect) answers before it (this
+        // runs on every checkout and return).
         self.cold.as_ref().is_none_or(|c| {
             c.flight.is_none()
-                && c.ejection.is_settled(now, policy)
                 && c.exclusive.as_ref().is_none_or(|e| e.is_empty())
                 && c.more.is_empty()
+                && c.ejection.is_settled(now, policy)
         })
     }
 
@@ -235,23 +240,21 @@ impl<C> Slot<C> {
 
     /// The address's exclusive checkouts, if it has any state for them.
     pub(crate) fn exclusive(&self) -> Option<&Exclusive<C>> {
-        self.cold.as_ref()?.exclusive.as_deref()
+        self.cold.as_ref()?.exclusive.as_ref()
     }
 
     /// The address's exclusive checkouts, if it has any state for them, to change.
     pub(crate) fn exclusive_mut(&mut self) -> Option<&mut Exclusive<C>> {
-        self.cold.as_mut()?.exclusive.as_deref_mut()
+        self.cold.as_mut()?.exclusive.as_mut()
     }
 
     /// The address's exclusive checkouts, allocated if it had none.
     pub(crate) fn exclusive_or_new(&mut self) -> &mut Exclusive<C> {
-        self.cold_mut()
-            .exclusive
-            .get_or_insert_with(|| Box::new(Exclusive::new()))
+        self.cold_mut().exclusive.get_or_insert_with(Exclusive::new)
     }
 
     /// Takes the address's exclusive state out (`close`).
-    pub(crate) fn take_exclusive(&mut self) -> Option<Box<Exclusive<C>>> {
+    pub(crate) fn take_exclusive(&mut self) -> Option<Exclusive<C>> {
         self.cold.as_mut()?.exclusive.take()
     }
 

@@ -880,3 +880,46 @@ async fn a_waiter_is_served_when_a_shared_connections_handoff_ends_at_the_cap() 
     assert_eq!(pool.stats().evictions.make_room, 1);
     assert_eq!(script.open_now(), 1, "I1 at the connector");
 }
+
+/// I16 with a check before use: a probe that fails sends the caller back in line, and the wait
+/// that follows ends at the deadline of the checkout's start, not a full `checkout_timeout` after
+/// the probe (the arrival reads the clock lazily; the deadline's start is fixed up front only
+/// when probes may send the caller round again).
+#[tokio::test(start_paused = true)]
+async fn i16_a_failed_probe_counts_against_the_checkouts_one_deadline() {
+    let script = Script::always(Outcome::Ok(Duration::ZERO));
+    let probing = Probing::new(script.clone());
+    let pool = ConnectionPool::builder()
+        .connector(probing.clone())
+        .max_per_address(2)
+        .check_idle_before_use(10 * SEC)
+        .probe_timeout(3 * SEC)
+        .checkout_timeout(5 * SEC)
+        .connect_timeout(100 * SEC)
+        .build()
+        .unwrap();
+    let first = pool.checkout(addr(0)).await.unwrap();
+    let held = pool.checkout(addr(0)).await.unwrap();
+    let quiet = first.serial;
+    drop(first);
+    advance(11 * SEC).await;
+    // The idle one hangs when probed; a new connect would outlast the wait.
+    probing.set_probe(quiet, Probe::Silent);
+    script.set_default(Outcome::Ok(100 * SEC));
+    let start = Instant::now();
+    let result = pool.checkout(addr(0)).await;
+    let waited = start.elapsed();
+    assert!(
+        result.is_err(),
+        "nothing could serve it: {:?}",
+        result.map(|c| c.serial)
+    );
+    assert_eq!(probing.probes(), 1, "the quiet connection was probed");
+    // Under madsim the clock moves a few nanoseconds on its own: a second of slack still tells
+    // the checkout's deadline (5 s) from one started after the probe (8 s).
+    assert!(
+        (5 * SEC..6 * SEC).contains(&waited),
+        "I16 violated: waited {waited:?}; the probe's 3 s did not count against the 5 s checkout timeout"
+    );
+    drop(held);
+}

@@ -34,7 +34,8 @@ use cheetah_string::CheetahString;
 use criterion::{BenchmarkId, Criterion};
 use keyed_pool::{ConnectionPool, Connector};
 use keyed_pool_benches::{
-    DefaultConnector, FixedManager, Scatter, addrs, criterion_dir, median, run_threads_with,
+    DefaultConnector, FixedManager, NumberManager, Scatter, addrs, criterion_dir, median,
+    run_threads_with, warm_deadpool,
 };
 use tokio::runtime::Runtime;
 
@@ -129,22 +130,6 @@ fn warm_ours<K: Connector<Conn = u64>>(
         (keys.len() * per_key, 0),
         "every address has {per_key} idle connections"
     );
-    pool
-}
-
-/// A managed deadpool pool for `addr` with `per_key` idle objects.
-fn warm_deadpool(rt: &Runtime, addr: &CheetahString, per_key: usize) -> DeadManaged {
-    let pool = deadpool::managed::Pool::builder(FixedManager::new(addr.clone()))
-        .max_size(per_key)
-        .build()
-        .expect("no runtime needed without timeouts");
-    rt.block_on(async {
-        let mut held = Vec::with_capacity(per_key);
-        for _ in 0..per_key {
-            held.push(pool.get().await.expect("an instant create"));
-        }
-    });
-    assert_eq!(pool.status().available, per_key);
     pool
 }
 
@@ -250,26 +235,6 @@ fn one_key(c: &mut Criterion) {
         drop(bb);
     }
     group.finish();
-}
-
-/// A bb8 manager whose connections are plain numbers: checkout cost only.
-struct NumberManager;
-
-impl bb8::ManageConnection for NumberManager {
-    type Connection = u64;
-    type Error = std::convert::Infallible;
-
-    async fn connect(&self) -> Result<u64, Self::Error> {
-        Ok(7)
-    }
-
-    async fn is_valid(&self, _conn: &mut u64) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    fn has_broken(&self, _conn: &mut u64) -> bool {
-        false
-    }
 }
 
 /// bb8 with one connection per thread, made up front; no reaper, no check on checkout (its

@@ -34,8 +34,8 @@ use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::ConnectionPool;
 use keyed_pool_benches::{
-    MakeConn, Scatter, ValidatingConnector, addrs, criterion_dir, median, run_threads,
-    run_threads_with,
+    MakeConn, NumberManager, Scatter, ValidatingConnector, addrs, criterion_dir, median,
+    run_threads, run_threads_with,
 };
 use tower_service::Service;
 
@@ -270,26 +270,6 @@ fn ready_now<F: Future>(fut: F) -> F::Output {
     match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => out,
         Poll::Pending => panic!("a hit never waits"),
-    }
-}
-
-/// A bb8 manager whose connections are plain numbers: checkout cost only.
-struct NumberManager;
-
-impl bb8::ManageConnection for NumberManager {
-    type Connection = u64;
-    type Error = std::convert::Infallible;
-
-    async fn connect(&self) -> Result<u64, Self::Error> {
-        Ok(7)
-    }
-
-    async fn is_valid(&self, _conn: &mut u64) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    fn has_broken(&self, _conn: &mut u64) -> bool {
-        false
     }
 }
 

@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use hyper_util::client::pool::singleton::Singleton;
 use keyed_pool::core::{HealthPolicy, HealthWindow};
 use keyed_pool::{ConnectionMetrics, ConnectionPool, PooledConnection};
-use keyed_pool_benches::{DefaultConnector, FixedManager, MakeConn, addrs};
+use keyed_pool_benches::{DefaultConnector, FixedManager, MakeConn, addrs, warm_deadpool};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower_service::Service;
 
@@ -204,20 +204,7 @@ fn exclusive() {
             let (dead, _, map) = measure(|| {
                 let map: HashMap<CheetahString, deadpool::managed::Pool<FixedManager<Payload>>> =
                     keys.iter()
-                        .map(|k| {
-                            let pool =
-                                deadpool::managed::Pool::builder(FixedManager::new(k.clone()))
-                                    .max_size(per_key)
-                                    .build()
-                                    .expect("no runtime needed without timeouts");
-                            rt.block_on(async {
-                                let mut held = Vec::with_capacity(per_key);
-                                for _ in 0..per_key {
-                                    held.push(pool.get().await.expect("an instant create"));
-                                }
-                            });
-                            (k.clone(), pool)
-                        })
+                        .map(|k| (k.clone(), warm_deadpool(&rt, k, per_key)))
                         .collect();
                 map
             });

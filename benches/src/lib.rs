@@ -306,3 +306,47 @@ impl<T: Default + Send + Sync + 'static> keyed_pool::Connector for DefaultConnec
         keyed_pool::tcp::validate_addr(addr)
     }
 }
+
+/// A managed deadpool pool for `addr` with `per_key` idle objects, made up front on `rt`: one
+/// address of a keyed deadpool (a map of such pools), the peer of our exclusive checkout. The one
+/// home of that setup for the `checkout` and `memory` benches.
+pub fn warm_deadpool<T: Default + Send>(
+    rt: &tokio::runtime::Runtime,
+    addr: &CheetahString,
+    per_key: usize,
+) -> deadpool::managed::Pool<FixedManager<T>> {
+    let pool = deadpool::managed::Pool::builder(FixedManager::new(addr.clone()))
+        .max_size(per_key)
+        .build()
+        .expect("no runtime needed without timeouts");
+    rt.block_on(async {
+        let mut held = Vec::with_capacity(per_key);
+        for _ in 0..per_key {
+            held.push(pool.get().await.expect("an instant create"));
+        }
+    });
+    assert_eq!(pool.status().available, per_key, "every object idle");
+    pool
+}
+
+/// A bb8 manager whose connections are plain numbers: the pool's own checkout cost only. Shared
+/// by the `hot_path` and `checkout` benches.
+#[derive(Debug)]
+pub struct NumberManager;
+
+impl bb8::ManageConnection for NumberManager {
+    type Connection = u64;
+    type Error = std::convert::Infallible;
+
+    async fn connect(&self) -> Result<u64, Self::Error> {
+        Ok(7)
+    }
+
+    async fn is_valid(&self, _conn: &mut u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _conn: &mut u64) -> bool {
+        false
+    }
+}

@@ -115,11 +115,7 @@ impl<T> CheckoutQueue<T> {
     /// nobody is waiting before it (I21); otherwise it joins the line, and a connect is counted for
     /// it when the line is longer than the connects in flight and the limits allow (I19).
     pub fn acquire(&mut self, deadline: Duration, limits: CheckoutLimits) -> Acquired<T> {
-        // Nothing idles while someone waits (a connection coming back goes to the line first), so
-        // an idle connection means an empty line: taking it overtakes nobody.
-        debug_assert!(self.idle.is_empty() || self.waiters.is_empty());
-        if let Some((conn, _)) = self.idle.pop_back() {
-            self.checked_out += 1;
+        if let Some(conn) = self.take_idle() {
             return Acquired::Ready(conn);
         }
         let id = WaiterId(self.next_waiter);
@@ -129,6 +125,18 @@ impl<T> CheckoutQueue<T> {
             waiter: id,
             connect: self.start_connect(limits),
         }
+    }
+
+    /// The most recently returned idle connection, now checked out to the caller, if one is idle:
+    /// what [`acquire`](Self::acquire) tries first, for a caller that works out its deadline only
+    /// when it has to wait (a hit pays for no deadline).
+    pub fn take_idle(&mut self) -> Option<T> {
+        // Nothing idles while someone waits (a connection coming back goes to the line first), so
+        // an idle connection means an empty line: taking it overtakes nobody (I21).
+        debug_assert!(self.idle.is_empty() || self.waiters.is_empty());
+        let (conn, _) = self.idle.pop_back()?;
+        self.checked_out += 1;
+        Some(conn)
     }
 
     /// Counts a connect if one is wanted: more waiters than connects in flight, fewer connections
@@ -155,7 +163,7 @@ impl<T> CheckoutQueue<T> {
     /// order, is returned to be told why; the rest stay in line.
     pub fn connect_failed(&mut self) -> Option<WaiterId> {
         self.connect_not_started();
-        self.waiters.pop_front().map(|w| w.id)
+        self.pop_waiter().map(|w| w.id)
     }
 
     /// A counted connect made `conn` at `now`: it goes to the first waiter, or idles.
@@ -194,15 +202,35 @@ impl<T> CheckoutQueue<T> {
 
     /// Gives a connection that is not checked out to the first waiter, or idles it as used at `now`.
     fn place(&mut self, conn: T, now: Duration) -> Placed<T> {
-        match self.waiters.pop_front() {
+        match self.pop_waiter() {
             Some(waiter) => {
                 self.checked_out += 1;
                 Placed::Handed(waiter.id, conn)
             }
             None => {
+                if self.idle.capacity() == 0 {
+                    // Most addresses keep one connection: room for exactly one, where the first
+                    // push would have made room for four (192 unused bytes per address, issue 13).
+                    // Later pushes grow as usual.
+                    self.idle.reserve_exact(1);
+                }
                 self.idle.push_back((conn, now));
                 Placed::Idle
             }
+        }
+    }
+
+    /// The first waiter leaves the line; the line's buffer is freed once it is empty, so an
+    /// address whose callers waited once does not keep that buffer for as long as it idles.
+    fn pop_waiter(&mut self) -> Option<Waiter> {
+        let waiter = self.waiters.pop_front()?;
+        self.release_empty_line();
+        Some(waiter)
+    }
+
+    fn release_empty_line(&mut self) {
+        if self.waiters.is_empty() && self.waiters.capacity() > 0 {
+            self.waiters = VecDeque::new();
         }
     }
 
@@ -212,6 +240,7 @@ impl<T> CheckoutQueue<T> {
         match self.waiters.iter().position(|w| w.id == waiter) {
             Some(at) => {
                 self.waiters.remove(at);
+                self.release_empty_line();
                 true
             }
             None => false,
@@ -228,6 +257,7 @@ impl<T> CheckoutQueue<T> {
             }
             !due
         });
+        self.release_empty_line();
         expired
     }
 
@@ -504,5 +534,37 @@ mod tests {
         assert_eq!(q.acquire(S, limits), Acquired::Ready(3));
         q.discard();
         assert!(q.is_empty(), "I22: a discarded connection stops counting");
+    }
+
+    /// Issue 13 (memory per idle exclusive connection): the first idle connection takes room for
+    /// one, not four, and the line's buffer is freed once the line empties, whichever way it
+    /// empties (a hand-out, a cancel, an expiry, a failed connect).
+    #[test]
+    fn an_idle_address_keeps_room_for_one_connection_and_no_line_buffer() {
+        let mut q = CheckoutQueue::new();
+        let (w0, _) = queued(q.acquire(S, LIMITS));
+        assert!(q.waiters.capacity() > 0);
+        assert_eq!(q.connected(1, S), Placed::Handed(w0, 1));
+        assert_eq!(q.waiters.capacity(), 0, "a hand-out emptied the line");
+        assert_eq!(q.release(1, true, S), Some(Placed::Idle));
+        assert_eq!(q.idle.capacity(), 1, "room for exactly the first idle one");
+        assert_eq!(q.acquire(S, LIMITS), Acquired::Ready(1));
+        // Each of these waiters was counted a connect (one of two connections is out): given
+        // back, as the async layer does when its waiter leaves before the connect starts.
+        let (w1, connect) = queued(q.acquire(S, LIMITS));
+        assert!(connect);
+        q.connect_not_started();
+        assert!(q.cancel(w1));
+        assert_eq!(q.waiters.capacity(), 0, "a cancel emptied the line");
+        assert!(queued(q.acquire(S, LIMITS)).1);
+        q.connect_not_started();
+        assert_eq!(q.expire(S).len(), 1);
+        assert_eq!(q.waiters.capacity(), 0, "an expiry emptied the line");
+        let (w3, connect) = queued(q.acquire(S, LIMITS));
+        assert!(connect);
+        assert_eq!(q.connect_failed(), Some(w3));
+        assert_eq!(q.waiters.capacity(), 0, "a failed connect emptied the line");
+        assert_eq!(q.release(1, true, S), Some(Placed::Idle));
+        assert_eq!((q.live(), q.idle(), q.idle.capacity()), (1, 1, 1));
     }
 }
