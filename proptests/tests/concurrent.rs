@@ -422,6 +422,7 @@ fn i14_stale_handles_never_remove_a_successor() {
         let mut all = Vec::new();
         let mut rng = XorShift::new(base + 99);
         let mut current = None;
+        let mut waited_once = false;
         for n in 0..5_000u64 {
             let fresh = pool
                 .try_insert(a.clone(), FakeConn::new(n))
@@ -439,6 +440,20 @@ fn i14_stale_handles_never_remove_a_successor() {
                 // Give the sweeper a chance to look at it before it is replaced.
                 for _ in 0..rng.below(3) {
                     tokio::task::yield_now().await;
+                }
+                if !waited_once || n % 500 == 0 {
+                    // The first time and now and then, wait for the sweeper to take it: whatever
+                    // the OS schedules, sweeps then race replacements, so the test is never
+                    // vacuous by chance.
+                    waited_once = true;
+                    let waited = Instant::now();
+                    while pool.peek(&a).is_some_and(|c| c.id() == fresh.id()) {
+                        assert!(
+                            waited.elapsed() < Duration::from_secs(10),
+                            "the sweeper did not evict a closed connection within 10 s"
+                        );
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
             all.push(fresh.clone());
