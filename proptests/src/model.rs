@@ -507,9 +507,8 @@ pub struct MLine {
     /// make, or the address backing off): they sleep until something wakes every waiting
     /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
     /// Restated as the pool does it: a shared connection whose last call ends under LRU wakes
-    /// every line (the pool's quiet hook); one that is made, or whose connect's waiters all had
-    /// it, wakes nobody, so a line can still sleep to its deadline (`AtCapacity`) while such a
-    /// connection exists, which a new caller would close at once.
+    /// every line (the pool's quiet hook), and so does the end of a `get_or_connect`'s handoff
+    /// of a connection it connected; a connection made in the background (I23) wakes nobody.
     pub asleep: bool,
     /// The retry timer its callers armed when they last met the address's backoff (its end
     /// then; `mark_up` does not move it).
