@@ -1352,6 +1352,14 @@ impl Harness {
             )
         } else if c.unhealthy {
             format!("I9 violated: get({}) returned unhealthy #{}", addr(a), c.id)
+        } else if self.m.s.per_address > 1 {
+            format!(
+                "I23 violated: get({}) returned #{} ({} in flight); model: the least loaded, first of equals, {:?}",
+                addr(a),
+                c.id,
+                c.in_flight,
+                want.map(|w| (self.m.conns[w].id, self.m.conns[w].in_flight))
+            )
         } else {
             format!(
                 "I14 violated: get({}) returned #{}; model {want:?}",
@@ -1382,6 +1390,14 @@ impl Harness {
                     Err(format!(
                         "I9 violated: get_or_connect returned unhealthy #{}",
                         conn.id()
+                    ))
+                } else if s.per_address > 1 {
+                    Err(format!(
+                        "I23 violated: get_or_connect gave #{} ({} in flight), model: the least loaded, first of equals, #{} ({} in flight)",
+                        conn.id().get(),
+                        conn.metrics().in_flight(),
+                        self.m.conns[i].id,
+                        self.m.conns[i].in_flight
                     ))
                 } else {
                     Err(format!(
