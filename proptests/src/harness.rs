@@ -233,6 +233,15 @@ pub type Pool = ConnectionPool<FakeConn, ScriptedConnector>;
 /// # Errors
 /// The first invariant violated, as `"I<n> violated: ..."` with the op that broke it.
 pub fn run(scenario: &Scenario) -> Result<(), String> {
+    run_counting_growths(scenario).map(|_| ())
+}
+
+/// [`run`], returning how many background connects hits started on busy addresses (I23), so that
+/// a test can check that its scenario reaches several shared connections per address.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_counting_growths(scenario: &Scenario) -> Result<u64, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -246,7 +255,8 @@ pub fn run(scenario: &Scenario) -> Result<(), String> {
                 .and_then(|()| h.check())
                 .map_err(|e| format!("{e}\n  at op #{n}: {op:?}\n  settings: {:?}", h.m.s))?;
         }
-        h.finish().await
+        let growths = h.m.growths;
+        h.finish().await.map(|()| growths)
     })
 }
 
@@ -310,12 +320,18 @@ impl Harness {
     }
 
     /// A connection the pool just created for `a`: its id must be new (I14 needs unique ids).
-    fn adopt(&mut self, a: u8, conn: PooledConnection<FakeConn>) -> Result<(), String> {
+    /// `first`: it replaced the first of the address's shared connections (an insert by hand).
+    fn adopt(
+        &mut self,
+        a: u8,
+        conn: PooledConnection<FakeConn>,
+        first: bool,
+    ) -> Result<(), String> {
         let id = conn.id().get();
         ensure(!self.by_id.contains_key(&id), || {
             format!("I14 violated: id {id} handed out twice")
         })?;
-        let i = self.m.add_conn(a, id);
+        let i = self.m.add_conn(a, id, first);
         self.by_id.insert(id, i);
         self.conns.push(conn);
         Ok(())
@@ -345,7 +361,18 @@ impl Harness {
     /// draw.
     fn check_rises(&mut self) -> Result<(), String> {
         let now = self.m.now;
-        for rise in std::mem::take(&mut self.m.rises) {
+        let mut rises = std::mem::take(&mut self.m.rises);
+        // Several rises of one address in one op (its several unfit shared connections evicted,
+        // I23): the pool's backoff is the last one's draw.
+        let mut seen = Vec::new();
+        rises.reverse();
+        rises.retain(|r| {
+            let first = !seen.contains(&r.addr);
+            seen.push(r.addr);
+            first
+        });
+        rises.reverse();
+        for rise in rises {
             let a = rise.addr;
             let Some(until) = self
                 .pool
@@ -408,7 +435,7 @@ impl Harness {
                 let a = a % ADDRS;
                 self.serial += 1;
                 let before = self.pool.len();
-                let replacing = self.m.live.contains_key(&a);
+                let replacing = self.m.first(a).is_some();
                 let plan = self.m.insert(a);
                 let got = self.pool.try_insert(addr(a), FakeConn::new(self.serial));
                 match (plan, got) {
@@ -421,7 +448,7 @@ impl Harness {
                                 )
                             })?;
                         }
-                        self.adopt(a, conn)?;
+                        self.adopt(a, conn, replacing)?;
                     }
                     (InsertPlan::Closed, Err(PoolError::Closed)) => {}
                     (
@@ -549,14 +576,14 @@ impl Harness {
             } => {
                 let a = a % ADDRS;
                 let latency = Duration::from_millis(u64::from(latency_ms));
-                if let Some(&i) = self.m.live.get(&a) {
+                if let Some(i) = self.m.first(a) {
                     self.m.success(i, latency);
                 }
                 self.pool.record_success(addr(a), latency);
             }
             Op::RecordError { addr: a } => {
                 let a = a % ADDRS;
-                if let Some(&i) = self.m.live.get(&a) {
+                if let Some(i) = self.m.first(a) {
                     self.m.failure(i);
                 }
                 self.pool.record_error(addr(a));
@@ -670,6 +697,7 @@ impl Harness {
                 self.pool.connector().script(None);
                 self.settle().await?;
                 self.compare_connect(a, plan, got)?;
+                self.end_growth().await?;
             }
             Op::GetOrConnectTwice { addr: a, script } => {
                 let a = a % ADDRS;
@@ -701,6 +729,8 @@ impl Harness {
                     let plan = self.m.get_or_connect(a, script, false);
                     self.compare_connect(a, plan, second)?;
                 }
+                // I4: the two hits started one background connect at most.
+                self.end_growth().await?;
             }
             Op::WarmUp {
                 addrs: given,
@@ -861,6 +891,19 @@ impl Harness {
     /// warm-up's scripts would reach their connects): such connects are played as their instant
     /// outcome, a warm-up is skipped, a close racing a connect is a plain close.
     fn coerce(&self, op: Op) -> Option<Op> {
+        // A hit that starts a background connect (I23) inside a warm-up or a call racing
+        // `close()` would race that op's own awaits (which of them the connect runs before is
+        // the runtime's choice, not a rule of the pool): such a warm-up is skipped, such a race
+        // is a plain close.
+        match op {
+            Op::WarmUp { addrs, .. } if addrs.iter().any(|&a| self.m.may_grow(a % ADDRS)) => {
+                return None;
+            }
+            Op::CloseWhileConnecting { addr: a, .. } if self.m.may_grow(a % ADDRS) => {
+                return Some(Op::Close);
+            }
+            _ => {}
+        }
         if self.m.waiters.is_empty() {
             return Some(op);
         }
@@ -1103,6 +1146,90 @@ impl Harness {
         Ok(())
     }
 
+    /// Ends the background connect a hit started (I23), if any: the pool's task has run (the
+    /// caller settled); the model says whether it made a connection. A new one is the least
+    /// loaded of its address (every other had `busy_in_flight` calls in flight), so the next
+    /// `get` hands it out: the harness takes its handle so (and the model marks it used, as
+    /// that `get` does).
+    async fn end_growth(&mut self) -> Result<(), String> {
+        let Some((a, made)) = self.m.end_growth() else {
+            return Ok(());
+        };
+        if !made {
+            return Ok(());
+        }
+        let Some(conn) = self.pool.get(addr(a)) else {
+            return Err(format!(
+                "I23 violated: every shared connection of {} was busy and the background connect succeeded, but get() finds nothing",
+                addr(a)
+            ));
+        };
+        ensure(self.idx(&conn).is_none(), || {
+            format!(
+                "I23 violated: after a background connect for {} (every connection busy), get() gave the old #{} with {} call(s) in flight, not the new one",
+                addr(a),
+                conn.id(),
+                conn.metrics().in_flight()
+            )
+        })?;
+        self.adopt(a, conn, false)?;
+        let i = self.conns.len() - 1;
+        let want = self.m.get(a);
+        ensure(want == Some(i), || {
+            format!(
+                "I23 violated: the model's least-loaded connection of {} is {want:?}, the pool handed out the new #{}",
+                addr(a),
+                self.m.conns[i].id
+            )
+        })
+    }
+
+    /// The shared connections of `a` (I23): no more than `max_per_address`, and, when no
+    /// pending `get` mark would be folded by looking (`address()` reports idle times), exactly
+    /// the model's, in the pool's order (the first, then the others oldest first: a removed
+    /// first promotes the oldest, I14 by id).
+    fn check_shared(&self, a: u8) -> Result<(), String> {
+        let m = &self.m;
+        let list = m.shared(a);
+        ensure(list.len() <= m.s.per_address, || {
+            format!(
+                "I23 violated: the model holds {} shared connections for {}, max_per_address {}",
+                list.len(),
+                addr(a),
+                m.s.per_address
+            )
+        })?;
+        if list.iter().any(|&i| m.conns[i].used) {
+            return Ok(());
+        }
+        let got: Vec<u64> = self
+            .pool
+            .address(addr(a))
+            .map(|st| {
+                st.connection
+                    .iter()
+                    .chain(&st.more_connections)
+                    .map(|c| c.id.get())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: Vec<u64> = list.iter().map(|&i| m.conns[i].id).collect();
+        ensure(got.len() <= m.s.per_address, || {
+            format!(
+                "I23 violated: {} has {} shared connections, max_per_address {}",
+                addr(a),
+                got.len(),
+                m.s.per_address
+            )
+        })?;
+        ensure(got == want, || {
+            format!(
+                "I23 violated: {} has shared connections {got:?}, model {want:?} (first, then the oldest; removals by id, I14)",
+                addr(a)
+            )
+        })
+    }
+
     fn step(&self, step: Step) -> Duration {
         let s = &self.m.s;
         match step {
@@ -1142,11 +1269,14 @@ impl Harness {
         }
     }
 
-    /// Whether connection `i` is the one the pool holds for its address.
+    /// Whether connection `i` is still pooled for its address: the first (`peek`), or, of
+    /// several (I23), one the pool has not closed (`address()` would name them all, but it folds
+    /// pending `get` marks; `check` compares the full lists whenever no mark is pending).
     fn pooled(&self, i: usize) -> bool {
         self.pool
             .peek(addr(self.m.conns[i].addr))
             .is_some_and(|c| c.id().get() == self.m.conns[i].id)
+            || self.conns[i].client().closes.load(Ordering::SeqCst) == 0
     }
 
     /// After a sweep: every connection the model keeps is still pooled; else `why` says which
@@ -1156,7 +1286,7 @@ impl Harness {
         _sweep: &str,
         why: impl Fn(&Kept, Duration) -> String,
     ) -> Result<(), String> {
-        for &i in self.m.live.values() {
+        for i in self.m.all_live() {
             if !self.pooled(i) {
                 let c = &self.m.conns[i];
                 return Err(why(
@@ -1222,6 +1352,14 @@ impl Harness {
             )
         } else if c.unhealthy {
             format!("I9 violated: get({}) returned unhealthy #{}", addr(a), c.id)
+        } else if self.m.s.per_address > 1 {
+            format!(
+                "I23 violated: get({}) returned #{} ({} in flight); model: the least loaded, first of equals, {:?}",
+                addr(a),
+                c.id,
+                c.in_flight,
+                want.map(|w| (self.m.conns[w].id, self.m.conns[w].in_flight))
+            )
         } else {
             format!(
                 "I14 violated: get({}) returned #{}; model {want:?}",
@@ -1252,6 +1390,14 @@ impl Harness {
                     Err(format!(
                         "I9 violated: get_or_connect returned unhealthy #{}",
                         conn.id()
+                    ))
+                } else if s.per_address > 1 {
+                    Err(format!(
+                        "I23 violated: get_or_connect gave #{} ({} in flight), model: the least loaded, first of equals, #{} ({} in flight)",
+                        conn.id().get(),
+                        conn.metrics().in_flight(),
+                        self.m.conns[i].id,
+                        self.m.conns[i].in_flight
                     ))
                 } else {
                     Err(format!(
@@ -1317,9 +1463,7 @@ impl Harness {
                         conn.id()
                     )
                 })?;
-                self.adopt(a, conn)?;
-                self.m.handoff_ended();
-                Ok(())
+                self.adopt(a, conn, false)
             }
             (ConnectPlan::Failed, Err(PoolError::Connect { .. })) => Ok(()),
             (ConnectPlan::TimedOut, Err(PoolError::ConnectTimeout { timeout, .. }))
@@ -1373,10 +1517,10 @@ impl Harness {
         }
         let ex_idle: usize = m.lines.values().map(|l| l.idle.len()).sum();
         let ex_out: usize = m.lines.values().map(|l| l.out).sum();
-        ensure(len == m.live.len() + ex_idle + ex_out, || {
+        ensure(len == m.shared_count() + ex_idle + ex_out, || {
             format!(
                 "I1 violated: {len} live connections, model {} shared, {ex_idle} idle and {ex_out} checked out exclusive (I2: a replacement keeps the count)",
-                m.live.len()
+                m.shared_count()
             )
         })?;
         let stats = self.pool.stats();
@@ -1394,10 +1538,14 @@ impl Harness {
         self.check_exclusive(&stats)?;
         for a in 0..ADDRS {
             let got = self.pool.peek(addr(a)).map(|c| c.id().get());
-            let want = m.live.get(&a).map(|&i| m.conns[i].id);
+            let want = m.first(a).map(|i| m.conns[i].id);
             ensure(got == want, || {
-                format!("I14 violated: {} holds {got:?}, model {want:?}", addr(a))
+                format!(
+                    "I14 violated: {} holds {got:?} first, model {want:?}",
+                    addr(a)
+                )
             })?;
+            self.check_shared(a)?;
             let e = m.ejection(a);
             let (count, failures) = (
                 self.pool.ejection_count(addr(a)),
@@ -1440,7 +1588,7 @@ impl Harness {
         for (i, conn) in self.conns.iter().enumerate() {
             let c = &m.conns[i];
             let mx = conn.metrics();
-            let live = m.live.get(&c.addr) == Some(&i);
+            let live = m.is_live(i);
             let whose = if live { "live" } else { "removed/replaced" };
             let counts = (
                 mx.success_count(),
@@ -1519,7 +1667,8 @@ impl Harness {
                 )
             })?;
         }
-        let live = || m.live.values().map(|&i| &m.conns[i]);
+        let all = m.all_live();
+        let live = || all.iter().map(|&i| &m.conns[i]);
         let idle = live().filter(|c| c.idle(s, m.now)).count() + ex_idle;
         let healthy = live().filter(|c| c.healthy()).count() + ex_idle + ex_out;
         let in_flight: u64 = live().map(|c| c.in_flight).sum();
@@ -1597,7 +1746,7 @@ impl Harness {
         for a in 0..ADDRS {
             // `address()` folds a pending `get` of the shared connection into its idle clock (it
             // reports `idle_for`): not looked at then, so that looking does not move the clock.
-            if m.live.get(&a).is_some_and(|&i| m.conns[i].used) {
+            if m.shared(a).iter().any(|&i| m.conns[i].used) {
                 continue;
             }
             let got = self.pool.address(addr(a)).map(|st| {
@@ -1687,7 +1836,7 @@ impl Harness {
         self.held.clear();
         self.drain().await?;
         let task = self.pool.start_cleanup_task(Duration::from_secs(1));
-        let held: Vec<usize> = self.m.live.values().copied().collect();
+        let held: Vec<usize> = self.m.all_live();
         let book = self.pool.connector().closes_book();
         drop(self.pool);
         for _ in 0..100 {

@@ -65,6 +65,9 @@ pub struct Settings {
     pub checkout_timeout: Duration,
     /// Whether `checkout_timeout` is set (else the connect timeout stands in).
     pub checkout_timeout_set: bool,
+    /// `busy_in_flight` (I23): the calls in flight at which a shared connection is busy;
+    /// `u64::MAX` never (one shared connection per address, the behaviour before issue 13).
+    pub busy: u64,
 }
 
 fn pick<T: Copy>(values: &[T], i: u8) -> T {
@@ -98,6 +101,7 @@ impl From<Knobs> for Settings {
             per_address: pick(&[1, 2, 3], k.per_address),
             checkout_timeout: checkout_timeout.unwrap_or(timeout),
             checkout_timeout_set: checkout_timeout.is_some(),
+            busy: pick(&[u64::MAX, 1, 2], k.busy),
         }
     }
 }
@@ -120,11 +124,10 @@ impl Settings {
         c.ejection.decay_interval = self.decay;
         c.connect_timeout = self.timeout;
         c.max_per_address = self.per_address;
-        // `max_per_address` bounds the shared mode too (I23), which this model keeps at one
-        // connection per address: no shared connection ever counts as busy, so none is added.
-        // (Several shared connections are checked in `tests/shared.rs`, the threaded tier's
-        // `threaded_shared` and the simulation's `call-api`.)
-        c.busy_in_flight = u64::MAX;
+        // `max_per_address` bounds the shared mode too (I23): with `busy` below `u64::MAX` an
+        // address grows to several shared connections once every one has that many calls in
+        // flight (the ops `Begin`/`Finish` hold calls across ops).
+        c.busy_in_flight = self.busy;
         if self.checkout_timeout_set {
             c.checkout_timeout = Some(self.checkout_timeout);
         }
@@ -436,8 +439,16 @@ pub struct Model {
     pub closed: bool,
     /// Every connection the run has seen, by creation order.
     pub conns: Vec<MConn>,
-    /// Address index → the connection pooled for it.
-    pub live: BTreeMap<u8, usize>,
+    /// Address index → its shared connections, in the pool's order (I23): the first
+    /// (`Slot::conn`), then the others oldest first; removing the first promotes the next, and
+    /// an insert by hand replaces the first in place. Never an empty list.
+    pub live: BTreeMap<u8, Vec<usize>>,
+    /// A connect started in the background by a `get_or_connect` hit that found every shared
+    /// connection of the address busy (I23), not yet ended: the address. The harness ends it
+    /// with [`end_growth`](Self::end_growth) once the pool's task ran.
+    pub growing: Option<u8>,
+    /// Background connects started so far (I23), for tests that a scenario reaches growth.
+    pub growths: u64,
     /// Address index → ejection state (absent: count 0, not backing off).
     pub ejection: BTreeMap<u8, MEjection>,
     /// Address index → the cause of its last rise (absent after `mark_up`, or never risen).
@@ -496,10 +507,10 @@ pub struct MLine {
     /// make, or the address backing off): they sleep until something wakes every waiting
     /// checkout (capacity freed, a connection idled, a caller left a line), or their retry timer.
     /// Restated as the pool does it: under LRU with a cap, a shared connection whose last call
-    /// ends, or whose connect's caller has taken it (the end of its handoff), wakes every line
-    /// (the pool's quiet hook); one inserted by hand wakes nobody, so a line can still sleep to
-    /// its deadline (`AtCapacity`) while such a connection exists, which a new caller would close
-    /// at once.
+    /// ends, or whose connect's caller has taken it (the end of a `get_or_connect`'s handoff),
+    /// wakes every line (the pool's quiet hook); one inserted by hand or made in the background
+    /// (I23) wakes nobody, so a line can still sleep to its deadline (`AtCapacity`) while such a
+    /// connection exists, which a new caller would close at once.
     pub asleep: bool,
     /// The retry timer its callers armed when they last met the address's backoff (its end
     /// then; `mark_up` does not move it).
@@ -569,6 +580,8 @@ impl Model {
             closed: false,
             conns: Vec::new(),
             live: BTreeMap::new(),
+            growing: None,
+            growths: 0,
             ejection: BTreeMap::new(),
             causes: BTreeMap::new(),
             slots: BTreeSet::new(),
@@ -617,7 +630,52 @@ impl Model {
     /// Capacity in use (I1): shared connections, exclusive ones idle or checked out, and those
     /// checked out when the pool closed (their permits go when they come back).
     pub fn used(&self) -> usize {
-        self.live.len() + self.lines.values().map(MLine::live).sum::<usize>() + self.out_closed()
+        self.shared_count()
+            + usize::from(self.growing.is_some())
+            + self.lines.values().map(MLine::live).sum::<usize>()
+            + self.out_closed()
+    }
+
+    /// Shared connections pooled, every address.
+    pub fn shared_count(&self) -> usize {
+        self.live.values().map(Vec::len).sum()
+    }
+
+    /// Every shared connection pooled, by address, then in the pool's order.
+    pub fn all_live(&self) -> Vec<usize> {
+        self.live.values().flatten().copied().collect()
+    }
+
+    /// The shared connections of `addr`, in the pool's order.
+    pub fn shared(&self, addr: u8) -> &[usize] {
+        self.live.get(&addr).map_or(&[], Vec::as_slice)
+    }
+
+    /// The first shared connection of `addr`: the one `peek`, `take_unclosed` and the
+    /// address-keyed `record_*` name.
+    pub fn first(&self, addr: u8) -> Option<usize> {
+        self.shared(addr).first().copied()
+    }
+
+    /// Whether connection `i` is one of its address's shared connections.
+    pub fn is_live(&self, i: usize) -> bool {
+        self.shared(self.conns[i].addr).contains(&i)
+    }
+
+    /// Takes connection `i` out of its address's list (the order of the others kept).
+    fn unlist(&mut self, i: usize) -> bool {
+        let addr = self.conns[i].addr;
+        let Some(list) = self.live.get_mut(&addr) else {
+            return false;
+        };
+        let Some(at) = list.iter().position(|&j| j == i) else {
+            return false;
+        };
+        list.remove(at);
+        if list.is_empty() {
+            self.live.remove(&addr);
+        }
+        true
     }
 
     /// Exclusive connections checked out that no line counts any more (the pool closed).
@@ -640,6 +698,7 @@ impl Model {
     /// not settled.
     pub fn holds(&self, addr: u8) -> bool {
         self.live.contains_key(&addr)
+            || self.growing == Some(addr)
             || !self.ejection(addr).settled(self.s.decay, self.now)
             || self.lines.get(&addr).is_some_and(|l| !l.is_empty())
     }
@@ -693,8 +752,10 @@ impl Model {
         }
     }
 
-    /// A connection just pooled for `addr` under id `id`; returns its index.
-    pub fn add_conn(&mut self, addr: u8, id: u64) -> usize {
+    /// A connection just pooled for `addr` under id `id`; returns its index. With `first`, it
+    /// takes the first place (an insert by hand replacing the first, I23); otherwise it joins
+    /// the address's list last (a new connection, or the first of an address with none).
+    pub fn add_conn(&mut self, addr: u8, id: u64, first: bool) -> usize {
         let i = self.conns.len();
         self.conns.push(MConn {
             addr,
@@ -716,17 +777,19 @@ impl Model {
             transport_dead: false,
             closed_by_pool: false,
         });
-        self.live.insert(addr, i);
+        let list = self.live.entry(addr).or_default();
+        if first {
+            list.insert(0, i);
+        } else {
+            list.push(i);
+        }
         self.slots.insert(addr);
         i
     }
 
     fn retire(&mut self, i: usize) {
         self.wake_all();
-        let addr = self.conns[i].addr;
-        if self.live.get(&addr) == Some(&i) {
-            self.live.remove(&addr);
-        }
+        self.unlist(i);
         self.conns[i].closed_by_pool = true;
     }
 
@@ -789,10 +852,11 @@ impl Model {
         let shared = self
             .live
             .iter()
-            .filter(|&(&a, &i)| {
+            .flat_map(|(&a, list)| list.iter().map(move |&i| (a, i)))
+            .filter(|&(a, i)| {
                 shared_too && a != addr && hidden != Some(a) && self.conns[i].in_flight == 0
             })
-            .map(|(&a, &i)| {
+            .map(|(a, i)| {
                 let c = &self.conns[i];
                 (c.used, c.last_used, a, c.id, false, Victim::Shared(i))
             });
@@ -815,10 +879,7 @@ impl Model {
         let a = match victim {
             Victim::Shared(i) => {
                 let a = self.conns[i].addr;
-                let addr = self.conns[i].addr;
-                if self.live.get(&addr) == Some(&i) {
-                    self.live.remove(&addr);
-                }
+                self.unlist(i);
                 self.conns[i].closed_by_pool = true;
                 a
             }
@@ -851,8 +912,10 @@ impl Model {
         if self.closed {
             return InsertPlan::Closed;
         }
-        if let Some(&old) = self.live.get(&addr) {
-            // I2: a present address keeps its slot (no capacity freed, nobody woken).
+        if let Some(old) = self.first(addr) {
+            // I2: a present address keeps its slot (no capacity freed, nobody woken). With
+            // several shared connections the first is replaced, in its place (the caller adds
+            // the new one first).
             let asleep: Vec<bool> = self.lines.values().map(|l| l.asleep).collect();
             self.retire(old);
             for (line, asleep) in self.lines.values_mut().zip(asleep) {
@@ -874,13 +937,80 @@ impl Model {
 
     /// `get(addr)`: the usable pooled connection, marked used (no clock read). Finding a dead
     /// transport on a healthy connection marks it closed (what `is_open` returning false means).
+    /// Of several (I23), the usable one with the fewest calls in flight, the first in the pool's
+    /// order of equals; every one is looked at (each dead transport found is marked closed).
     pub fn get(&mut self, addr: u8) -> Option<usize> {
-        let &i = self.live.get(&addr)?;
-        if !self.usable(i) {
-            return None;
-        }
+        let i = self.least_loaded(addr)?;
         self.mark_used(i);
         Some(i)
+    }
+
+    /// I23 restated: the usable shared connection of `addr` with the fewest calls in flight, the
+    /// earliest in the pool's order of equals (the oldest, but for a first replaced by hand).
+    fn least_loaded(&mut self, addr: u8) -> Option<usize> {
+        let list = self.shared(addr).to_vec();
+        let mut best: Option<usize> = None;
+        for i in list {
+            if self.usable(i)
+                && best.is_none_or(|b| self.conns[i].in_flight < self.conns[b].in_flight)
+            {
+                best = Some(i);
+            }
+        }
+        best
+    }
+
+    /// Whether a hit on `addr` could start a background connect (I23) during an op that does
+    /// several things in turn (a warm-up), ignoring the cap, the backoff and the number of
+    /// connections: growth is on and one usable connection of the address is busy. Conservative
+    /// on purpose: an earlier step of the op may close the address's idle connections to make
+    /// room (then the busy one is the least loaded) or free a slot (a failed connect). Pure: the
+    /// harness uses it to keep ops whose background connect would race their own awaits out of a
+    /// run.
+    pub fn may_grow(&self, addr: u8) -> bool {
+        self.s.per_address > 1
+            && self
+                .shared(addr)
+                .iter()
+                .map(|&i| &self.conns[i])
+                .any(|c| c.healthy() && !c.transport_dead && c.in_flight >= self.s.busy)
+    }
+
+    /// After a hit on `i` for `addr` (I23): if `i` (the least loaded, so every usable one) has at
+    /// least `busy_in_flight` calls in flight, the address has fewer than `max_per_address`
+    /// shared connections, no connect in flight (I4), no backoff (I12), and a free slot under
+    /// the cap (I1: growing never makes room), one more connect starts in the background.
+    fn grow_if_busy(&mut self, addr: u8, i: usize) {
+        if self.s.per_address <= 1
+            || self.conns[i].in_flight < self.s.busy
+            || self.shared(addr).len() >= self.s.per_address
+            || self.growing.is_some()
+            || self.closed
+            || self.ejection(addr).backing_off(self.now)
+            || self.full()
+        {
+            return;
+        }
+        self.counters.attempted += 1;
+        self.growths += 1;
+        self.growing = Some(addr);
+    }
+
+    /// The background connect started by [`grow_if_busy`](Self::grow_if_busy) ends, as the
+    /// server at its address says (nobody scripts it): returns its address and whether it made a
+    /// connection, which the caller adds last with [`add_conn`](Self::add_conn). A refused one
+    /// backs the address off (I12) and frees its slot.
+    pub fn end_growth(&mut self) -> Option<(u8, bool)> {
+        let addr = self.growing.take()?;
+        if self.down.contains(&addr) {
+            self.counters.failed += 1;
+            self.wake_all();
+            self.rise(addr, MCause::Refused);
+            self.looked_at(addr);
+            return Some((addr, false));
+        }
+        self.counters.succeeded += 1;
+        Some((addr, true))
     }
 
     fn usable(&mut self, i: usize) -> bool {
@@ -897,8 +1027,10 @@ impl Model {
 
     /// `remove(addr)`: hands the connection back unclosed; its slot is free at once.
     pub fn remove(&mut self, addr: u8) -> Option<usize> {
-        let i = self.live.remove(&addr);
-        if i.is_some() {
+        // The first; the next oldest takes its place (I23).
+        let i = self.first(addr);
+        if let Some(i) = i {
+            self.unlist(i);
             self.counters.manual += 1;
             self.wake_all();
         }
@@ -910,7 +1042,7 @@ impl Model {
     /// address's slot is looked at either way.
     pub fn remove_connection(&mut self, i: usize) -> bool {
         let addr = self.conns[i].addr;
-        let removed = self.live.get(&addr) == Some(&i);
+        let removed = self.is_live(i);
         if removed {
             self.retire(i);
             self.counters.manual += 1;
@@ -982,31 +1114,22 @@ impl Model {
         }
     }
 
-    /// The caller of a `get_or_connect` that connected has taken its connection: its handoff is
-    /// over, so the connection is closable for room, and under LRU with a cap that wakes every
-    /// waiting checkout (the pool's quiet hook, issue 13).
-    pub fn handoff_ended(&mut self) {
-        if self.s.lru && self.s.max > 0 {
-            self.wake_all();
-        }
-    }
-
     /// `evict_idle()`: the connections it must evict (I5, I6).
     pub fn evict_idle(&mut self) -> Vec<usize> {
         let (s, now) = (self.s, self.now);
         if s.max_idle.is_some() {
             // The sweep's look folds every pending `get` in at its instant.
-            let live: Vec<usize> = self.live.values().copied().collect();
-            for i in live {
+            for i in self.all_live() {
                 self.fold(i);
             }
         }
-        let gone: Vec<usize> = self
-            .live
-            .values()
-            .copied()
+        // In id order (creation order), as the pool sorts its candidates.
+        let mut gone: Vec<usize> = self
+            .all_live()
+            .into_iter()
             .filter(|&i| self.conns[i].idle(&s, now))
             .collect();
+        gone.sort_unstable();
         for &i in &gone {
             self.retire(i);
             self.counters.idle += 1;
@@ -1052,11 +1175,16 @@ impl Model {
     /// `evict_unhealthy()`: the connections it must evict, and why (I8, I9); the address of each
     /// unhealthy one, and of each closed one younger than `short_lived`, rises (I12).
     pub fn evict_unhealthy(&mut self) -> Vec<(usize, HealthEviction)> {
-        let live: Vec<usize> = self.live.values().copied().collect();
+        let mut live = self.all_live();
+        // The sweep's look phase: a healthy connection with a dead transport is marked closed.
+        for &i in &live {
+            self.usable(i);
+        }
+        // Evicted in id order (creation order), as the pool sorts its candidates: the order in
+        // which an address's several unfit connections raise its count (I12).
+        live.sort_unstable();
         let mut gone = Vec::new();
         for i in live {
-            // The sweep's look phase: a healthy connection with a dead transport is marked closed.
-            self.usable(i);
             let Some(why) = self.unfit(i) else {
                 continue;
             };
@@ -1105,8 +1233,9 @@ impl Model {
         if self.closed {
             return ConnectPlan::Closed;
         }
-        // A hit is a `get`: marked, no clock.
+        // A hit is a `get`: marked, no clock; then, if every connection is busy, growth (I23).
         if let Some(i) = self.get(addr) {
+            self.grow_if_busy(addr, i);
             return ConnectPlan::Existing(i);
         }
         let plan = self.join_or_start(addr, script, closing);
@@ -1117,12 +1246,19 @@ impl Model {
     fn join_or_start(&mut self, addr: u8, script: ConnectScript, closing: bool) -> ConnectPlan {
         // A connection still pooled is unfit: it is evicted as a health sweep would, before any
         // dialling, so its failure backs the address off first (I12).
-        if let Some(&stale) = self.live.get(&addr) {
+        // With several (I23), every one is unfit (none was usable), and each is evicted in the
+        // pool's order, each a failure of the address if it says so.
+        let stale = self.shared(addr).to_vec();
+        if !stale.is_empty() {
             // Its slot freed wakes the waiting checkouts, which try while this call's connect
             // runs: the connection it makes is no room for them (see `hidden`).
             self.hidden = Some(addr);
-            let why = self.unfit(stale).unwrap_or(HealthEviction::Closed);
-            if self.evict_unfit(stale, why) {
+            let mut rose = false;
+            for stale in stale {
+                let why = self.unfit(stale).unwrap_or(HealthEviction::Closed);
+                rose |= self.evict_unfit(stale, why);
+            }
+            if rose {
                 let e = self.ejection(addr);
                 self.counters.backoff_rejections += 1;
                 let (lo, hi) = self.s.backoff_bounds(e.count);
@@ -1165,6 +1301,14 @@ impl Model {
                 }
                 // A successful connect does not reset the count (I12).
                 self.counters.succeeded += 1;
+                // The handoff ends with the caller: under LRU with a cap the new connection, no
+                // call in flight, is now closable for room, so the checkouts waiting at the cap
+                // are woken (the pool's quiet hook, since 439a532), the line of the very
+                // address whose unfit connection this call evicted included.
+                if self.s.lru && self.s.max > 0 {
+                    self.wake_all();
+                    self.hidden = None;
+                }
                 ConnectPlan::Connected
             }
             ConnectScript::Fail => {
@@ -1185,8 +1329,8 @@ impl Model {
 
     /// `clear()`: every connection removed and closed; ejection states stay.
     pub fn clear(&mut self) {
-        let live: Vec<(u8, usize)> = self.live.iter().map(|(&a, &i)| (a, i)).collect();
-        for (a, i) in live {
+        for i in self.all_live() {
+            let a = self.conns[i].addr;
             self.retire(i);
             self.counters.manual += 1;
             self.looked_at(a);
@@ -1196,7 +1340,7 @@ impl Model {
     /// `close()`, a cut: everything closed, every address forgotten, new work refused (I17).
     pub fn close(&mut self) {
         self.closed = true;
-        for i in self.live.values().copied().collect::<Vec<_>>() {
+        for i in self.all_live() {
             self.retire(i);
             self.counters.manual += 1;
         }

@@ -282,6 +282,10 @@ pub struct Knobs {
     pub per_address: u8,
     /// `checkout_timeout`: unset (the connect timeout), 100 ms, 1 s.
     pub checkout_timeout: u8,
+    /// `busy_in_flight`: never (`u64::MAX`: one shared connection per address, as before issue
+    /// 13), 1, 2 (I23: with `per_address` above 1, a hit on an address whose every shared
+    /// connection has that many calls in flight connects another in the background).
+    pub busy: u8,
 }
 
 /// A whole input: the configuration, then the ops. The ops come last so that
@@ -309,6 +313,7 @@ pub fn knobs() -> impl Strategy<Value = Knobs> {
             )| Knobs {
                 per_address: 0,
                 checkout_timeout: 0,
+                busy: 0,
                 max,
                 idle,
                 threshold,
@@ -418,18 +423,21 @@ pub fn scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
 }
 
 /// Strategy for the knobs of a checkout scenario: every knob of [`knobs`], a small global cap
-/// (1 to 4, or unlimited) and every `max_per_address` and checkout timeout.
+/// (1 to 4, or unlimited) and every `max_per_address`, checkout timeout and `busy_in_flight`
+/// (so the shared connections of an address grow beside its exclusive ones, I23).
 pub fn checkout_knobs() -> impl Strategy<Value = Knobs> {
     (
         knobs(),
         prop_oneof![3 => 1u8..5, 1 => Just(0u8)],
         0u8..3,
         0u8..3,
+        0u8..3,
     )
-        .prop_map(|(k, max, per_address, checkout_timeout)| Knobs {
+        .prop_map(|(k, max, per_address, checkout_timeout, busy)| Knobs {
             max,
             per_address,
             checkout_timeout,
+            busy,
             ..k
         })
 }
@@ -454,6 +462,60 @@ pub fn checkout_scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
     (
         checkout_knobs(),
         proptest::collection::vec(checkout_op(), 0..=max_ops),
+        ending(),
+    )
+        .prop_map(|(knobs, mut ops, end)| {
+            ops.extend(end);
+            Scenario { knobs, ops }
+        })
+}
+
+/// Strategy for the knobs of a scenario with several shared connections per address (I23):
+/// every knob of [`knobs`], `max_per_address` 1–3 (mostly above 1), `busy_in_flight` 1 or 2
+/// mostly (and sometimes never, today's one connection), and a cap that sometimes stops growth.
+pub fn shared_knobs() -> impl Strategy<Value = Knobs> {
+    (
+        knobs(),
+        prop_oneof![1 => Just(0u8), 3 => 1u8..3],
+        prop_oneof![1 => Just(0u8), 4 => 1u8..3],
+        prop_oneof![2 => Just(0u8), 3 => 2u8..5],
+    )
+        .prop_map(|(k, per_address, busy, max)| Knobs {
+            per_address,
+            busy,
+            max,
+            ..k
+        })
+}
+
+/// Strategy for one op of a shared-growth scenario: calls begun and finished across ops on few
+/// addresses (so that every connection of an address gets busy and the address grows), hits,
+/// removals by connection, transports dying, servers refusing the background connects, mixed
+/// with every shared op.
+pub fn shared_op() -> impl Strategy<Value = Op> {
+    let a = || 0..ADDRS / 2;
+    prop_oneof![
+        6 => any::<u8>().prop_map(|handle| Op::Begin { handle }),
+        4 => (any::<u8>(), finish()).prop_map(|(call, how)| Op::Finish { call, how }),
+        6 => (a(), prop_oneof![4 => Just(ConnectScript::Ok), 1 => Just(ConnectScript::Fail)])
+            .prop_map(|(addr, script)| Op::GetOrConnect { addr, script }),
+        3 => a().prop_map(|addr| Op::Get { addr }),
+        1 => (a(), Just(ConnectScript::Ok)).prop_map(|(addr, script)| Op::GetOrConnectTwice { addr, script }),
+        2 => any::<u8>().prop_map(|handle| Op::RemoveConnection { handle }),
+        1 => a().prop_map(|addr| Op::Remove { addr }),
+        1 => a().prop_map(|addr| Op::Insert { addr }),
+        1 => any::<u8>().prop_map(|handle| Op::DropTransport { handle }),
+        1 => (a(), prop::bool::weighted(0.6)).prop_map(|(addr, up)| Op::Server { addr, up }),
+        6 => op(),
+    ]
+}
+
+/// Strategy for a shared-growth [`Scenario`] (I23) of up to `max_ops` ops, some ending with a
+/// close.
+pub fn shared_scenario(max_ops: usize) -> impl Strategy<Value = Scenario> {
+    (
+        shared_knobs(),
+        proptest::collection::vec(shared_op(), 0..=max_ops),
         ending(),
     )
         .prop_map(|(knobs, mut ops, end)| {

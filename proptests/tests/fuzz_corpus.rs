@@ -148,3 +148,44 @@ fn checkout_seeds_still_decode_to_checkouts() {
         );
     }
 }
+
+/// The hand-encoded seeds of several shared connections per address (`corpus/ops/grow-*`, issue
+/// 13, I23) start the fuzzer where addresses grow: each must still decode to a scenario with
+/// growth on (`max_per_address` above 1, `busy_in_flight` not `u64::MAX`) whose run starts at
+/// least one background connect on a busy address. Like the checkout seeds, they were encoded
+/// by hand against `arbitrary`'s layout (a byte per knob; per op a continuation byte, a `u32`
+/// tag scaled by the variant count, then the fields): a field or variant added later changes
+/// what they mean, and this test says so.
+#[test]
+fn grow_seeds_still_reach_several_shared_connections() {
+    use arbitrary::{Arbitrary, Unstructured};
+    use keyed_pool_proptests::Settings;
+    let files: Vec<PathBuf> = inputs(&fuzz_dir().join("corpus").join("ops"))
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("grow-"))
+        })
+        .collect();
+    assert!(files.len() >= 5, "the grow seeds are missing");
+    for file in files {
+        let data = std::fs::read(&file).expect("readable");
+        let scenario =
+            keyed_pool_proptests::Scenario::arbitrary_take_rest(Unstructured::new(&data))
+                .expect("decodes");
+        let s = Settings::from(scenario.knobs);
+        assert!(
+            s.per_address > 1 && s.busy < u64::MAX,
+            "{} no longer turns growth on: {s:?}",
+            file.display()
+        );
+        let growths = keyed_pool_proptests::run_counting_growths(&scenario).unwrap_or_else(|e| {
+            panic!("{} fails: {e}", file.display());
+        });
+        assert!(
+            growths >= 1,
+            "I23: {} no longer makes an address grow: {scenario:?}",
+            file.display()
+        );
+    }
+}

@@ -81,6 +81,36 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// Several shared connections per address in the operation model (issue 13, I23): calls held
+    /// in flight across ops make every connection of an address busy, a `get_or_connect` hit then
+    /// connects another in the background (one at a time, I4; under the cap, I1, never making
+    /// room; not while backing off, I12), and the model predicts which connection every `get` and
+    /// `get_or_connect` hands out (the least loaded, the oldest of equals), what sweeps, removals
+    /// by id (I14), inserts, `clear` and `close` (I17) do to each, and the connector's books.
+    #[test]
+    fn shared_connections_match_model(scenario in ops::shared_scenario(100)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(16))]
+
+    /// Fewer, longer sequences of several shared connections per address: addresses that grow,
+    /// shrink by sweeps and removals, and grow again.
+    #[test]
+    fn shared_connections_match_model_on_long_runs(scenario in ops::shared_scenario(600)) {
+        if let Err(violation) = run(&scenario) {
+            return Err(TestCaseError::fail(violation));
+        }
+    }
+}
+
 /// Hand-written sequences at the edges, so they are covered on every run whatever the random draw.
 #[test]
 fn edges_of_idle_health_and_backoff() {
@@ -318,6 +348,148 @@ fn edges_of_idle_health_and_backoff() {
             addr: 3,
             script: ConnectScript::Ok,
         },
+    ];
+    let scenario = Scenario { knobs, ops };
+    if let Err(violation) = run(&scenario) {
+        panic!("{violation}\n{scenario:?}");
+    }
+}
+
+/// Several shared connections per address (I23), hand-written so that every run covers them: an
+/// address grows when its every connection is busy, hands out the least loaded (the oldest of
+/// equals), stops at `max_per_address`, promotes the oldest when the first leaves, backs off
+/// when a background connect is refused and grows again after, never by making room.
+#[test]
+fn i23_several_shared_connections_at_the_edges() {
+    // max_per_address 3, busy_in_flight 1.
+    let knobs = Knobs {
+        per_address: 2,
+        busy: 1,
+        ..Knobs::default()
+    };
+    assert_eq!(
+        keyed_pool_proptests::Settings::from(knobs)
+            .pool_config()
+            .busy_in_flight,
+        1,
+        "the busy knob reaches the pool"
+    );
+    let ok = ConnectScript::Ok;
+    let scenarios = [
+        // Growth to the limit, the least loaded handed out, the first removed (the oldest
+        // promoted), a further one removed by id (I14), idle sweeps of each.
+        vec![
+            Op::GetOrConnect {
+                addr: 0,
+                script: ok,
+            },
+            Op::Begin { handle: 0 },
+            Op::GetOrConnect {
+                addr: 0,
+                script: ok,
+            },
+            Op::Begin { handle: 1 },
+            Op::GetOrConnect {
+                addr: 0,
+                script: ok,
+            },
+            Op::Begin { handle: 2 },
+            Op::GetOrConnect {
+                addr: 0,
+                script: ok,
+            },
+            Op::Get { addr: 0 },
+            Op::Finish {
+                call: 1,
+                how: ops::Finish::Success,
+            },
+            Op::Get { addr: 0 },
+            Op::RemoveConnection { handle: 0 },
+            Op::Get { addr: 0 },
+            Op::Remove { addr: 0 },
+            Op::Advance(Step::MaxIdle(Edge::After)),
+            Op::EvictIdle,
+            Op::Insert { addr: 0 },
+            Op::Close,
+        ],
+        // A refused background connect backs the address off (I12): no growth until it ends.
+        vec![
+            Op::GetOrConnect {
+                addr: 1,
+                script: ok,
+            },
+            Op::Begin { handle: 0 },
+            Op::Server { addr: 1, up: false },
+            Op::GetOrConnect {
+                addr: 1,
+                script: ok,
+            },
+            Op::GetOrConnect {
+                addr: 1,
+                script: ok,
+            },
+            Op::Server { addr: 1, up: true },
+            Op::Advance(Step::Backoff {
+                addr: 1,
+                edge: Edge::Before,
+            }),
+            Op::GetOrConnect {
+                addr: 1,
+                script: ok,
+            },
+            Op::Advance(Step::Millis(1)),
+            Op::GetOrConnectTwice {
+                addr: 1,
+                script: ok,
+            },
+            Op::Get { addr: 1 },
+            Op::Clear,
+        ],
+    ];
+    for ops in scenarios {
+        let scenario = Scenario { knobs, ops };
+        match keyed_pool_proptests::run_counting_growths(&scenario) {
+            Ok(growths) => assert!(growths >= 2, "I23: the scenario must grow: {scenario:?}"),
+            Err(violation) => panic!("{violation}\n{scenario:?}"),
+        }
+    }
+}
+
+/// Found by `shared_connections_match_model`: the idle sweep skipped the further shared
+/// connections of an address whose first connection had a pending `get` mark
+/// (`idle_candidates` in `src/sweep.rs` `continue`s once `MarkFolds::take` keeps the entry), so
+/// an idle one survived the sweep (I6, I23).
+#[test]
+fn i6_i23_the_idle_sweep_judges_every_shared_connection_when_the_first_was_just_used() {
+    let knobs = Knobs {
+        per_address: 1,
+        busy: 1,
+        ..Knobs::default()
+    };
+    let ops = vec![
+        Op::GetOrConnect {
+            addr: 0,
+            script: ConnectScript::Ok,
+        },
+        Op::Begin { handle: 0 },
+        // Every connection busy: a second one, handed out by the next get.
+        Op::GetOrConnect {
+            addr: 0,
+            script: ConnectScript::Ok,
+        },
+        Op::Begin { handle: 1 },
+        Op::Finish {
+            call: 1,
+            how: ops::Finish::Success,
+        },
+        Op::Finish {
+            call: 0,
+            how: ops::Finish::Success,
+        },
+        Op::Advance(Step::MaxIdle(Edge::After)),
+        // The first gets a pending mark; the second stays idle past max_idle.
+        Op::Get { addr: 0 },
+        Op::EvictIdle,
     ];
     let scenario = Scenario { knobs, ops };
     if let Err(violation) = run(&scenario) {
