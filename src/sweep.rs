@@ -193,19 +193,22 @@ where
         let at = SweepInstant::new(&self.inner.conns, now);
         let mut candidates = Vec::new();
         for e in self.inner.map.iter() {
+            // The further shared connections of an address (issue 13): few, so each folds its
+            // own mark here, under this shard's read lock, as `MarkFolds` does for the first.
+            // Judged before `folds.take`, which keeps the entry (and skips the rest of this pass
+            // over it) when the first connection has a mark: judged after, the others of an
+            // address whose first was just used were never evicted (I6; found by the model).
+            for pooled in e.value().more() {
+                if pooled.conn.metrics().is_idle_at(now, Some(max_idle)) {
+                    candidates.push((e.key().clone(), pooled.conn.id()));
+                }
+            }
             let Some(e) = folds.take(e) else { continue };
             let Some(pooled) = e.value().conn.as_ref() else {
                 continue;
             };
             if pooled.conn.metrics().seems_idle_at_sweep(&at, max_idle) {
                 candidates.push((e.key().clone(), pooled.conn.id()));
-            }
-            // The further shared connections of an address (issue 13): few, so each folds its
-            // own mark here, under this shard's read lock, as `MarkFolds` does for the first.
-            for pooled in e.value().more() {
-                if pooled.conn.metrics().is_idle_at(now, Some(max_idle)) {
-                    candidates.push((e.key().clone(), pooled.conn.id()));
-                }
             }
         }
         folds.fold();
