@@ -27,6 +27,24 @@ use crate::metrics::{
 use crate::slot::{Pooled, Slot};
 use crate::sweep::LruTake;
 
+/// The hasher of the pool's map: foldhash's fast variant, where std's default is SipHash-1-3.
+/// Every `get`, and every removal a sweep makes, hashes its address once; SipHash was ~40 % of a
+/// `get`'s instructions and ~225 instructions of each removal a sweep of 100,000 idle connections
+/// makes (issue 16, BENCHMARKS.md "The map's hasher"). The keys are server addresses the pool's
+/// owner chooses (configuration, a name server's routes), not a stranger's input, so foldhash's
+/// "minimal" resistance to collision attacks (a seed per pool, unknown outside the process) is
+/// enough; SipHash's stronger one is what a map keyed by request data needs.
+///
+/// The seed comes from std's `RandomState` rather than foldhash's own `RandomState`, which mixes
+/// in addresses (ASLR) and the time: std's is seeded by madsim inside a simulation, so a seed
+/// replays the same map layout, hence the same sweep order.
+type AddrHasher = foldhash::fast::FixedState;
+
+/// A fresh [`AddrHasher`] with a per-pool seed (see there for why std's `RandomState` draws it).
+fn addr_hasher() -> AddrHasher {
+    foldhash::fast::FixedState::with_seed(RandomState::new().hash_one(0_u64))
+}
+
 /// How many times a caller that must make room looks for a victim before it gives up: each look
 /// either takes a slot, or found its candidates gone (taken by another eviction or removal), which
 /// only a burst of concurrent changes can repeat.
@@ -96,7 +114,7 @@ impl<C, K: ManagesConnections<C>> std::fmt::Debug for ConnectionPool<C, K> {
 }
 
 pub(crate) struct Inner<C, K: ManagesConnections<C>> {
-    pub(crate) map: DashMap<CheetahString, Slot<C>>,
+    pub(crate) map: DashMap<CheetahString, Slot<C>, AddrHasher>,
     pub(crate) ledger: Arc<CapacityLedger>,
     pub(crate) config: PoolConfig,
     /// What every connection's metrics share: the time origin, `config.health`, the call outcomes
@@ -632,7 +650,7 @@ where
             .then(|| Arc::clone(&hook));
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher_and_shard_amount(RandomState::new(), shards),
+                map: DashMap::with_hasher_and_shard_amount(addr_hasher(), shards),
                 ledger: Arc::new(CapacityLedger::with_release_hook(
                     config.max_connections,
                     hook,

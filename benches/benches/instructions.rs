@@ -11,7 +11,9 @@
 //! figure (count / [`OPS`]) includes the loop, a few instructions, for the floor too.
 //!
 //! - `floor`: `DashMap<CheetahString, Arc<u64>>` get + clone, the floor of a keyed lookup (same
-//!   shard count and hasher as the pool's map).
+//!   shard count as the pool's map, std's default hasher, SipHash-1-3, as issue 16 defines it).
+//! - `floor_fold_get`: the same with the pool's own hasher (foldhash): the floor of a lookup in
+//!   the pool's map, so `get_hit` over it is what the pool adds beyond the lookup.
 //! - `get_hit`: `ConnectionPool::get` on a warm pool.
 //! - `call_by_hand`: `get` + `begin()` + `success()`, a call recorded by hand.
 //! - `pool_call`: `pool.call(addr, f).run()` on a hit, `f` ready at once: what a call costs through
@@ -39,7 +41,7 @@ use gungraun::{
     Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
 };
 use keyed_pool::ConnectionPool;
-use keyed_pool_benches::{Scatter, ValidatingConnector, addrs};
+use keyed_pool_benches::{Scatter, ValidatingConnector, addrs, fold_hasher};
 
 /// Operations per benchmark; `scripts/instructions.sh` reads this line to print counts per op.
 const OPS: usize = 1_000;
@@ -61,9 +63,19 @@ fn walk(keys: &[CheetahString]) -> Vec<CheetahString> {
         .collect()
 }
 
-fn floor(n: usize) -> Fixture<DashMap<CheetahString, Arc<u64>>> {
+type FloorMap<S = RandomState> = DashMap<CheetahString, Arc<u64>, S>;
+
+fn floor(n: usize) -> Fixture<FloorMap> {
+    floor_with(n, RandomState::new())
+}
+
+fn floor_fold(n: usize) -> Fixture<FloorMap<foldhash::fast::FixedState>> {
+    floor_with(n, fold_hasher())
+}
+
+fn floor_with<S: std::hash::BuildHasher + Clone>(n: usize, hasher: S) -> Fixture<FloorMap<S>> {
     let keys = addrs(n);
-    let map = DashMap::with_hasher_and_shard_amount(RandomState::new(), SHARDS);
+    let map = DashMap::with_hasher_and_shard_amount(hasher, SHARDS);
     for (i, k) in keys.iter().enumerate() {
         map.insert(k.clone(), Arc::new(i as u64));
     }
@@ -162,9 +174,20 @@ fn ready_now<F: Future>(fut: F) -> F::Output {
 #[bench::a1(args = (1), setup = floor)]
 #[bench::a1000(args = (1_000), setup = floor)]
 #[bench::a100000(args = (100_000), setup = floor)]
-fn floor_get(
-    f: Fixture<DashMap<CheetahString, Arc<u64>>>,
-) -> Fixture<DashMap<CheetahString, Arc<u64>>> {
+fn floor_get(f: Fixture<FloorMap>) -> Fixture<FloorMap> {
+    for k in &f.walk {
+        black_box(f.map.get(k).map(|e| Arc::clone(e.value())));
+    }
+    f
+}
+
+#[library_benchmark]
+#[bench::a1(args = (1), setup = floor_fold)]
+#[bench::a1000(args = (1_000), setup = floor_fold)]
+#[bench::a100000(args = (100_000), setup = floor_fold)]
+fn floor_fold_get(
+    f: Fixture<FloorMap<foldhash::fast::FixedState>>,
+) -> Fixture<FloorMap<foldhash::fast::FixedState>> {
     for k in &f.walk {
         black_box(f.map.get(k).map(|e| Arc::clone(e.value())));
     }
@@ -238,6 +261,7 @@ library_benchmark_group!(
     name = hot_path,
     benchmarks = [
         floor_get,
+        floor_fold_get,
         get_hit,
         call_by_hand,
         pool_call,

@@ -350,3 +350,11 @@ impl bb8::ManageConnection for NumberManager {
         false
     }
 }
+
+/// A foldhash `BuildHasher` seeded as the pool seeds its map's (`keyed_pool::pool::AddrHasher`,
+/// private): for the floor with the pool's hasher, which separates what the pool's `get` costs
+/// beyond a lookup from what the hasher saves over SipHash (issue 16).
+pub fn fold_hasher() -> foldhash::fast::FixedState {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(std::hash::RandomState::new().hash_one(0_u64))
+}
