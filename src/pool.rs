@@ -1251,6 +1251,28 @@ where
 mod tests {
     use super::*;
 
+    /// The map's hasher is seeded per pool (see `AddrHasher`): a fixed seed would let anyone who
+    /// knows the crate build colliding addresses ahead of time, for every pool alike.
+    #[test]
+    fn each_pool_seeds_its_map_hasher_afresh() {
+        let seeds: Vec<u64> = (0..4)
+            .map(|_| addr_hasher().hash_one("10.0.0.1:10911"))
+            .collect();
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            seeds.len(),
+            "two pools' map hashers hashed an address alike: {seeds:?}"
+        );
+        assert_ne!(
+            seeds[0],
+            AddrHasher::default().hash_one("10.0.0.1:10911"),
+            "the map hasher kept foldhash's fixed default seed"
+        );
+    }
+
     /// Issue 17: `jitter_unit` returning a constant (0, 1 or -1) passed every test. The draw must
     /// stay in `[0, 1]`, vary, and spread over the whole unit interval (I12's jitter band is
     /// `delay(k) * (1 ± jitter)`, so a constant draw would put every address on the same edge).
