@@ -699,7 +699,7 @@ where
         if !self.inner.wake.used.load(Ordering::Relaxed) {
             self.inner.wake.used.store(true, Ordering::Relaxed);
         }
-        let arrival = self.hot_slot(addr, true, &now, |slot| {
+        let arrival = self.slot_entry_at(addr, true, now, |slot| {
             // Under the entry lock: `close` either sees this address's state or we see the flag.
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(PoolError::Closed.into());
@@ -1021,46 +1021,6 @@ where
     C: Send + Sync + 'static,
     K: ManagesConnections<C>,
 {
-    /// The address's slot under its entry lock, for a checkout's arrival and a connection's return
-    /// (the two entry-lock passes of every checkout + return), as
-    /// [`slot_entry_at`](Self::slot_entry_at) decides (`create`, the slot removed once vacant or
-    /// tidied; `now` read only if needed), cheaper when the slot exists, as it does while the address has a connection:
-    /// `get_mut` borrows the key (no key clone, unlike `entry`), and the vacancy check runs once.
-    /// A slot left vacant is removed by a second lookup that checks again under the lock (another
-    /// caller may have used it in between); that happens once per address going idle for good.
-    fn hot_slot<R>(
-        &self,
-        addr: &CheetahString,
-        create: bool,
-        now: &dyn Fn() -> Instant,
-        f: impl FnOnce(&mut Slot<C>) -> R,
-    ) -> Option<R> {
-        let Some(mut slot) = self.inner.map.get_mut(addr) else {
-            return if create {
-                self.slot_entry_at(addr, true, now(), f)
-            } else {
-                None
-            };
-        };
-        let result = f(&mut slot);
-        if slot.exclusive().is_some_and(|ex| !ex.is_empty()) {
-            // The address holds exclusive state: the slot is not vacant, and `tidy` would free
-            // nothing (it frees only an empty exclusive state, or a settled out-of-line part,
-            // which this is not). No clock needed.
-            return Some(result);
-        }
-        let (at, policy) = (self.inner.offset(now()), &self.inner.config.ejection);
-        if slot.is_vacant(at, policy) {
-            drop(slot);
-            self.inner
-                .map
-                .remove_if(addr, |_, slot| slot.is_vacant(at, policy));
-        } else {
-            slot.tidy(at, policy);
-        }
-        Some(result)
-    }
-
     pub(crate) fn limits(&self) -> CheckoutLimits {
         CheckoutLimits {
             max_per_address: self.inner.config.max_per_address,
@@ -1104,28 +1064,33 @@ where
         let addr = held.meta.addr().clone();
         let mut held = Some(held);
         let at = self.inner.offset(now);
-        self.hot_slot(&addr, false, &|| now, |slot| {
-            let closed = self.inner.closed.load(Ordering::SeqCst);
-            let Some(ex) = slot.exclusive_mut() else {
-                return;
-            };
-            let Some(h) = held.take() else { return };
-            match verdict {
-                None if !closed => {
-                    h.meta.metrics().mark_served();
-                    let placed = ex
-                        .queue
-                        .release(h, true, at)
-                        .expect("a kept connection is placed");
-                    self.deliver(ex, placed, now);
+        self.slot_entry_at(
+            &addr,
+            false,
+            || now,
+            |slot| {
+                let closed = self.inner.closed.load(Ordering::SeqCst);
+                let Some(ex) = slot.exclusive_mut() else {
+                    return;
+                };
+                let Some(h) = held.take() else { return };
+                match verdict {
+                    None if !closed => {
+                        h.meta.metrics().mark_served();
+                        let placed = ex
+                            .queue
+                            .release(h, true, at)
+                            .expect("a kept connection is placed");
+                        self.deliver(ex, placed, now);
+                    }
+                    verdict => {
+                        ex.queue.discard();
+                        let (reason, why) = verdict.unwrap_or((EvictionReason::Manual, None));
+                        self.inner.retire_held(slot, h, reason, why, now);
+                    }
                 }
-                verdict => {
-                    ex.queue.discard();
-                    let (reason, why) = verdict.unwrap_or((EvictionReason::Manual, None));
-                    self.inner.retire_held(slot, h, reason, why, now);
-                }
-            }
-        });
+            },
+        );
         // No line any more: the pool closed (and its sweep took the line) while it was out.
         if let Some(held) = held {
             self.inner.retire_orphan(held);
@@ -1309,8 +1274,8 @@ mod tests {
         }
     }
 
-    /// I18 (nothing kept for an address that holds nothing) through the checkout's own entry
-    /// path (`hot_slot`): a return that closes the address's last connection removes its slot;
+    /// I18 (nothing kept for an address that holds nothing) through the entry path's `get_mut`
+    /// branch (`slot_entry_at`), which a checkout's return takes: a return that closes the address's last connection removes its slot;
     /// a kept one leaves the slot with no line buffer (issue 13's memory per idle connection).
     #[tokio::test(start_paused = true)]
     async fn i18_a_return_that_closes_the_last_connection_removes_the_slot() {

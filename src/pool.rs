@@ -755,41 +755,69 @@ where
         create: bool,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> Option<R> {
-        self.slot_entry_at(addr, create, Instant::now(), f)
+        self.slot_entry_at(addr, create, Instant::now, f)
     }
 
-    /// [`with_slot`](Self::with_slot) (`create`) or [`with_existing_slot`](Self::with_existing_slot)
-    /// for a caller that has just read the clock: `now` judges the slot's vacancy (a clock read
-    /// fewer on a checkout's path).
+    /// The address's slot under its entry lock, as [`with_slot`](Self::with_slot) (`create`) and
+    /// [`with_existing_slot`](Self::with_existing_slot) give it, for a caller that may have read
+    /// the clock already: `now` is called only when the slot's vacancy must be judged (not for an
+    /// address holding exclusive state: a checkout's arrival and return read no clock for it).
+    ///
+    /// After `f`, the slot is removed if it is vacant (I18), or tidied. An existing slot is reached
+    /// with `get_mut` on the borrowed key (no key clone, as `entry` needs; issue 13's checkout
+    /// cost), and one left vacant is removed by a second lookup that checks again under the lock
+    /// (another caller may have used it in between); that happens once per address going idle
+    /// for good.
     pub(crate) fn slot_entry_at<R>(
         &self,
         addr: &CheetahString,
         create: bool,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
         f: impl FnOnce(&mut Slot<C>) -> R,
     ) -> Option<R> {
-        let now = self.inner.offset(now);
         let policy = &self.inner.config.ejection;
+        if let Some(mut slot) = self.inner.map.get_mut(addr) {
+            let result = f(&mut slot);
+            if slot.exclusive().is_some_and(|ex| !ex.is_empty()) {
+                // Exclusive state: the slot is not vacant, and `tidy` would free nothing (it frees
+                // only an empty exclusive state, or a settled out-of-line part, which this is not).
+                return Some(result);
+            }
+            let at = self.inner.offset(now());
+            if slot.is_vacant(at, policy) {
+                drop(slot);
+                self.inner
+                    .map
+                    .remove_if(addr, |_, slot| slot.is_vacant(at, policy));
+            } else {
+                slot.tidy(at, policy);
+            }
+            return Some(result);
+        }
+        if !create {
+            return None;
+        }
+        let at = self.inner.offset(now());
+        // Another caller may have created it since the lookup above.
         match self.inner.map.entry(addr.clone()) {
             Entry::Occupied(mut occupied) => {
                 let result = f(occupied.get_mut());
-                if occupied.get().is_vacant(now, policy) {
+                if occupied.get().is_vacant(at, policy) {
                     occupied.remove();
                 } else {
-                    occupied.get_mut().tidy(now, policy);
+                    occupied.get_mut().tidy(at, policy);
                 }
                 Some(result)
             }
-            Entry::Vacant(vacant) if create => {
+            Entry::Vacant(vacant) => {
                 let mut slot = Slot::default();
                 let result = f(&mut slot);
-                if !slot.is_vacant(now, policy) {
-                    slot.tidy(now, policy);
+                if !slot.is_vacant(at, policy) {
+                    slot.tidy(at, policy);
                     vacant.insert(slot);
                 }
                 Some(result)
             }
-            Entry::Vacant(_) => None,
         }
     }
 
