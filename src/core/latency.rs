@@ -146,7 +146,14 @@ impl Default for LatencySnapshot {
 impl LatencySnapshot {
     /// Adds one latency (for building a snapshot by hand, as a test or a model does).
     pub fn record(&mut self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.record_us(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// [`record`](Self::record) of a latency already in microseconds: a pooled connection keeps
+    /// its distribution as a snapshot under its record's lock (issue 16), and converts each
+    /// latency once for both.
+    #[inline]
+    pub(crate) fn record_us(&mut self, us: u64) {
         self.buckets[bucket_of(us)] += 1;
         self.sum_us = self.sum_us.saturating_add(us);
     }
