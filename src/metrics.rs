@@ -350,11 +350,11 @@ impl ConnectionMetrics {
     pub fn record_success_at(&self, now: Instant, latency: Duration) {
         let at = self.at(now);
         {
-            let latency_us = crate::core::micros(latency);
+            let latency_us = micros(latency);
             let mut outcomes = self.record.lock();
             outcomes
                 .record
-                .success_us(&self.pool.health, crate::core::micros(at), latency_us);
+                .success_us(&self.pool.health, micros(at), latency_us);
             outcomes
                 .latency
                 .get_or_insert_with(Box::default)
@@ -680,6 +680,11 @@ pub(crate) enum ProbeEnd {
     Closed,
     /// The probe was dropped unfinished: nothing recorded, the probe clock stays.
     Dropped,
+}
+
+/// `d` in microseconds, saturating: the record's unit.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// `d` in nanoseconds, saturating (at 584 years).

@@ -119,8 +119,7 @@ struct Rare {
     unhealthy: Option<UnhealthyReason>,
 }
 
-/// `d` in microseconds, saturating.
-pub(crate) fn micros(d: Duration) -> u64 {
+fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 

@@ -31,7 +31,6 @@ mod loom_tests;
 pub use backoff::BackoffPolicy;
 pub use capacity::{CapacityLedger, LastSlot, Permit, ReleaseHook};
 pub use checkout::{Acquired, CheckoutLimits, CheckoutQueue, Placed, WaiterId};
-pub(crate) use conn::micros;
 pub use conn::{CallClaim, CallRecord};
 pub use ejection::{Ejection, EjectionPolicy};
 pub use health::{HealthPolicy, HealthWindow, UnhealthyReason, Verdict, WINDOW_BUCKETS};
