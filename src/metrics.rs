@@ -1,6 +1,6 @@
 //! Metrics: per connection ([`ConnectionMetrics`]) and pool-wide ([`PoolStats`]).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cheetah_string::CheetahString;
@@ -12,8 +12,7 @@ use crate::connector::ManagesConnections;
 use crate::slot::Slot;
 
 use crate::core::{
-    CallClaim, CallRecord, HealthPolicy, LatencyHistogram, LatencySnapshot, UnhealthyReason,
-    Verdict, is_idle,
+    CallClaim, CallRecord, HealthPolicy, LatencySnapshot, UnhealthyReason, Verdict, is_idle,
 };
 use crate::sync::Mutex;
 use crate::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -49,8 +48,13 @@ const FLAGS_UNFIT: u8 = FLAG_UNHEALTHY | FLAG_CLOSED;
 /// under tokio's paused time), relative to the connection's creation.
 ///
 /// Every outcome is also added to the pool's cumulative call counters (shared by all the pool's
-/// connections, so they survive evictions), and each successful call's latency to this
-/// connection's [`LatencyHistogram`]: a few relaxed atomic adds per call on top of the lock.
+/// connections, so they survive evictions): a few relaxed atomic adds per call on top of the lock.
+/// Each successful call's latency goes to this connection's latency distribution
+/// ([`latency`](Self::latency)), kept under the record's lock.
+///
+/// A connection that never failed and never had a call cancelled keeps everything here in its one
+/// allocation; the first failure or cancel allocates the failure side of its record (80 bytes), and
+/// the first success its latency distribution (456 bytes).
 ///
 /// The fields are in a fixed order (`repr(C)`), hottest first: a pooled connection's metrics open
 /// its one allocation, right after the `Arc`'s counts (see `connection::Entry`), so the flag byte
@@ -78,15 +82,25 @@ pub struct ConnectionMetrics {
     /// What every connection of the pool shares (its origin, health policy, cumulative totals and
     /// call timeout): one `Arc` where copies of each cost 32 more bytes per connection (issue 16).
     pool: Arc<PoolShared>,
-    record: Mutex<CallRecord>,
+    /// The outcome record and the latency distribution, under one short lock taken once per
+    /// finished call.
+    record: Mutex<Outcomes>,
     /// Nanoseconds since the pool's origin of the last liveness probe that ended (0: never). Apart from
     /// the idle clock: a probe is not a use (I5, I6), but it spaces the next probe.
     probed_ns: AtomicU64,
+}
+
+/// What a connection's record lock guards.
+#[derive(Debug, Default)]
+struct Outcomes {
+    record: CallRecord,
     /// Latencies of this connection's successful calls. One per connection: a replacement starts
     /// empty, like the rest of its metrics (I13). Allocated by the first success (issue 16: 456
     /// bytes inline in every connection were most of its memory, and a connection that never
-    /// completes a call needs none).
-    latency: OnceLock<Box<LatencyHistogram>>,
+    /// completes a call needs none). Plain counters under the record's lock, which a success takes
+    /// anyway: a pointer of 8 bytes where a lock-free `OnceLock<Box<LatencyHistogram>>` beside the
+    /// lock was 16, and plain adds where the histogram's were atomic.
+    latency: Option<Box<LatencySnapshot>>,
 }
 
 /// What every connection of a pool shares, reached through one `Arc` in each connection's metrics
@@ -194,9 +208,8 @@ impl ConnectionMetrics {
             last_used_ns: AtomicU64::new(born_ns),
             born_ns,
             pool: Arc::clone(pool),
-            record: Mutex::new(CallRecord::default()),
+            record: Mutex::new(Outcomes::default()),
             probed_ns: AtomicU64::new(0),
-            latency: OnceLock::new(),
         }
     }
 
@@ -208,9 +221,12 @@ impl ConnectionMetrics {
 
     /// The distribution of this connection's successful calls' latencies.
     pub fn latency(&self) -> LatencySnapshot {
-        self.latency
-            .get()
-            .map_or_else(LatencySnapshot::default, |h| h.snapshot())
+        self.record
+            .lock()
+            .latency
+            .as_deref()
+            .copied()
+            .unwrap_or_default()
     }
 
     /// `now` as an offset since the pool's origin: the time base of the idle clock, the probe
@@ -324,7 +340,7 @@ impl ConnectionMetrics {
     /// closes between requests (a keep-alive's end) closes gracefully, one that dies failing a
     /// request in flight, or never answers at all, does not.
     pub(crate) fn ended_cleanly(&self) -> bool {
-        let record = self.record.lock();
+        let record = &self.record.lock().record;
         let served =
             self.flags.load(Ordering::Relaxed) & FLAG_SERVED != 0 || record.successes() > 0;
         served && record.consecutive_failures() == 0
@@ -333,8 +349,17 @@ impl ConnectionMetrics {
     /// Records a successful call that took `latency`, finished at `now`.
     pub fn record_success_at(&self, now: Instant, latency: Duration) {
         let at = self.at(now);
-        self.record.lock().success(&self.pool.health, at, latency);
-        self.latency.get_or_init(Box::default).record(latency);
+        {
+            let latency_us = micros(latency);
+            let mut outcomes = self.record.lock();
+            outcomes
+                .record
+                .success_us(&self.pool.health, micros(at), latency_us);
+            outcomes
+                .latency
+                .get_or_insert_with(Box::default)
+                .record_us(latency_us);
+        }
         if let Some(totals) = &self.pool.totals {
             totals.success(self.stripe, latency);
         }
@@ -345,7 +370,7 @@ impl ConnectionMetrics {
     /// is latched with its reason: the connection stays unhealthy whatever comes after (I9).
     pub fn record_error_at(&self, now: Instant) -> Verdict {
         let at = self.at(now);
-        let verdict = self.record.lock().failure(&self.pool.health, at);
+        let verdict = self.record.lock().record.failure(&self.pool.health, at);
         if let Some(totals) = &self.pool.totals {
             totals.failure(self.stripe);
         }
@@ -369,7 +394,7 @@ impl ConnectionMetrics {
     pub fn unusable_reason(&self) -> Option<UnhealthyReason> {
         let flags = self.flags.load(Ordering::Acquire);
         if flags & FLAG_UNHEALTHY != 0 {
-            return self.record.lock().unhealthy();
+            return self.record.lock().record.unhealthy();
         }
         if flags & FLAG_CLOSED != 0 {
             return Some(UnhealthyReason::Closed);
@@ -490,7 +515,7 @@ impl ConnectionMetrics {
     pub(crate) fn probe_ended(&self, now: Instant, end: ProbeEnd) -> Verdict {
         let at = self.at(now);
         let verdict = {
-            let mut record = self.record.lock();
+            let record = &mut self.record.lock().record;
             match end {
                 ProbeEnd::Answered(latency) => record.success(&self.pool.health, at, latency),
                 ProbeEnd::Silent => {
@@ -541,7 +566,7 @@ impl ConnectionMetrics {
     }
 
     pub(crate) fn record_cancelled_at(&self, now: Instant) {
-        self.record.lock().cancelled();
+        self.record.lock().record.cancelled();
         if let Some(totals) = &self.pool.totals {
             totals.cancelled(self.stripe);
         }
@@ -579,33 +604,33 @@ impl ConnectionMetrics {
 
     /// Finished calls: successes plus errors (cancelled calls are not counted).
     pub fn request_count(&self) -> u64 {
-        let record = self.record.lock();
+        let record = &self.record.lock().record;
         record.successes() + record.failures()
     }
 
     /// Successful calls.
     pub fn success_count(&self) -> u64 {
-        self.record.lock().successes()
+        self.record.lock().record.successes()
     }
 
     /// Failed calls.
     pub fn total_errors(&self) -> u64 {
-        self.record.lock().failures()
+        self.record.lock().record.failures()
     }
 
     /// Calls dropped before they finished.
     pub fn cancelled_count(&self) -> u64 {
-        self.record.lock().cancelled_count()
+        self.record.lock().record.cancelled_count()
     }
 
     /// Length of the trailing run of failures (I10).
     pub fn consecutive_errors(&self) -> u32 {
-        self.record.lock().consecutive_failures()
+        self.record.lock().record.consecutive_failures()
     }
 
     /// Mean latency of successful calls; zero before the first.
     pub fn avg_latency(&self) -> Duration {
-        let record = self.record.lock();
+        let record = &self.record.lock().record;
         match record.successes() {
             0 => Duration::ZERO,
             n => Duration::from_micros(record.latency_sum_us() / n),
@@ -614,12 +639,12 @@ impl ConnectionMetrics {
 
     /// Highest latency of a successful call.
     pub fn max_latency(&self) -> Duration {
-        Duration::from_micros(self.record.lock().latency_max_us())
+        Duration::from_micros(self.record.lock().record.latency_max_us())
     }
 
     /// Errors over finished calls, in `[0, 1]`; zero before the first.
     pub fn error_rate(&self) -> f64 {
-        let record = self.record.lock();
+        let record = &self.record.lock().record;
         let total = record.successes() + record.failures();
         if total == 0 {
             0.0
@@ -632,12 +657,13 @@ impl ConnectionMetrics {
     pub fn window_counts(&self, now: Instant) -> (u64, u64) {
         self.record
             .lock()
+            .record
             .window_counts(&self.pool.health, self.at(now))
     }
 
     /// A consistent copy of the outcome record.
     pub fn record(&self) -> CallRecord {
-        self.record.lock().clone()
+        self.record.lock().record.clone()
     }
 }
 
@@ -654,6 +680,11 @@ pub(crate) enum ProbeEnd {
     Closed,
     /// The probe was dropped unfinished: nothing recorded, the probe clock stays.
     Dropped,
+}
+
+/// `d` in microseconds, saturating: the record's unit.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// `d` in nanoseconds, saturating (at 584 years).
@@ -1290,6 +1321,50 @@ mod tests {
         assert!(
             hot_end <= 48,
             "the hot fields end at byte {hot_end}, past the Arc counts' line"
+        );
+    }
+
+    /// Issue 16's compact record: the record and the latency distribution's pointer under one
+    /// lock, 88 bytes where the record's lock was 152 and the histogram's `OnceLock` 16 more. A
+    /// field added to a connection's metrics fails here rather than in the memory benchmark.
+    #[test]
+    fn the_metrics_are_compact() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<Mutex<Outcomes>>() <= 88,
+            "the record's lock is {} B",
+            size_of::<Mutex<Outcomes>>()
+        );
+        assert!(
+            size_of::<ConnectionMetrics>() <= 136,
+            "ConnectionMetrics is {} B (216 before issue 16's compact record)",
+            size_of::<ConnectionMetrics>()
+        );
+    }
+
+    /// The latency distribution under the record's lock: allocated by the first success only (a
+    /// failure, a cancel or a probe's answer records no latency), and the snapshot counts every
+    /// success's latency.
+    #[test]
+    fn the_latency_distribution_comes_with_the_first_success() {
+        let t0 = Instant::now();
+        let m = ConnectionMetrics::new(t0, HealthPolicy::default());
+        m.record_error_at(t0);
+        m.record_cancelled_at(t0);
+        m.claim.call_started();
+        m.probe_ended(t0, ProbeEnd::Answered(Duration::from_millis(7)));
+        assert!(m.record.lock().latency.is_none(), "no call succeeded yet");
+        assert_eq!(m.latency().count(), 0);
+        for ms in [1, 2, 40] {
+            m.record_success_at(t0, Duration::from_millis(ms));
+        }
+        let snap = m.latency();
+        assert_eq!(snap.count(), 3);
+        assert_eq!(snap.sum(), Duration::from_millis(43));
+        assert_eq!(
+            m.success_count(),
+            4,
+            "the probe's answer is a success of the record"
         );
     }
 

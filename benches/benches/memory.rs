@@ -76,7 +76,8 @@ fn main() {
     // connection; plus one map slot (the key and the address's `Slot`, 40 B with the connect in
     // flight and the ejection state out of line) with its control byte, in a table kept at most
     // 7/8 full. The latency histogram (456 B + malloc's 16) comes with a connection's first
-    // success. The health policy, the pool's totals and the call timeout are the pool's, behind
+    // success, the failure side of its record (80 B + malloc's 16) with its first failure or
+    // cancel. The health policy, the pool's totals and the call timeout are the pool's, behind
     // one `Arc` in the metrics.
     let entry_alloc = 16 + 8 + size_of::<CheetahString>() + size_of::<ConnectionMetrics>();
     println!(
@@ -130,8 +131,15 @@ fn main() {
                 pool.get(k).unwrap().begin().success();
             }
         });
+        // Then one failed call on each: the failure side of its record is allocated (issue 16:
+        // a connection that never failed keeps no failure-side state).
+        let (failed, _, ()) = measure(|| {
+            for k in &keys {
+                pool.get(k).unwrap().begin().failure();
+            }
+        });
         println!(
-            "           24-byte payload: pool {:6.1} B/conn (goal <= 134 B: {}); after one call on each, +{:6.1} B/conn (the latency histogram)",
+            "           24-byte payload: pool {:6.1} B/conn (goal <= 134 B: {}); after one call on each, +{:6.1} B/conn (the latency histogram); after one failure on each, +{:6.1} B/conn (the record's failure side)",
             per(pool24),
             if per(pool24) <= 134.0 {
                 "met"
@@ -139,6 +147,7 @@ fn main() {
                 "NOT met"
             },
             per(called),
+            per(failed),
         );
         drop(pool);
         let (hyper_bytes, _, hyper) = measure(|| {

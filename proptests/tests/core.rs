@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keyed_pool::ConnectionMetrics;
 use keyed_pool::core::{
-    BackoffPolicy, Ejection, EjectionPolicy, HealthPolicy, HealthWindow, is_idle,
+    BackoffPolicy, CallRecord, Ejection, EjectionPolicy, HealthPolicy, HealthWindow, is_idle,
 };
 use keyed_pool::{ConnectionPool, PoolConfig};
 use keyed_pool_proptests::config_check::{self, RawConfig, RawDuration};
@@ -202,6 +202,63 @@ proptest! {
                 let oldest = epoch.saturating_sub(7).max(newest.saturating_sub(7));
                 let want = history.iter().filter(|&&(at, _)| (oldest..=epoch).contains(&(at / w))).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
                 prop_assert_eq!(hw.counts(window, read), want, "I9 violated: window {:?} read at {} (bucket {}, newest {}) after {:?}", window, read, epoch, newest, history);
+            }
+        }
+    }
+
+    /// I9/I11 with the failure side allocated late (issue 16: a window keeps its failure buckets,
+    /// and a record its failure-side state, in a box allocated by the first failure): many
+    /// successes first, sliding the window over many buckets (and gaps of up to 2^40 widths) with
+    /// no failure side to clear, then a mixed history with late records. The window alone
+    /// (`HealthWindow`) and the record (`CallRecord`, whose failure buckets share the box of its
+    /// counts) both count exactly what the full history gives, at and after every record; the
+    /// record's failure count and run are exact too (I10).
+    #[test]
+    fn health_window_with_a_failure_side_allocated_late_equals_the_full_history(
+        window_ms in prop_oneof![Just(1u64), Just(8), 1u64..20_000],
+        successes in 1usize..400,
+        records in proptest::collection::vec((0u8..6, any::<u64>(), 0u8..4, any::<bool>()), 1..80),
+    ) {
+        let window = Duration::from_millis(window_ms);
+        let policy = HealthPolicy { window, consecutive_failures: 0, min_requests: u32::MAX, ..HealthPolicy::default() };
+        let w = (window.as_micros() as u64 / 8).max(1);
+        let mut hw = HealthWindow::default();
+        let mut record = CallRecord::default();
+        let mut history: Vec<(u64, bool)> = Vec::new();
+        let mut t = 0u64;
+        // The successes first (the first records), then the given history, its first record a
+        // failure so that the failure side starts there.
+        let steps = (0..successes)
+            .map(|i| (if i % 50 == 49 { 3 } else { (i % 3) as u8 }, (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), 1, true))
+            .chain(records.iter().enumerate().map(|(i, &(gap, r, late, ok))| (gap, r, late, ok && i > 0)));
+        for (gap, r, late, success) in steps {
+            t = t.saturating_add(match gap {
+                0 => 0,
+                1 => r % w,
+                2 => r % (16 * w),
+                3 => (w << (r % 41)).saturating_add(r % w),
+                4 => w.saturating_mul(r % (1 << 40)),
+                _ => w,
+            });
+            let at = if late == 0 { t.saturating_sub(r % (16 * w)) } else { t };
+            hw.record(window, at, success);
+            if success {
+                record.success(&policy, Duration::from_micros(at), MS);
+            } else {
+                record.failure(&policy, Duration::from_micros(at));
+            }
+            history.push((at, success));
+            let failed = history.iter().filter(|&&(_, ok)| !ok).count() as u64;
+            let run = history.iter().rev().take_while(|&&(_, ok)| !ok).count() as u32;
+            prop_assert_eq!((record.successes(), record.failures()), (history.len() as u64 - failed, failed), "I13 violated");
+            prop_assert_eq!(record.consecutive_failures(), run, "I10 violated after {:?}", history);
+            let newest = history.iter().map(|&(at, _)| at / w).max().unwrap_or(0);
+            for read in [newest * w, t, t.saturating_add(w - 1), t.saturating_add(7 * w), t.saturating_add(8 * w)] {
+                let epoch = read / w;
+                let oldest = epoch.saturating_sub(7).max(newest.saturating_sub(7));
+                let want = history.iter().filter(|&&(at, _)| (oldest..=epoch).contains(&(at / w))).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
+                prop_assert_eq!(hw.counts(window, read), want, "I11 violated: window {:?} read at {} after {:?}", window, read, history);
+                prop_assert_eq!(record.window_counts(&policy, Duration::from_micros(read)), want, "I11 violated (record): window {:?} read at {} after {:?}", window, read, history);
             }
         }
     }

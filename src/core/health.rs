@@ -149,6 +149,11 @@ pub const WINDOW_BUCKETS: usize = 8;
 /// (a clock read racing a record) sees only what lies within a window of the newest. Plain data: the pool keeps it under the connection's lock. Time enters as
 /// microseconds since the connection's creation; the window never reads a clock.
 ///
+/// Compact (issue 16): the successes per bucket and the newest bucket number are inline (40
+/// bytes); the failures per bucket are allocated by the first failure recorded, so a window that
+/// has only seen successes holds no failure buckets at all. The counts are the same either way:
+/// absent failure buckets count as zeros, and sliding clears both sides.
+///
 /// ```
 /// use std::time::Duration;
 /// use keyed_pool::core::HealthWindow;
@@ -161,11 +166,40 @@ pub const WINDOW_BUCKETS: usize = 8;
 /// w.record(window, 500_000, false); // late: older than the window of the newest record
 /// assert_eq!(w.counts(window, 8_000_000), (1, 0));
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct HealthWindow {
-    /// `(successes, failures)` of the bucket whose epoch is `e`, at index `e % WINDOW_BUCKETS`, for
-    /// every `e` in `newest - 7 ..= newest`.
-    buckets: [(u32, u32); WINDOW_BUCKETS],
+    successes: SuccessBuckets,
+    /// Failures per bucket, indexed as the successes; `None` until the first failure recorded,
+    /// which reads as all zeros.
+    failures: Option<Box<FailureBuckets>>,
+}
+
+/// Two windows are equal when they hold the same buckets, an absent failure side being equal to
+/// one of zeros (whether a failure was ever recorded and has slid out is not part of the value).
+impl PartialEq for HealthWindow {
+    fn eq(&self, other: &Self) -> bool {
+        const NONE: FailureBuckets = [0; WINDOW_BUCKETS];
+        self.successes == other.successes
+            && self.failures.as_deref().unwrap_or(&NONE)
+                == other.failures.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl Eq for HealthWindow {}
+
+/// Failures per bucket: the half of a window allocated only once a connection fails.
+pub(crate) type FailureBuckets = [u32; WINDOW_BUCKETS];
+
+/// The inline half of a window: successes per bucket, and the bucket number both halves are valid
+/// relative to. [`HealthWindow`] pairs it with its failure buckets; [`CallRecord`](crate::core::CallRecord)
+/// keeps its failure buckets in the box of its other failure-side state, so that a failing
+/// connection pays one allocation for both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SuccessBuckets {
+    /// The successes of the bucket whose epoch is `e`, at index `e % WINDOW_BUCKETS`, for every
+    /// `e` in `newest - 7 ..= newest` (the failures of that bucket are at the same index of the
+    /// failure buckets).
+    buckets: [u32; WINDOW_BUCKETS],
     /// The bucket number (elapsed / bucket width) of the newest record; buckets are valid relative
     /// to it.
     newest: u64,
@@ -178,31 +212,58 @@ fn bucket_width_us(window: Duration) -> u64 {
 
 const SPAN: u64 = WINDOW_BUCKETS as u64;
 
-impl HealthWindow {
-    /// Records one outcome at `elapsed_us` for a window of length `window`.
-    pub fn record(&mut self, window: Duration, elapsed_us: u64, success: bool) {
+impl SuccessBuckets {
+    /// Makes room for a record at `elapsed_us`: slides both halves to its bucket if it is newer
+    /// than the newest (every bucket passed starts empty, on both sides), and returns the index of
+    /// its bucket, or `None` if it is a whole window older than the newest (dropped: no later read
+    /// can see it, and its index holds a newer bucket).
+    #[inline]
+    pub(crate) fn place(
+        &mut self,
+        failures: Option<&mut FailureBuckets>,
+        window: Duration,
+        elapsed_us: u64,
+    ) -> Option<usize> {
         let epoch = elapsed_us / bucket_width_us(window);
         if epoch > self.newest {
             // Slide: every bucket between the old newest and this one (all of them after a gap of
             // a whole window) starts empty.
             let stale = (epoch - self.newest).min(SPAN);
-            for e in epoch - stale + 1..=epoch {
-                self.buckets[(e % SPAN) as usize] = (0, 0);
+            match failures {
+                Some(failures) => {
+                    for e in epoch - stale + 1..=epoch {
+                        let i = (e % SPAN) as usize;
+                        self.buckets[i] = 0;
+                        failures[i] = 0;
+                    }
+                }
+                None => {
+                    for e in epoch - stale + 1..=epoch {
+                        self.buckets[(e % SPAN) as usize] = 0;
+                    }
+                }
             }
             self.newest = epoch;
         } else if self.newest - epoch >= SPAN {
-            return; // older than any window a later read can see
+            return None;
         }
-        let (s, f) = &mut self.buckets[(epoch % SPAN) as usize];
-        if success {
-            *s = s.saturating_add(1);
-        } else {
-            *f = f.saturating_add(1);
-        }
+        Some((epoch % SPAN) as usize)
     }
 
-    /// `(successes, failures)` recorded within the window ending at `elapsed_us`.
-    pub fn counts(&self, window: Duration, elapsed_us: u64) -> (u64, u64) {
+    /// Counts a success in the bucket `place` returned.
+    #[inline]
+    pub(crate) fn add_success(&mut self, index: usize) {
+        self.buckets[index] = self.buckets[index].saturating_add(1);
+    }
+
+    /// `(successes, failures)` within the window ending at `elapsed_us`; absent failure buckets
+    /// count as zeros.
+    pub(crate) fn counts(
+        &self,
+        failures: Option<&FailureBuckets>,
+        window: Duration,
+        elapsed_us: u64,
+    ) -> (u64, u64) {
         let epoch = elapsed_us / bucket_width_us(window);
         // Buckets hold epochs newest-7..=newest; the window at `epoch` covers epoch-7..=epoch.
         let lo = epoch
@@ -213,9 +274,40 @@ impl HealthWindow {
             return (0, 0);
         }
         (lo..=hi).fold((0, 0), |(s_all, f_all), e| {
-            let (s, f) = self.buckets[(e % SPAN) as usize];
-            (s_all + u64::from(s), f_all + u64::from(f))
+            let i = (e % SPAN) as usize;
+            let f = failures.map_or(0, |failures| failures[i]);
+            (s_all + u64::from(self.buckets[i]), f_all + u64::from(f))
         })
+    }
+}
+
+/// Counts a failure in the bucket `SuccessBuckets::place` returned.
+pub(crate) fn add_failure(failures: &mut FailureBuckets, index: usize) {
+    failures[index] = failures[index].saturating_add(1);
+}
+
+impl HealthWindow {
+    /// Records one outcome at `elapsed_us` for a window of length `window`.
+    pub fn record(&mut self, window: Duration, elapsed_us: u64, success: bool) {
+        let Some(index) = self
+            .successes
+            .place(self.failures.as_deref_mut(), window, elapsed_us)
+        else {
+            return; // older than any window a later read can see
+        };
+        if success {
+            self.successes.add_success(index);
+        } else {
+            // Allocated after the slide: a fresh failure side is all zeros, which is what the
+            // buckets it would have cleared held (no failure was ever recorded).
+            add_failure(self.failures.get_or_insert_with(Box::default), index);
+        }
+    }
+
+    /// `(successes, failures)` recorded within the window ending at `elapsed_us`.
+    pub fn counts(&self, window: Duration, elapsed_us: u64) -> (u64, u64) {
+        self.successes
+            .counts(self.failures.as_deref(), window, elapsed_us)
     }
 }
 
@@ -336,6 +428,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Issue 16's compact window: 48 bytes inline, the failure buckets allocated by the first
+    /// failure only; a window whose failures have slid out equals one that never had any, and
+    /// both count the same.
+    #[test]
+    fn i11_the_failure_side_is_allocated_by_the_first_failure_and_reads_as_zeros_before() {
+        assert!(
+            std::mem::size_of::<HealthWindow>() <= 48,
+            "HealthWindow is {} B",
+            std::mem::size_of::<HealthWindow>()
+        );
+        let window = Duration::from_secs(8);
+        let s = 1_000_000u64;
+        let mut only = HealthWindow::default();
+        let mut failed = HealthWindow::default();
+        for t in 0..100 {
+            only.record(window, t * s / 3, true);
+            failed.record(window, t * s / 3, true);
+        }
+        assert!(only.failures.is_none(), "successes alone allocate nothing");
+        failed.record(window, 33 * s, false);
+        assert!(failed.failures.is_some());
+        assert_eq!(
+            failed.counts(window, 33 * s),
+            (22, 1),
+            "records at 26 s ..= 33 s"
+        );
+        assert_ne!(only, failed);
+        // Eight buckets later both hold one success and no failure: equal values.
+        only.record(window, 41 * s, true);
+        failed.record(window, 41 * s, true);
+        assert_eq!(
+            failed.counts(window, 41 * s),
+            (1, 0),
+            "the failure slid out"
+        );
+        assert_eq!(only, failed, "an absent failure side equals one of zeros");
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! [`MAX_TRACKED`] (about 134 s). Below 1 µs the estimate is 0; above [`MAX_TRACKED`] it is
 //! [`MAX_TRACKED`] (a lower bound). Fixed size (56 counters plus a sum, 456 bytes), whatever the
 //! number of calls: memory is bounded per connection, and recording never allocates or locks.
+//!
+//! A pooled connection keeps its distribution as a [`LatencySnapshot`] (the same buckets, plain
+//! counters) under its record's lock, which every success takes anyway (issue 16: a pointer of 8
+//! bytes inside the lock where a lazily set `LatencyHistogram` beside it took 16); the lock-free
+//! [`LatencyHistogram`] is for recording from several threads without one.
 
 use std::time::Duration;
 
@@ -146,7 +151,14 @@ impl Default for LatencySnapshot {
 impl LatencySnapshot {
     /// Adds one latency (for building a snapshot by hand, as a test or a model does).
     pub fn record(&mut self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.record_us(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// [`record`](Self::record) of a latency already in microseconds: a pooled connection keeps
+    /// its distribution as a snapshot under its record's lock (issue 16), and converts each
+    /// latency once for both.
+    #[inline]
+    pub(crate) fn record_us(&mut self, us: u64) {
         self.buckets[bucket_of(us)] += 1;
         self.sum_us = self.sum_us.saturating_add(us);
     }
