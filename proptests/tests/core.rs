@@ -49,6 +49,36 @@ fn grown(p: &BackoffPolicy, k: u32) -> f64 {
     grown_ns(p.base, p.max, p.multiplier, k)
 }
 
+/// How far a window test's clock moves before a record: `gap` picks the kind (none, within a
+/// bucket, within two windows, a power-of-two number of buckets up to 2^40, any number up to 2^40,
+/// one bucket), `r` the amount, for buckets of `w` µs.
+fn window_gap(gap: u8, r: u64, w: u64) -> u64 {
+    match gap {
+        0 => 0,
+        1 => r % w,
+        2 => r % (16 * w),
+        3 => (w << (r % 41)).saturating_add(r % w),
+        4 => w.saturating_mul(r % (1 << 40)),
+        _ => w,
+    }
+}
+
+/// `(successes, failures)` of the records of `history` whose bucket (of `w` µs) is in `buckets`:
+/// what a window must count.
+fn outcomes_in(
+    history: &[(u64, bool)],
+    buckets: std::ops::RangeInclusive<u64>,
+    w: u64,
+) -> (u64, u64) {
+    history
+        .iter()
+        .filter(|&&(at, _)| buckets.contains(&(at / w)))
+        .fold(
+            (0, 0),
+            |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) },
+        )
+}
+
 proptest! {
     /// I12: for every k and draw the delay is `max(1 ms, g·(1 + j·(2·unit − 1)))` (g the
     /// un-jittered schedule `min(base·multiplier^(k−1), max)`), up to float rounding and saturating
@@ -173,14 +203,7 @@ proptest! {
         let mut history: Vec<(u64, bool)> = Vec::new();
         let mut t = 0u64;
         for (gap, r, late, success) in records {
-            t = t.saturating_add(match gap {
-                0 => 0,
-                1 => r % w,
-                2 => r % (16 * w),
-                3 => (w << (r % 41)).saturating_add(r % w),
-                4 => w.saturating_mul(r % (1 << 40)),
-                _ => w,
-            });
+            t = t.saturating_add(window_gap(gap, r, w));
             // A quarter arrive late: up to two windows before the newest.
             let at = if late == 0 { t.saturating_sub(r % (16 * w)) } else { t };
             hw.record(window, at, success);
@@ -200,7 +223,7 @@ proptest! {
                 // The eight buckets ending at the read's, and, for a read in the past, only those
                 // within a window of the newest record.
                 let oldest = epoch.saturating_sub(7).max(newest.saturating_sub(7));
-                let want = history.iter().filter(|&&(at, _)| (oldest..=epoch).contains(&(at / w))).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
+                let want = outcomes_in(&history, oldest..=epoch, w);
                 prop_assert_eq!(hw.counts(window, read), want, "I9 violated: window {:?} read at {} (bucket {}, newest {}) after {:?}", window, read, epoch, newest, history);
             }
         }
@@ -232,14 +255,7 @@ proptest! {
             .map(|i| (if i % 50 == 49 { 3 } else { (i % 3) as u8 }, (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), 1, true))
             .chain(records.iter().enumerate().map(|(i, &(gap, r, late, ok))| (gap, r, late, ok && i > 0)));
         for (gap, r, late, success) in steps {
-            t = t.saturating_add(match gap {
-                0 => 0,
-                1 => r % w,
-                2 => r % (16 * w),
-                3 => (w << (r % 41)).saturating_add(r % w),
-                4 => w.saturating_mul(r % (1 << 40)),
-                _ => w,
-            });
+            t = t.saturating_add(window_gap(gap, r, w));
             let at = if late == 0 { t.saturating_sub(r % (16 * w)) } else { t };
             hw.record(window, at, success);
             if success {
@@ -256,7 +272,7 @@ proptest! {
             for read in [newest * w, t, t.saturating_add(w - 1), t.saturating_add(7 * w), t.saturating_add(8 * w)] {
                 let epoch = read / w;
                 let oldest = epoch.saturating_sub(7).max(newest.saturating_sub(7));
-                let want = history.iter().filter(|&&(at, _)| (oldest..=epoch).contains(&(at / w))).fold((0, 0), |(s, f), &(_, ok)| if ok { (s + 1, f) } else { (s, f + 1) });
+                let want = outcomes_in(&history, oldest..=epoch, w);
                 prop_assert_eq!(hw.counts(window, read), want, "I11 violated: window {:?} read at {} after {:?}", window, read, history);
                 prop_assert_eq!(record.window_counts(&policy, Duration::from_micros(read)), want, "I11 violated (record): window {:?} read at {} after {:?}", window, read, history);
             }
